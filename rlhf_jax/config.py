@@ -1,0 +1,146 @@
+"""Frozen, keyword-only configuration dataclasses with a docstring per field.
+
+Derived sizes are ``@property``; invalid combinations raise ``ValueError`` in
+``__post_init__`` naming both numbers. A flag selects a function; it never adds a branch
+inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling as found in HF ``config.json`` (``rope_scaling``).
+
+    Attributes:
+      rope_type: ``"linear"`` (position interpolation, Chen et al. 2023) or ``"llama3"``
+        (Llama 3.1 wavelength-dependent scaling, Meta 2024).
+      factor: scale factor applied to the wavelengths.
+      low_freq_factor: llama3 only.
+      high_freq_factor: llama3 only.
+      original_max_position_embeddings: llama3 only: the pre-training context length.
+    """
+
+    rope_type: Literal["linear", "llama3"] = "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A decoder-only transformer: the Llama family (Llama 2/3, SmolLM2, Qwen2, Mistral) or GPT-2.
+
+    Attributes:
+      arch: ``"llama"`` (RMSNorm, RoPE, GQA, SwiGLU; Touvron et al. 2023) or ``"gpt2"``
+        (learned positions, LayerNorm, GELU-tanh, biases everywhere; Radford et al. 2019).
+      vocab_size: number of token ids ``V``.
+      d_model: residual width ``D``.
+      n_layers: number of blocks ``L``.
+      n_heads: query heads ``H``.
+      n_kv_heads: key/value heads (``H`` for multi-head, fewer for grouped-query attention,
+        Ainslie et al. 2023). ``None`` means ``n_heads``.
+      head_dim: per-head width ``K``; ``None`` means ``d_model // n_heads``.
+      mlp_dim: hidden width of the MLP ``F``.
+      max_positions: learned position table size (GPT-2) / the longest sequence the sampler
+        is allowed to build a cache for.
+      rope_theta: RoPE base (Su et al. 2021); Llama 2 10000, Llama 3 500000, SmolLM2 100000.
+      rope_scaling: optional frequency scaling (see ``RopeScaling``).
+      norm_eps: epsilon of RMSNorm / LayerNorm.
+      tie_embeddings: share the input embedding with the LM head.
+      qkv_bias: biases on the q/k/v projections (Qwen2).
+      dtype: compute dtype of matmuls (``"float32"`` or ``"bfloat16"``). Norms, softmax and
+        log-probs always run in float32.
+      param_dtype: storage dtype of parameters (keep ``"float32"`` for training).
+      remat: rematerialise each block in the backward pass (``jax.checkpoint``), trading
+        compute for activation memory.
+      scan_unroll: unroll factor of the ``lax.scan`` over stacked layers (1 = no unroll).
+    """
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_dim: int
+    max_positions: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+    scan_unroll: int = 1
+
+    def __post_init__(self):
+        if self.arch not in ("llama", "gpt2"):
+            raise ValueError(f"ModelConfig.arch must be 'llama' or 'gpt2', got {self.arch!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly")
+        if self.num_kv_heads > self.n_heads or self.n_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} must be a multiple of "
+                f"n_kv_heads={self.num_kv_heads}")
+        if self.arch == "gpt2" and self.num_kv_heads != self.n_heads:
+            raise ValueError(f"GPT-2 has no grouped-query attention: n_kv_heads={self.n_kv_heads} "
+                             f"!= n_heads={self.n_heads}")
+        if self.per_head_dim % 2 and self.arch == "llama":
+            raise ValueError(f"RoPE needs an even head_dim, got {self.per_head_dim}")
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads actually used."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def per_head_dim(self) -> int:
+        """Per-head width ``K``."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count of the trunk + LM head (no scalar head)."""
+        d, f, v, l = self.d_model, self.mlp_dim, self.vocab_size, self.n_layers
+        hk, kvk = self.n_heads * self.per_head_dim, self.num_kv_heads * self.per_head_dim
+        attn = d * hk + 2 * d * kvk + hk * d
+        if self.arch == "gpt2":
+            block = attn + (hk + 2 * kvk + d) + 2 * d * f + f + d + 4 * d
+            extra = self.max_positions * d + 2 * d
+        else:
+            block = attn + 3 * d * f + 2 * d + (hk + 2 * kvk if self.qkv_bias else 0)
+            extra = d
+        head = 0 if self.tie_embeddings else d * v
+        return v * d + l * block + extra + head
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward matmul FLOPs per token at context ``seq_len`` (2 x MACs, incl. attention scores).
+
+        Kaplan et al. 2020 Table 1: ``2 N + 2 L T d_attn`` with N the non-embedding matmul
+        parameters; the LM head counts as a matmul. Backward is about twice the forward.
+        """
+        d, f, v, l = self.d_model, self.mlp_dim, self.vocab_size, self.n_layers
+        hk, kvk = self.n_heads * self.per_head_dim, self.num_kv_heads * self.per_head_dim
+        n_mlp = (3 if self.arch == "llama" else 2) * d * f
+        matmul_params = l * (d * hk + 2 * d * kvk + hk * d + n_mlp) + d * v
+        return 2 * matmul_params + 2 * l * seq_len * hk
+
+
+def gpt2_config(*, n_layer: int, n_embd: int, n_head: int, n_positions: int, vocab_size: int,
+                **overrides) -> ModelConfig:
+    """A GPT-2 ``ModelConfig`` from GPT-2's own hyper-parameter names (``mlp_dim = 4 d``)."""
+    return ModelConfig(arch="gpt2", vocab_size=vocab_size, d_model=n_embd, n_layers=n_layer,
+                       n_heads=n_head, mlp_dim=4 * n_embd, max_positions=n_positions,
+                       tie_embeddings=True, norm_eps=1e-5, **overrides)

@@ -1,0 +1,205 @@
+"""Language models with heads, used through a functional API over plain parameter pytrees.
+
+A ``Model`` is static (hashable configuration + NNX graph definition); parameters are plain
+nested ``dict``s of arrays that cross jit boundaries, go into optax and orbax, and are what the
+checkpoint converters read and write. The NNX module is merged *inside* the pure function::
+
+    model = Model(cfg, kind="lm")
+    params = model.init(jax.random.key(0))           # {'trunk': {...}} (+ 'lm_head')
+    out = model.apply(params, tokens, positions, attn_mask)
+    out.logits  # [B, T, V]
+
+Kinds (the parameter tree is ``{'trunk': ...}`` plus the heads, so a trunk moves between
+kinds: an SFT policy initialises a reward model or a value model):
+
+* ``"lm"``: trunk + LM head (tied to the embedding, or ``lm_head`` when untied).
+* ``"lm_value"``: LM head + a scalar ``value_head`` on the same trunk (PPO with a shared
+  trunk, as in Ziegler et al. 2019's "shared" option and TRL's value-head models).
+* ``"scalar"``: trunk + scalar ``value_head`` only (reward model, separate value model;
+  Ouyang et al. 2022 §3.5: "we removed the final unembedding layer").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from rlhf_jax.config import ModelConfig
+from rlhf_jax.models.transformer import Dense, KVCache, Transformer
+from rlhf_jax.sharding import PARAM_RULES, LogicalRules, constrain, tree_shardings
+
+Kind = Literal["lm", "lm_value", "scalar"]
+Params = dict[str, Any]
+
+
+class _Net(nnx.Module):
+    """Trunk + heads as one NNX module (internal: use ``Model``)."""
+
+    def __init__(self, cfg: ModelConfig, kind: Kind, rngs: nnx.Rngs):
+        self.trunk = Transformer(cfg, rngs)
+        self.lm_head = nnx.data(None)
+        if kind != "scalar" and not cfg.tie_embeddings:
+            self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), bias=False,
+                                 cfg=cfg, rngs=rngs)
+        self.value_head = nnx.data(None)
+        if kind != "lm":
+            # std 1/sqrt(D+1) as in lm-human-preferences (Ziegler et al. 2019) reward/value heads.
+            self.value_head = Dense((cfg.d_model,), (), ("embed",), bias=True, cfg=cfg, rngs=rngs,
+                                    std=1.0 / (cfg.d_model + 1) ** 0.5)
+
+
+@struct.dataclass
+class ModelOutput:
+    """Outputs of ``Model.apply``.
+
+    Attributes:
+      hidden: ``[B, T, D]`` final-norm hidden states (compute dtype).
+      logits: ``[B, T, V]`` next-token logits (``logits[b, t]`` predicts ``tokens[b, t+1]``),
+        float32, or ``None`` for scalar models / ``compute_logits=False``.
+      values: ``[B, T]`` float32 scalar-head outputs (value or reward at each position), or
+        ``None`` when the model has no scalar head.
+      cache: the updated ``KVCache`` or ``None``.
+    """
+
+    hidden: jax.Array
+    logits: jax.Array | None
+    values: jax.Array | None
+    cache: KVCache | None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """Functional wrapper: ``init(rng) -> params`` and ``apply(params, ...) -> ModelOutput``.
+
+    Attributes:
+      cfg: the architecture.
+      kind: ``"lm"``, ``"lm_value"`` or ``"scalar"`` (see module docstring).
+    """
+
+    cfg: ModelConfig
+    kind: Kind = "lm"
+
+    def __post_init__(self):
+        if self.kind not in ("lm", "lm_value", "scalar"):
+            raise ValueError(f"Model.kind must be 'lm', 'lm_value' or 'scalar', got {self.kind!r}")
+        abstract = nnx.eval_shape(lambda: _Net(self.cfg, self.kind, nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract, nnx.Param)
+        object.__setattr__(self, "_graphdef", graphdef)
+        object.__setattr__(self, "_abstract_state", state)
+
+    def __hash__(self):
+        return hash((self.cfg, self.kind))
+
+    def __eq__(self, other):
+        return isinstance(other, Model) and (self.cfg, self.kind) == (other.cfg, other.kind)
+
+    # ---- parameters -------------------------------------------------------------------
+    def init(self, rng: jax.Array) -> Params:
+        """Fresh parameters (nested dict of arrays, ``param_dtype``) from a typed key."""
+        net = _Net(self.cfg, self.kind, nnx.Rngs(params=rng))
+        return nnx.to_pure_dict(nnx.state(net, nnx.Param))
+
+    def abstract_params(self) -> Params:
+        """``ShapeDtypeStruct`` tree of the parameters (no allocation)."""
+        return nnx.to_pure_dict(self._abstract_state)
+
+    def logical_axes(self) -> Params:
+        """Tree of logical axis-name tuples matching ``init``'s output (stacked blocks lead
+        with ``"layers"``)."""
+        specs = nnx.get_partition_spec(self._abstract_state)
+        return jax.tree.map(lambda p: tuple(p), nnx.to_pure_dict(specs),
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+    def param_shardings(self, mesh, rules: LogicalRules = PARAM_RULES):
+        """``NamedSharding`` tree for the parameters on ``mesh`` (see ``rlhf_jax.sharding``)."""
+        return tree_shardings(self.abstract_params(), self.logical_axes(), mesh, rules)
+
+    def init_sharded(self, rng: jax.Array, mesh, rules: LogicalRules = PARAM_RULES) -> Params:
+        """Initialise directly into the mesh shardings (jitted with ``out_shardings``), so no
+        unsharded copy of the model is ever built."""
+        with jax.set_mesh(mesh):
+            return jax.jit(self.init, out_shardings=self.param_shardings(mesh, rules))(rng)
+
+    def num_params(self, params: Params) -> int:
+        """Number of scalars in ``params``."""
+        return sum(int(x.size) for x in jax.tree.leaves(params))
+
+    # ---- forward ------------------------------------------------------------------------
+    def _merge(self, params: Params) -> _Net:
+        state = jax.tree.map(lambda x: x, self._abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self._graphdef, state)
+
+    def apply(self, params: Params, tokens: jax.Array, positions: jax.Array,
+              attn_mask: jax.Array, cache: KVCache | None = None,
+              cache_index: jax.Array | int = 0, *, compute_logits: bool = True) -> ModelOutput:
+        """Forward pass (pure; call under ``jax.jit``).
+
+        Args:
+          params: parameter tree from ``init`` / a converter.
+          tokens: ``[B, T] int32``.
+          positions: ``[B, T] int32``.
+          attn_mask: ``[B, T] bool``; padding on either side.
+          cache: optional ``KVCache`` (sampling); see ``Transformer.__call__``.
+          cache_index: scalar slot of ``tokens[:, 0]`` in the cache.
+          compute_logits: skip the ``[B, T, V]`` LM head when only values are needed.
+
+        Returns:
+          ``ModelOutput``.
+        """
+        net = self._merge(params)
+        hidden, cache = net.trunk(tokens, positions, attn_mask, cache, cache_index)
+        logits = self.logits(params, hidden) if compute_logits and self.kind != "scalar" else None
+        values = None
+        if net.value_head is not None:
+            values = net.value_head(hidden).astype(jnp.float32)
+        return ModelOutput(hidden=hidden, logits=logits, values=values, cache=cache)
+
+    def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
+        """LM head: ``hidden [..., D] -> logits [..., V]`` float32 (tied: ``hidden @ embed.T``)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        if self.cfg.tie_embeddings:
+            w = params["trunk"]["embed"].astype(dt)
+            logits = jnp.einsum("...d,vd->...v", hidden.astype(dt), w)
+        else:
+            w = params["lm_head"]["kernel"].astype(dt)
+            logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w)
+        if logits.ndim == 3:
+            logits = constrain(logits, ("batch", "seq", "vocab"))
+        return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """Empty ``KVCache`` with ``length`` slots (raises if beyond ``max_positions`` for GPT-2)."""
+        if self.cfg.arch == "gpt2" and length > self.cfg.max_positions:
+            raise ValueError(f"cache length {length} exceeds GPT-2 max_positions "
+                             f"{self.cfg.max_positions}")
+        return KVCache.zeros(self.cfg, batch, length)
+
+
+def with_head(params: Params, model: Model, rng: jax.Array) -> Params:
+    """Re-use the trunk (and LM head if ``model`` has one) of ``params`` in ``model``'s tree,
+    initialising any head ``params`` lacks (e.g. an SFT policy -> reward or value model).
+
+    Raises:
+      ValueError: the trunk's shapes do not match ``model.cfg``, naming the first mismatch.
+    """
+    fresh = jax.eval_shape(model.init, rng)
+    out = {}
+    init = None
+    for key, sub in fresh.items():
+        if key in params:
+            want = jax.tree_util.tree_flatten_with_path(sub)[0]
+            have = jax.tree_util.tree_flatten_with_path(params[key])[0]
+            for (pw, w), (ph, h) in zip(want, have):
+                if pw != ph or w.shape != h.shape:
+                    raise ValueError(f"params[{key!r}]{jax.tree_util.keystr(ph)} has shape "
+                                     f"{h.shape}; model expects {jax.tree_util.keystr(pw)} {w.shape}")
+            out[key] = params[key]
+        else:
+            init = model.init(rng) if init is None else init
+            out[key] = init[key]
+    return out

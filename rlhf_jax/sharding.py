@@ -1,0 +1,255 @@
+"""Device mesh, the logical-axis rule table, and shardings of states and batches.
+
+Model code names *logical* axes (``batch, seq, embed, heads, kv_heads, kv, mlp, vocab,
+layers``); the tables below map them to the axes of a ``(data, fsdp, tensor)`` mesh:
+
+* ``data``  - pure data parallelism (parameters replicated),
+* ``fsdp``  - data parallelism with parameters, gradients and optimizer state sharded
+  (ZeRO-3 / FSDP, Rajbhandari et al. 2020),
+* ``tensor`` - Megatron-style tensor parallelism over heads and MLP width (Shoeybi et al. 2019).
+
+Parameters and activations use separate tables: a parameter's ``embed`` axis is sharded
+over ``fsdp`` while an activation's ``batch`` axis is; both cannot use the same mesh axis.
+Shardings are derived, never hand-placed: ``param_shardings`` reads the logical axes each
+parameter carries (see ``rlhf_jax.models``) and a parameter without one, or with a name the
+table does not cover, raises ``ValueError`` naming its path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DATA_AXES = ("data", "fsdp")  # the mesh axes a batch dimension is split over
+
+LogicalRules = Mapping[str, str | tuple[str, ...] | None]
+
+#: Logical axis -> mesh axis for parameters (and optimizer state, which mirrors them).
+PARAM_RULES: LogicalRules = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "kv": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "positions": None,
+    "scalar": None,
+}
+
+#: Logical axis -> mesh axis for activations (``constrain``).
+ACTIVATION_RULES: LogicalRules = {
+    "batch": DATA_AXES,
+    "seq": None,
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "kv": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "cache_seq": None,
+    "candidates": None,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Shape of the ``(data, fsdp, tensor)`` device mesh.
+
+    Attributes:
+      data: size of the data-parallel axis; ``-1`` takes every device not used by the others.
+      fsdp: size of the fully-sharded data-parallel axis.
+      tensor: size of the tensor-parallel axis (must divide heads, kv heads and MLP width).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        for name in ("fsdp", "tensor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MeshConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.data == 0 or self.data < -1:
+            raise ValueError(f"MeshConfig.data must be -1 or >= 1, got {self.data}")
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """Resolved ``(data, fsdp, tensor)`` for ``num_devices``; raises if they do not multiply."""
+        inner = self.fsdp * self.tensor
+        data = num_devices // inner if self.data == -1 else self.data
+        if data * inner != num_devices:
+            raise ValueError(
+                f"mesh data={self.data} x fsdp={self.fsdp} x tensor={self.tensor} does not match "
+                f"the {num_devices} available devices")
+        return data, self.fsdp, self.tensor
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all, across processes).
+
+    Axis types are ``Auto`` (GSPMD propagation; ``with_sharding_constraint`` is a hint).
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape = cfg.shape(len(devices))
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _mesh_axis_size(mesh: Mesh | jax.sharding.AbstractMesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: LogicalRules, *,
+                    shape: Sequence[int] | None = None, mesh=None, where: str = "array") -> P:
+    """``PartitionSpec`` for an array whose dimensions carry ``logical_axes``.
+
+    Args:
+      logical_axes: one logical name (or ``None`` = replicated) per dimension.
+      rules: ``PARAM_RULES`` or ``ACTIVATION_RULES`` (or a user table).
+      shape: if given with ``mesh``, each sharded dimension must divide its mesh axes.
+      mesh: the mesh, for the divisibility check.
+      where: a name for error messages (the parameter path).
+
+    Raises:
+      ValueError: unknown logical name, a mesh axis used twice, or a dimension that the mesh
+        axis size does not divide.
+    """
+    spec, used = [], set()
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise ValueError(f"{where}: logical axis {name!r} has no sharding rule "
+                             f"(known: {sorted(rules)})")
+        mesh_axes = rules[name]
+        flat = () if mesh_axes is None else ((mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes))
+        if mesh is not None:
+            # A mesh axis of size 1 shards nothing; dropping it keeps specs readable.
+            flat = tuple(a for a in flat if mesh.shape[a] > 1)
+        if used.intersection(flat):
+            raise ValueError(f"{where}: mesh axes {flat} used twice in {tuple(logical_axes)}")
+        used.update(flat)
+        if shape is not None and mesh is not None and flat:
+            size = _mesh_axis_size(mesh, flat)
+            if shape[dim] % size:
+                raise ValueError(
+                    f"{where}: dimension {dim} ({name!r}) has size {shape[dim]}, not divisible by "
+                    f"mesh axes {flat} of size {size}")
+        spec.append(None if not flat else (flat[0] if len(flat) == 1 else flat))
+    return P(*spec)
+
+
+def tree_shardings(abstract_tree, logical_tree, mesh: Mesh, rules: LogicalRules = PARAM_RULES):
+    """``NamedSharding`` for every leaf of ``abstract_tree`` from a matching tree of logical axes.
+
+    Raises:
+      ValueError: a leaf has no logical axes, or their count differs from its rank.
+    """
+    flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    flat_axes, treedef = jax.tree_util.tree_flatten(
+        logical_tree, is_leaf=lambda x: isinstance(x, tuple) or x is None)
+    if len(flat_axes) != len(flat_shapes):
+        raise ValueError(f"logical-axes tree has {len(flat_axes)} leaves, the state has "
+                         f"{len(flat_shapes)}")
+    out = []
+    for (path, leaf), axes in zip(flat_shapes, flat_axes):
+        where = jax.tree_util.keystr(path)
+        if axes is None:
+            raise ValueError(f"parameter {where} carries no logical axes: no sharding rule covers it")
+        if len(axes) != len(leaf.shape):
+            raise ValueError(f"parameter {where}: {len(axes)} logical axes {axes} for shape "
+                             f"{tuple(leaf.shape)}")
+        out.append(NamedSharding(mesh, logical_to_spec(axes, rules, shape=leaf.shape, mesh=mesh,
+                                                       where=where)))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_tree), out)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding (scalars, RNG keys, step counters)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    """Sharding of a batch array: ``batch_dim`` split over ``(data, fsdp)``, the rest replicated."""
+    spec = [None] * ndim
+    spec[batch_dim] = DATA_AXES
+    return NamedSharding(mesh, P(*spec))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of batch shards (``data x fsdp``)."""
+    return _mesh_axis_size(mesh, DATA_AXES)
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place a host batch (pytree of arrays with leading batch dim) on the mesh.
+
+    Raises:
+      ValueError: the batch size is not divisible by ``data x fsdp``, naming both numbers.
+    """
+    dp = data_parallel_size(mesh)
+
+    def put(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, replicated(mesh))
+        if x.shape[0] % dp:
+            raise ValueError(f"batch field {jax.tree_util.keystr(path)} has batch size {x.shape[0]}, "
+                             f"not divisible by the mesh's data x fsdp = {dp}")
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x) \
+            if jax.process_count() > 1 else jax.device_put(x, batch_sharding(mesh, x.ndim))
+
+    return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None],
+              rules: LogicalRules = ACTIVATION_RULES) -> jax.Array:
+    """``with_sharding_constraint`` by logical axes under the current mesh; no-op without one.
+
+    Call inside jitted code run under ``jax.set_mesh(mesh)`` (the trainers do this).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, rules, mesh=mesh)
+    # Only constrain dimensions that divide; GSPMD pads otherwise, which is legal but slow.
+    for dim, axes in enumerate(spec):
+        if axes is not None and x.shape[dim] % _mesh_axis_size(mesh, axes):
+            return x
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, local_device_ids=None) -> None:
+    """Wire up several processes (``jax.distributed.initialize``) before any other JAX call.
+
+    With no arguments, reads ``RLHF_JAX_COORDINATOR``, ``RLHF_JAX_NUM_PROCESSES`` and
+    ``RLHF_JAX_PROCESS_ID`` from the environment if set, else lets JAX auto-detect (Cloud TPU,
+    SLURM). A single process with nothing set is a no-op.
+    """
+    coordinator_address = coordinator_address or os.environ.get("RLHF_JAX_COORDINATOR")
+    if num_processes is None and "RLHF_JAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["RLHF_JAX_NUM_PROCESSES"])
+    if process_id is None and "RLHF_JAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["RLHF_JAX_PROCESS_ID"])
+    if coordinator_address is None and num_processes is None:
+        if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
+            jax.distributed.initialize()
+        return
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               local_device_ids=local_device_ids)
