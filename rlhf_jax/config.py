@@ -58,6 +58,10 @@ class ModelConfig:
       param_dtype: storage dtype of parameters (keep ``"float32"`` for training).
       remat: rematerialise each block in the backward pass (``jax.checkpoint``), trading
         compute for activation memory.
+      frozen_layers: the embeddings and the lowest ``frozen_layers`` blocks run under
+        ``stop_gradient`` in their own ``lax.scan`` (no backward pass through them) and
+        ``rlhf_jax.train.state.make_optimizer`` gives them zero updates: fine-tune only the
+        top blocks, final norm and heads. Inference is unaffected.
       scan_unroll: unroll factor of the ``lax.scan`` over stacked layers (1 = no unroll).
     """
 
@@ -78,6 +82,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
+    frozen_layers: int = 0
     scan_unroll: int = 1
 
     def __post_init__(self):
@@ -97,6 +102,9 @@ class ModelConfig:
         if self.arch == "gpt2" and self.num_kv_heads != self.n_heads:
             raise ValueError(f"GPT-2 has no grouped-query attention: n_kv_heads={self.n_kv_heads} "
                              f"!= n_heads={self.n_heads}")
+        if not 0 <= self.frozen_layers <= self.n_layers:
+            raise ValueError(f"ModelConfig.frozen_layers={self.frozen_layers} must be in "
+                             f"[0, n_layers={self.n_layers}]")
         if self.per_head_dim % 2 and self.arch == "llama":
             raise ValueError(f"RoPE needs an even head_dim, got {self.per_head_dim}")
 

@@ -284,6 +284,8 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+        if cfg.frozen_layers:
+            x = jax.lax.stop_gradient(x)
         x = constrain(x, ("batch", "seq", "embed"))
         attn_mask = attn_mask.astype(bool)
         cache_index = jnp.asarray(cache_index, jnp.int32)
@@ -305,6 +307,19 @@ class Transformer(nnx.Module):
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False,
                                   policy=jax.checkpoint_policies.nothing_saveable)
-        x, (k_new, v_new) = jax.lax.scan(body, x, (block_state, *kv), unroll=cfg.scan_unroll)
+        xs = (block_state, *kv)
+        f = cfg.frozen_layers
+        if 0 < f < cfg.n_layers:
+            # Frozen lower blocks: their own scan, no backward pass through them.
+            lower = jax.tree.map(lambda a: a[:f], xs)
+            upper = jax.tree.map(lambda a: a[f:], xs)
+            x, kv_lower = jax.lax.scan(body, x, lower, unroll=cfg.scan_unroll)
+            x = jax.lax.stop_gradient(x)
+            x, kv_upper = jax.lax.scan(body, x, upper, unroll=cfg.scan_unroll)
+            k_new, v_new = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kv_lower, kv_upper)
+        else:
+            x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=cfg.scan_unroll)
+            if f == cfg.n_layers:
+                x = jax.lax.stop_gradient(x)
         new_cache = None if cache is None else KVCache(k=k_new, v=v_new, valid=valid)
         return self.final_norm(x), new_cache

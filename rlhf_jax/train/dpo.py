@@ -1,0 +1,154 @@
+"""Direct preference optimisation step (Rafailov et al. 2023) and its family.
+
+Policy and frozen reference score the chosen and rejected responses of a ``PreferenceBatch``
+(``N = 2``) with summed response log-probs; the loss of ``DPOConfig.loss_type`` is applied by
+``rlhf_jax.losses.dpo.dpo_loss``. The reference log-probs come either from the reference
+parameters inside the step (``dpo_step``: an extra forward, no stored state) or precomputed
+once over the data set (``precompute_reference_logps`` + ``dpo_step_precomputed``: cheaper
+per step, as in TRL's ``precompute_ref_log_probs``). Reference parameters are an explicit
+argument, never captured by closure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.losses.dpo import dpo_loss
+from rlhf_jax.models.model import Model, Params
+from rlhf_jax.train.common import flatten_candidates, sequence_logps
+from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
+from rlhf_jax.types import PreferenceBatch
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    """DPO-family step options.
+
+    Attributes:
+      beta: inverse temperature of the implicit reward ``beta * log(pi / pi_ref)``.
+      loss_type: a ``rlhf_jax.losses.dpo.dpo_loss`` loss type: ``"sigmoid"`` (DPO; cDPO when
+        ``label_smoothing > 0``), ``"robust"``, ``"ipo"``, ``"hinge"``, ``"simpo"``, ``"orpo"``
+        (for ORPO ``beta`` is the odds-ratio weight lambda, as in TRL).
+      label_smoothing: preference-noise rate for cDPO / robust DPO.
+      gamma: SimPO target reward margin.
+      num_microbatches: gradient accumulation steps per update.
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    num_microbatches: int = 1
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"DPOConfig.label_smoothing={self.label_smoothing} only applies to "
+                             f"loss_type 'sigmoid' or 'robust', not {self.loss_type!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """SimPO and ORPO are reference-free."""
+        return self.loss_type not in ("simpo", "orpo")
+
+
+def pair_logps(model: Model, params: Params, batch: PreferenceBatch):
+    """Summed response log-probs ``[B, 2]`` and lengths ``[B, 2]`` in one forward over ``2B``."""
+    b, n = batch.tokens.shape[:2]
+    logps, lengths = sequence_logps(model, params, flatten_candidates(batch.tokens),
+                                    flatten_candidates(batch.positions),
+                                    flatten_candidates(batch.attn_mask),
+                                    flatten_candidates(batch.loss_mask))
+    return logps.reshape(b, n), lengths.reshape(b, n)
+
+
+def _loss(policy_logps, lengths, ref_logps, cfg: DPOConfig):
+    """``dpo_loss`` with exactly the inputs ``cfg.loss_type`` is defined on."""
+    kwargs = dict(beta=cfg.beta, loss_type=cfg.loss_type)
+    if cfg.loss_type in ("sigmoid", "robust"):
+        kwargs["label_smoothing"] = cfg.label_smoothing
+    if cfg.loss_type in ("ipo", "simpo", "orpo"):  # defined on per-token averages
+        kwargs.update(chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])
+    if cfg.loss_type == "simpo":
+        kwargs["gamma"] = cfg.gamma
+    refs = (ref_logps[:, 0], ref_logps[:, 1]) if cfg.needs_reference else (None, None)
+    return dpo_loss(policy_logps[:, 0], policy_logps[:, 1], *refs, **kwargs)
+
+
+def dpo_loss_fn(params: Params, batch: PreferenceBatch, ref_logps: jax.Array, total_pairs, *,
+                model: Model, cfg: DPOConfig):
+    """Loss of one (micro)batch given reference log-probs ``[B, 2]``, rescaled to the full batch."""
+    policy_logps, lengths = pair_logps(model, params, batch)
+    loss, metrics = _loss(policy_logps, lengths, ref_logps, cfg)
+    return loss * batch.tokens.shape[0] / total_pairs, metrics
+
+
+def _update(state, batch, ref_logps, *, model, tx, cfg):
+    total = jnp.asarray(batch.tokens.shape[0], jnp.float32)
+    loss_fn = functools.partial(dpo_loss_fn, model=model, cfg=cfg)
+    _, grads, metrics = _accumulate(loss_fn, state.params, batch, ref_logps, cfg.num_microbatches,
+                                    total)
+    metrics = dict(metrics)
+    metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
+    return apply_gradients(state, grads, tx), metrics
+
+
+def _accumulate(loss_fn, params, batch, ref_logps, num_microbatches, total):
+    # Reference log-probs travel with the batch so that microbatches split them alike.
+    joint = (batch, ref_logps)
+    fn = lambda p, j, t: loss_fn(p, j[0], j[1], t)
+    return accumulate_gradients(fn, params, joint, num_microbatches, total)
+
+
+def dpo_step(state: TrainState, batch: PreferenceBatch, ref_params: Params, *, model: Model,
+             tx: optax.GradientTransformation, cfg: DPOConfig):
+    """One DPO update with the reference forward inside the step (pure).
+
+    Args:
+      state: policy ``TrainState``.
+      batch: ``PreferenceBatch`` with ``N = 2`` (chosen, rejected).
+      ref_params: frozen reference parameters (same architecture as the policy).
+    """
+    if cfg.needs_reference:
+        ref_logps = jax.lax.stop_gradient(pair_logps(model, ref_params, batch)[0])
+    else:
+        ref_logps = jnp.zeros(batch.tokens.shape[:2], jnp.float32)
+    return _update(state, batch, ref_logps, model=model, tx=tx, cfg=cfg)
+
+
+def dpo_step_precomputed(state: TrainState, batch: PreferenceBatch, ref_logps: jax.Array, *,
+                         model: Model, tx: optax.GradientTransformation, cfg: DPOConfig):
+    """One DPO update with reference log-probs ``[B, 2]`` precomputed over the data set."""
+    return _update(state, batch, ref_logps, model=model, tx=tx, cfg=cfg)
+
+
+def make_dpo_step(model: Model, tx: optax.GradientTransformation, cfg: DPOConfig = DPOConfig(), *,
+                  precomputed: bool = False, state_sharding=None, batch_sharding=None,
+                  frozen_sharding=None):
+    """Jitted ``step(state, batch, ref_params_or_ref_logps)`` with the state donated."""
+    fn = dpo_step_precomputed if precomputed else dpo_step
+    return jit_step(functools.partial(fn, model=model, tx=tx, cfg=cfg), state_sharding=state_sharding,
+                    batch_sharding=batch_sharding, frozen_shardings=(frozen_sharding,))
+
+
+def make_reference_logps(model: Model):
+    """Jitted ``(ref_params, batch) -> [B, 2]`` summed reference log-probs (for precomputation)."""
+    return jax.jit(lambda ref_params, batch: pair_logps(model, ref_params, batch)[0])
+
+
+def make_dpo_eval(model: Model, cfg: DPOConfig = DPOConfig()):
+    """Jitted ``(params, ref_params, batch) -> metrics`` without an update."""
+    def evaluate(params, ref_params, batch):
+        ref = pair_logps(model, ref_params, batch)[0] if cfg.needs_reference \
+            else jnp.zeros(batch.tokens.shape[:2], jnp.float32)
+        policy, lengths = pair_logps(model, params, batch)
+        return _loss(policy, lengths, ref, cfg)[1]
+    return jax.jit(evaluate)

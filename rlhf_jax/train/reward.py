@@ -1,0 +1,95 @@
+"""Reward-model step (InstructGPT stage 2, Ouyang et al. 2022 §3.5).
+
+A scalar head on a language-model trunk scores every candidate of a ``PreferenceBatch``
+(``[B, N, T]``, candidates ranked best first) in ONE forward over ``B * N`` sequences; the
+score is the head's output at each candidate's last real token. Loss selected by
+``RewardConfig.loss``:
+
+* ``"pairwise"`` - Bradley-Terry on ``N = 2`` (chosen, rejected) with optional margin and
+  reward-centering term (Stiennon et al. 2020; Touvron et al. 2023 §3.2.2; Eisenstein et al. 2023).
+* ``"ranking"``  - all ``C(K, 2)`` pairs of a K-way ranking from the one forward, each prompt
+  weighted once (Ouyang et al. 2022 §3.5 eq. 1).
+* ``"best_of_n"`` - softmax cross-entropy picking candidate 0 (Ziegler et al. 2019 §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.losses.reward import best_of_n_loss, bradley_terry_loss, ranking_loss
+from rlhf_jax.models.model import Model, Params
+from rlhf_jax.train.common import flatten_candidates, sequence_scores
+from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
+from rlhf_jax.types import PreferenceBatch
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """Reward-model step options.
+
+    Attributes:
+      loss: ``"pairwise"``, ``"ranking"`` or ``"best_of_n"`` (module docstring).
+      center_coef: weight of the reward-centering term ``mean((r_c + r_r)^2)`` (pairwise).
+      num_microbatches: gradient accumulation steps ``M`` per update.
+    """
+
+    loss: Literal["pairwise", "ranking", "best_of_n"] = "pairwise"
+    center_coef: float = 0.0
+    num_microbatches: int = 1
+
+
+def candidate_scores(model: Model, params: Params, batch: PreferenceBatch) -> jax.Array:
+    """Scores ``[B, N]`` float32 of every candidate, one forward over ``B * N`` sequences."""
+    b, n = batch.tokens.shape[:2]
+    scores = sequence_scores(model, params, flatten_candidates(batch.tokens),
+                             flatten_candidates(batch.positions), flatten_candidates(batch.attn_mask))
+    return scores.reshape(b, n)
+
+
+def preference_loss(scores: jax.Array, valid: jax.Array, cfg: RewardConfig):
+    """The loss of ``cfg.loss`` on candidate scores ``[B, N]`` (a mean over the B prompts)."""
+    if cfg.loss == "pairwise":
+        if scores.shape[1] != 2:
+            raise ValueError(f"RewardConfig.loss='pairwise' needs N=2 candidates, got {scores.shape[1]}")
+        return bradley_terry_loss(scores[:, 0], scores[:, 1], center_coef=cfg.center_coef)
+    if cfg.loss == "ranking":
+        return ranking_loss(scores, valid)
+    return best_of_n_loss(scores, jnp.zeros(scores.shape[0], jnp.int32), valid=valid)
+
+
+def reward_loss_fn(params: Params, batch: PreferenceBatch, total_prompts: jax.Array, *,
+                   model: Model, cfg: RewardConfig):
+    """Loss of one (micro)batch rescaled to the full batch (``B_micro / B``)."""
+    loss, metrics = preference_loss(candidate_scores(model, params, batch), batch.valid, cfg)
+    return loss * batch.tokens.shape[0] / total_prompts, metrics
+
+
+def reward_step(state: TrainState, batch: PreferenceBatch, *, model: Model,
+                tx: optax.GradientTransformation, cfg: RewardConfig):
+    """One reward-model update ``(state, batch) -> (state, metrics)`` (pure)."""
+    total = jnp.asarray(batch.tokens.shape[0], jnp.float32)
+    loss_fn = functools.partial(reward_loss_fn, model=model, cfg=cfg)
+    _, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.num_microbatches, total)
+    metrics = dict(metrics)
+    metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
+    return apply_gradients(state, grads, tx), metrics
+
+
+def make_reward_step(model: Model, tx: optax.GradientTransformation,
+                     cfg: RewardConfig = RewardConfig(), *, state_sharding=None, batch_sharding=None):
+    """Jitted ``reward_step(state, batch)`` with shardings and the state donated."""
+    return jit_step(functools.partial(reward_step, model=model, tx=tx, cfg=cfg),
+                    state_sharding=state_sharding, batch_sharding=batch_sharding)
+
+
+def make_reward_eval(model: Model, cfg: RewardConfig = RewardConfig()):
+    """Jitted ``(params, batch) -> metrics`` (no update), for held-out accuracy."""
+    def evaluate(params, batch):
+        return preference_loss(candidate_scores(model, params, batch), batch.valid, cfg)[1]
+    return jax.jit(evaluate)
