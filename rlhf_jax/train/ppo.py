@@ -265,7 +265,8 @@ def _minibatch_loss(trainable, mb: Experience, *, policy_model, value_model, cfg
     metrics = {**metrics, **vf_metrics}
     one = jnp.ones((), jnp.float32)
     if not cfg.kl_in_reward:
-        kl_term = masked_mean(kl_estimate(logp, mb.ref_logp, "k3"), mask)
+        # Zero padding first: k3 exponentiates, so garbage there could overflow.
+        kl_term = masked_mean(kl_estimate(jnp.where(mask, logp, 0.0), mb.ref_logp, "k3"), mask)
         loss = loss + cfg.kl.init_kl_coef * kl_term
         metrics["ppo/policy/kl_loss"] = (kl_term, one)
     metrics["ppo/policy/entropy"] = (ent, one)

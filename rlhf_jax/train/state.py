@@ -167,12 +167,35 @@ def create_train_state(params: Params, tx: optax.GradientTransformation, rng: ja
     """A ``TrainState`` at step 0 that owns a *copy* of ``params``.
 
     Train steps donate their state, so the state must not share buffers with arrays the caller
-    keeps (a frozen reference policy, the trunk of another model). The copy keeps each leaf's
-    sharding; the optimizer moments inherit it by propagation.
+    keeps (a frozen reference policy, the trunk of another model). On a mesh use
+    ``create_sharded_train_state`` so the optimizer moments are sharded like the parameters.
     """
     params = jax.tree.map(jnp.copy, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=rng)
+
+
+def train_state_shardings(params_sharding, tx: optax.GradientTransformation, abstract_params, mesh):
+    """Shardings of a ``TrainState`` whose params have ``params_sharding``: optimizer moments
+    mirror their parameter's sharding (FSDP shards Adam's ``mu``/``nu`` too), every other
+    optimizer leaf (counts, scalars), ``step`` and ``rng`` are replicated."""
+    from rlhf_jax.sharding import replicated
+
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding,
+                                         transform_non_params=lambda _: replicated(mesh))
+    return TrainState(step=replicated(mesh), params=params_sharding, opt_state=opt_sharding,
+                      rng=replicated(mesh))
+
+
+def create_sharded_train_state(params: Params, tx: optax.GradientTransformation, rng: jax.Array,
+                               mesh, params_sharding) -> TrainState:
+    """``create_train_state`` jitted with ``out_shardings`` from ``train_state_shardings``, so the
+    optimizer state is born sharded like the parameters (never replicated first)."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shardings = train_state_shardings(params_sharding, tx, abstract, mesh)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda p, r: create_train_state(p, tx, r), out_shardings=shardings)(params, rng)
 
 
 def apply_gradients(state: TrainState, grads: Params, tx: optax.GradientTransformation) -> TrainState:

@@ -1,0 +1,425 @@
+"""Direct preference losses on sequence log-probabilities: DPO and its family.
+
+Inputs are per-sequence log-likelihoods of a chosen (``y_w``) and a rejected (``y_l``)
+response to the same prompt, shape ``[B]``, in nats:
+``policy_chosen_logps[b] = Σ_t loss_mask[b, t] · logp[b, t] = log π_θ(y_w | x)`` (from
+:func:`~rlhf_jax.losses.logprobs.sequence_logprobs`), and the same under the frozen reference
+``π_ref`` for ``ref_*``.
+
+Length-normalised losses (IPO, SimPO, ORPO) work on per-token *average* log-likelihoods
+``log π(y|x) / |y|``. They take optional ``chosen_lengths`` / ``rejected_lengths`` (``[B]``,
+number of response tokens): when given, the log-prob sums are divided by them; when None, the
+caller must already pass per-token averages.
+
+Every loss returns ``(loss, metrics)``, the loss being the mean over the B pairs. Metrics
+(averaged over pairs): ``dpo/loss``, ``dpo/rewards/chosen``, ``dpo/rewards/rejected``
+(the implicit reward ``β·(log π - log π_ref)``, or the method's own reference-free reward),
+``dpo/rewards/margins`` (chosen - rejected), ``dpo/rewards/accuracies`` (chosen > rejected; a
+tie counts 0.5), ``dpo/logps/chosen``, ``dpo/logps/rejected`` (policy inputs as passed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses.logprobs import Metrics, _float, metric
+
+LossType = Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"]
+
+
+def _check_beta(name: str, beta) -> None:
+    if isinstance(beta, (int, float)) and not beta > 0:
+        raise ValueError(f"{name}: beta must be > 0, got {beta}")
+
+
+def _check_shapes(name: str, *arrays) -> None:
+    shapes = {jnp.shape(a) for a in arrays if a is not None}
+    if len(shapes) > 1:
+        raise ValueError(f"{name}: all log-prob inputs must have the same [B] shape, got {shapes}")
+
+
+def _average(logps: jax.Array, lengths: jax.Array | None) -> jax.Array:
+    logps = _float(logps)
+    if lengths is None:
+        return logps
+    return logps / jnp.maximum(_float(lengths), 1.0)
+
+
+def _metrics(
+    loss_b: jax.Array,
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+) -> Metrics:
+    margins = chosen_rewards - rejected_rewards
+    acc = jnp.where(margins > 0, 1.0, jnp.where(margins == 0, 0.5, 0.0))
+    return {
+        "dpo/loss": metric(loss_b),
+        "dpo/rewards/chosen": metric(chosen_rewards),
+        "dpo/rewards/rejected": metric(rejected_rewards),
+        "dpo/rewards/margins": metric(margins),
+        "dpo/rewards/accuracies": metric(acc),
+        "dpo/logps/chosen": metric(chosen_logps),
+        "dpo/logps/rejected": metric(rejected_logps),
+    }
+
+
+def _logratios(pc, pr, rc, rr):
+    pc, pr, rc, rr = (_float(x) for x in (pc, pr, rc, rr))
+    return pc - rc, pr - rr
+
+
+def dpo_sigmoid_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta: float | jax.Array = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """DPO, and conservative DPO (cDPO) when ``label_smoothing > 0``.
+
+    ``h = (log π_θ(y_w) - log π_ref(y_w)) - (log π_θ(y_l) - log π_ref(y_l))``,
+    ``L = -(1 - ε) log σ(β h) - ε log σ(-β h)``.
+    ``ε = 0`` is DPO, Rafailov et al. 2023 eq. 7; ``ε > 0`` assumes each label is flipped with
+    probability ε (cDPO, Mitchell 2023, "A note on DPO with noisy preferences").
+
+    Args:
+      policy_chosen_logps: ``[B]`` float ``log π_θ(y_w | x)`` (sum over response tokens, nats).
+      policy_rejected_logps: ``[B]`` float ``log π_θ(y_l | x)``.
+      ref_chosen_logps: ``[B]`` float ``log π_ref(y_w | x)`` (frozen reference).
+      ref_rejected_logps: ``[B]`` float ``log π_ref(y_l | x)``.
+      beta: β > 0, strength of the implicit KL constraint.
+      label_smoothing: ε in ``[0, 0.5]``, assumed label-noise rate.
+
+    Returns:
+      ``(loss, metrics)``: mean over pairs; metrics as in the module docstring with implicit
+      rewards ``β(log π_θ - log π_ref)``.
+
+    Raises:
+      ValueError: ``beta <= 0``, ``label_smoothing`` outside ``[0, 0.5]``, shape mismatch.
+    """
+    _check_beta("dpo_sigmoid_loss", beta)
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"dpo_sigmoid_loss: label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    _check_shapes(
+        "dpo_sigmoid_loss", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps,
+    )
+    c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = c - r
+    loss_b = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(
+        -beta * h
+    )
+    m = _metrics(loss_b, beta * c, beta * r, _float(policy_chosen_logps), _float(policy_rejected_logps))
+    return jnp.mean(loss_b), m
+
+
+def robust_dpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta: float | jax.Array = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """Robust DPO (rDPO): an unbiased estimate of the clean DPO loss under label flips of rate ε.
+
+    ``L = [-(1 - ε) log σ(β h) + ε log σ(-β h)] / (1 - 2ε)`` with ``h`` the DPO log-ratio
+    difference. Chowdhury et al. 2024 ("Provably Robust DPO: Aligning Language Models with Noisy
+    Feedback", ICML), the rDPO loss; TRL's ``loss_type="robust"``. Equals DPO at ε = 0.
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]``
+        float sequence log-probabilities (nats), as in :func:`dpo_sigmoid_loss`.
+      beta: β > 0.
+      label_smoothing: ε in ``[0, 0.5)`` (flip rate).
+
+    Returns:
+      ``(loss, metrics)`` as :func:`dpo_sigmoid_loss`.
+
+    Raises:
+      ValueError: ``beta <= 0``, ``label_smoothing`` outside ``[0, 0.5)``, shape mismatch.
+    """
+    _check_beta("robust_dpo_loss", beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust_dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    _check_shapes(
+        "robust_dpo_loss", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps,
+    )
+    c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = c - r
+    eps = label_smoothing
+    loss_b = (-(1.0 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h)) / (
+        1.0 - 2.0 * eps
+    )
+    m = _metrics(loss_b, beta * c, beta * r, _float(policy_chosen_logps), _float(policy_rejected_logps))
+    return jnp.mean(loss_b), m
+
+
+def ipo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta: float | jax.Array = 0.1,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """IPO: squared regression of the log-ratio difference onto ``1 / (2β)``.
+
+    ``L = (h - 1/(2β))²`` with ``h = (ℓ_θ(y_w) - ℓ_ref(y_w)) - (ℓ_θ(y_l) - ℓ_ref(y_l))`` and
+    ``ℓ = log π(y|x) / |y|`` the per-token *average* log-likelihood. Azar et al. 2023 ("A
+    General Theoretical Paradigm to Understand Learning from Human Preferences") eq. 17, β = τ;
+    the per-token averaging follows the authors' reference setup and TRL.
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]``
+        float; sequence sums (nats) if lengths are given, else per-token averages (nats/token).
+      beta: τ > 0 (regularisation strength).
+      chosen_lengths: optional ``[B]`` number of response tokens of ``y_w`` (same for policy and
+        reference). Either both lengths or neither.
+      rejected_lengths: optional ``[B]`` number of response tokens of ``y_l``.
+
+    Returns:
+      ``(loss, metrics)``; implicit rewards ``β(ℓ_θ - ℓ_ref)`` on the averaged log-probs.
+
+    Raises:
+      ValueError: ``beta <= 0``, only one of the lengths given, shape mismatch.
+    """
+    _check_beta("ipo_loss", beta)
+    _check_lengths("ipo_loss", chosen_lengths, rejected_lengths)
+    _check_shapes(
+        "ipo_loss", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps, chosen_lengths, rejected_lengths,
+    )
+    pc = _average(policy_chosen_logps, chosen_lengths)
+    pr = _average(policy_rejected_logps, rejected_lengths)
+    rc = _average(ref_chosen_logps, chosen_lengths)
+    rr = _average(ref_rejected_logps, rejected_lengths)
+    c, r = pc - rc, pr - rr
+    loss_b = jnp.square(c - r - 1.0 / (2.0 * beta))
+    return jnp.mean(loss_b), _metrics(loss_b, beta * c, beta * r, pc, pr)
+
+
+def hinge_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta: float | jax.Array = 0.1,
+) -> tuple[jax.Array, Metrics]:
+    """SLiC-style hinge loss on the DPO log-ratio difference.
+
+    ``L = max(0, 1 - β h)``, ``h`` as in :func:`dpo_sigmoid_loss`. Zhao et al. 2023 ("SLiC-HF:
+    Sequence Likelihood Calibration with Human Feedback"), the rank-calibration hinge
+    ``max(0, δ - log π(y_w) + log π(y_l))`` scaled by β with margin δ = 1/β, on the
+    reference-normalised log-likelihoods (the ``hinge`` loss of TRL / Liu et al. 2024 RSO).
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]``
+        float sequence log-probabilities (nats).
+      beta: β > 0.
+
+    Returns:
+      ``(loss, metrics)`` with implicit rewards ``β(log π_θ - log π_ref)``.
+
+    Raises:
+      ValueError: ``beta <= 0`` or shape mismatch.
+    """
+    _check_beta("hinge_loss", beta)
+    _check_shapes(
+        "hinge_loss", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps,
+    )
+    c, r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    loss_b = jax.nn.relu(1.0 - beta * (c - r))
+    m = _metrics(loss_b, beta * c, beta * r, _float(policy_chosen_logps), _float(policy_rejected_logps))
+    return jnp.mean(loss_b), m
+
+
+def simpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    *,
+    beta: float | jax.Array = 2.0,
+    gamma: float | jax.Array = 0.5,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """SimPO: reference-free, length-normalised preference loss with a target margin.
+
+    ``L = -log σ(β/|y_w| · log π_θ(y_w) - β/|y_l| · log π_θ(y_l) - γ)``.
+    Meng et al. 2024 ("SimPO: Simple Preference Optimization with a Reference-Free Reward")
+    eq. 6; the paper uses β ≈ 2–2.5 and γ ≈ 0.3–1.6 (γ in reward units, not γ/β).
+
+    Args:
+      policy_chosen_logps: ``[B]`` float; sum over response tokens (nats) if lengths are given,
+        else the per-token average.
+      policy_rejected_logps: ``[B]`` float, same convention.
+      beta: β > 0, reward scale.
+      gamma: target reward margin γ >= 0.
+      chosen_lengths: optional ``[B]`` response token count ``|y_w|`` (both or neither).
+      rejected_lengths: optional ``[B]`` ``|y_l|``.
+
+    Returns:
+      ``(loss, metrics)`` with rewards ``β/|y| · log π_θ(y)`` (SimPO's implicit reward).
+
+    Raises:
+      ValueError: ``beta <= 0``, only one of the lengths given, shape mismatch.
+    """
+    _check_beta("simpo_loss", beta)
+    _check_lengths("simpo_loss", chosen_lengths, rejected_lengths)
+    _check_shapes("simpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+    pc = _average(policy_chosen_logps, chosen_lengths)
+    pr = _average(policy_rejected_logps, rejected_lengths)
+    rew_c, rew_r = beta * pc, beta * pr
+    loss_b = -jax.nn.log_sigmoid(rew_c - rew_r - gamma)
+    return jnp.mean(loss_b), _metrics(loss_b, rew_c, rew_r, pc, pr)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 - exp(x))`` for ``x < 0``, stable at both ends (Mächler 2012)."""
+    return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def orpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    *,
+    lam: float | jax.Array = 0.1,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """ORPO: NLL on the chosen response plus a log-odds-ratio preference term (reference-free).
+
+    ``L = -ℓ(y_w) + λ · -log σ(log odds(y_w) - log odds(y_l))`` with ``ℓ(y) = log π_θ(y|x)/|y|``
+    (per-token average), ``P = exp(ℓ)`` and ``log odds = ℓ - log(1 - exp(ℓ))``.
+    Hong et al. 2024 ("ORPO: Monolithic Preference Optimization without Reference Model")
+    §3 (eq. 6–7); λ = 0.1 in the paper. The NLL here is the mean over pairs of each chosen response's
+    per-token average NLL (TRL takes a token-mean over the batch instead; the two agree when all
+    chosen responses have the same length). ``ℓ`` is clamped at ``-1e-6`` so that a probability
+    of exactly 1 gives a large finite log-odds.
+
+    Args:
+      policy_chosen_logps: ``[B]`` float; sum over response tokens (nats) if lengths are given,
+        else the per-token average.
+      policy_rejected_logps: ``[B]`` float, same convention.
+      lam: λ >= 0, weight of the odds-ratio term.
+      chosen_lengths: optional ``[B]`` ``|y_w|`` (both or neither).
+      rejected_lengths: optional ``[B]`` ``|y_l|``.
+
+    Returns:
+      ``(loss, metrics)``; rewards ``λ · ℓ`` (as TRL reports), plus ``orpo/nll`` and
+      ``orpo/log_odds_ratio``.
+
+    Raises:
+      ValueError: only one of the lengths given, or shape mismatch.
+    """
+    _check_lengths("orpo_loss", chosen_lengths, rejected_lengths)
+    _check_shapes("orpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+    pc = _average(policy_chosen_logps, chosen_lengths)
+    pr = _average(policy_rejected_logps, rejected_lengths)
+    lc, lr = jnp.minimum(pc, -1e-6), jnp.minimum(pr, -1e-6)
+    log_odds = (lc - _log1mexp(lc)) - (lr - _log1mexp(lr))
+    nll_b = -pc
+    loss_b = nll_b - lam * jax.nn.log_sigmoid(log_odds)
+    m = _metrics(loss_b, lam * pc, lam * pr, pc, pr)
+    m["orpo/nll"] = metric(nll_b)
+    m["orpo/log_odds_ratio"] = metric(log_odds)
+    return jnp.mean(loss_b), m
+
+
+def _check_lengths(name, chosen_lengths, rejected_lengths) -> None:
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError(f"{name}: pass both chosen_lengths and rejected_lengths, or neither")
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array | None = None,
+    ref_rejected_logps: jax.Array | None = None,
+    *,
+    beta: float | jax.Array = 0.1,
+    loss_type: LossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float | jax.Array = 0.5,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Dispatch to one member of the DPO family by ``loss_type`` (selected at trace time).
+
+    ``loss_type``:
+      * ``"sigmoid"`` — DPO (Rafailov et al. 2023 eq. 7); cDPO when ``label_smoothing > 0``.
+      * ``"robust"`` — rDPO (Chowdhury et al. 2024), flip rate ``label_smoothing``.
+      * ``"ipo"`` — IPO (Azar et al. 2023 eq. 17) on per-token average log-probs.
+      * ``"hinge"`` — SLiC hinge (Zhao et al. 2023).
+      * ``"simpo"`` — SimPO (Meng et al. 2024 eq. 6), reference-free; uses ``gamma``.
+      * ``"orpo"`` — ORPO (Hong et al. 2024), reference-free; ``beta`` is ORPO's λ (as TRL's
+        ``ORPOConfig.beta``).
+
+    A trainer can pass everything it has (sums, lengths and reference log-probs) whatever the
+    loss type: each loss uses what its paper uses. Sum-based losses (sigmoid, robust, hinge)
+    do not use the lengths; reference-free ones (simpo, orpo) do not use ``ref_*_logps``.
+    Settings that change the maths (``label_smoothing``) raise if the loss has no such knob.
+
+    Args:
+      policy_chosen_logps: ``[B]`` float ``log π_θ(y_w|x)`` in nats (sum over response tokens;
+        per-token average for ipo/simpo/orpo when no lengths are given).
+      policy_rejected_logps: ``[B]`` float ``log π_θ(y_l|x)``.
+      ref_chosen_logps: ``[B]`` float ``log π_ref(y_w|x)``; required except for simpo/orpo.
+      ref_rejected_logps: ``[B]`` float ``log π_ref(y_l|x)``; required except for simpo/orpo.
+      beta: β > 0 (λ for orpo).
+      loss_type: see above.
+      label_smoothing: ε for sigmoid (cDPO) and robust; must be 0 for the others.
+      gamma: SimPO target margin γ; not used by the others.
+      chosen_lengths: optional ``[B]`` response token counts ``|y_w|``; used by ipo, simpo, orpo.
+      rejected_lengths: optional ``[B]`` response token counts ``|y_l|``; used by ipo, simpo, orpo.
+
+    Returns:
+      ``(loss, metrics)`` of the selected loss.
+
+    Raises:
+      ValueError: unknown ``loss_type``; missing reference log-probs for a reference-based
+        loss; ``label_smoothing != 0`` for a loss without label smoothing; only one of the two
+        lengths; plus the selected loss's own checks.
+    """
+    reference_free = loss_type in ("simpo", "orpo")
+    if loss_type not in ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"):
+        raise ValueError(
+            "dpo_loss: loss_type must be one of sigmoid, robust, ipo, hinge, simpo, orpo; "
+            f"got {loss_type!r}"
+        )
+    if not reference_free and (ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError(f"dpo_loss: loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
+    _check_lengths("dpo_loss", chosen_lengths, rejected_lengths)
+    if loss_type not in ("sigmoid", "robust") and label_smoothing != 0.0:
+        raise ValueError(
+            f"dpo_loss: label_smoothing={label_smoothing} is only used by 'sigmoid' and 'robust', "
+            f"not {loss_type!r}"
+        )
+    args = (policy_chosen_logps, policy_rejected_logps)
+    refs = (ref_chosen_logps, ref_rejected_logps)
+    lengths = dict(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if loss_type == "sigmoid":
+        return dpo_sigmoid_loss(*args, *refs, beta=beta, label_smoothing=label_smoothing)
+    if loss_type == "robust":
+        return robust_dpo_loss(*args, *refs, beta=beta, label_smoothing=label_smoothing)
+    if loss_type == "ipo":
+        return ipo_loss(*args, *refs, beta=beta, **lengths)
+    if loss_type == "hinge":
+        return hinge_loss(*args, *refs, beta=beta)
+    if loss_type == "simpo":
+        return simpo_loss(*args, beta=beta, gamma=gamma, **lengths)
+    _check_beta("dpo_loss(orpo)", beta)
+    return orpo_loss(*args, lam=beta, **lengths)

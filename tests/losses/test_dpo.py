@@ -1,0 +1,190 @@
+"""dpo.py: every variant against its paper formula written in float64 NumPy."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.losses import dpo
+
+
+def _jit(f, **kw):
+    return jax.jit(functools.partial(f, **kw))
+
+
+def _logsig(x):
+    return -np.logaddexp(0.0, -np.asarray(x, np.float64))
+
+
+def _inputs(B=8, seed=0):
+    rng = np.random.default_rng(seed)
+    # Sequence log-prob sums: negative, tens of nats.
+    pc, pr, rc, rr = (-(rng.random(B) * 30 + 5).astype(np.float32) for _ in range(4))
+    lc = rng.integers(5, 40, size=B).astype(np.float32)
+    lr = rng.integers(5, 40, size=B).astype(np.float32)
+    return pc, pr, rc, rr, lc, lr
+
+
+def _f64(*xs):
+    return [np.asarray(x, np.float64) for x in xs]
+
+
+def _mean(m, k):
+    return float(m[k][0]) / float(m[k][1])
+
+
+def test_sigmoid_dpo_eq7_and_metrics():
+    pc, pr, rc, rr, _, _ = _inputs()
+    beta = 0.1
+    loss, m = _jit(dpo.dpo_sigmoid_loss, beta=beta)(pc, pr, rc, rr)
+    PC, PR, RC, RR = _f64(pc, pr, rc, rr)
+    want = np.mean(-_logsig(beta * ((PC - RC) - (PR - RR))))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(_mean(m, "dpo/loss"), want, rtol=1e-5)
+    np.testing.assert_allclose(_mean(m, "dpo/rewards/chosen"), np.mean(beta * (PC - RC)), rtol=1e-4)
+    np.testing.assert_allclose(_mean(m, "dpo/rewards/rejected"), np.mean(beta * (PR - RR)), rtol=1e-4)
+    np.testing.assert_allclose(
+        _mean(m, "dpo/rewards/margins"), np.mean(beta * (PC - RC - PR + RR)), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(_mean(m, "dpo/rewards/accuracies"), np.mean((PC - RC) > (PR - RR)))
+    np.testing.assert_allclose(_mean(m, "dpo/logps/chosen"), PC.mean(), rtol=1e-6)
+    np.testing.assert_allclose(_mean(m, "dpo/logps/rejected"), PR.mean(), rtol=1e-6)
+
+
+def test_sigmoid_dpo_gradient_closed_form_and_init_values():
+    pc, pr, rc, rr, _, _ = _inputs(B=5, seed=1)
+    beta = 0.5
+    g = jax.jit(jax.grad(lambda x: dpo.dpo_sigmoid_loss(x, pr, rc, rr, beta=beta)[0]))(jnp.asarray(pc))
+    PC, PR, RC, RR = _f64(pc, pr, rc, rr)
+    h = (PC - RC) - (PR - RR)
+    # d/dπ_c of -log σ(βh) = -β σ(-βh), divided by B for the mean.
+    np.testing.assert_allclose(g, -beta / (1 + np.exp(beta * h)) / 5, rtol=1e-4)
+    # Policy == reference: loss log 2, accuracy 0.5 (ties), margins 0.
+    loss, m = _jit(dpo.dpo_sigmoid_loss, beta=beta)(pc, pr, pc, pr)
+    np.testing.assert_allclose(loss, np.log(2), rtol=1e-6)
+    assert _mean(m, "dpo/rewards/accuracies") == 0.5
+
+
+def test_cdpo_label_smoothing():
+    pc, pr, rc, rr, _, _ = _inputs(seed=2)
+    beta, eps = 0.2, 0.1
+    loss, _ = _jit(dpo.dpo_sigmoid_loss, beta=beta, label_smoothing=eps)(pc, pr, rc, rr)
+    PC, PR, RC, RR = _f64(pc, pr, rc, rr)
+    z = beta * ((PC - RC) - (PR - RR))
+    want = np.mean(-(1 - eps) * _logsig(z) - eps * _logsig(-z))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_robust_dpo_formula_and_reduces_to_dpo():
+    pc, pr, rc, rr, _, _ = _inputs(seed=3)
+    beta, eps = 0.2, 0.2
+    loss, _ = _jit(dpo.robust_dpo_loss, beta=beta, label_smoothing=eps)(pc, pr, rc, rr)
+    PC, PR, RC, RR = _f64(pc, pr, rc, rr)
+    z = beta * ((PC - RC) - (PR - RR))
+    want = np.mean((-(1 - eps) * _logsig(z) + eps * _logsig(-z)) / (1 - 2 * eps))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    a, _ = _jit(dpo.robust_dpo_loss, beta=beta)(pc, pr, rc, rr)
+    b, _ = _jit(dpo.dpo_sigmoid_loss, beta=beta)(pc, pr, rc, rr)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo.robust_dpo_loss(pc, pr, rc, rr, label_smoothing=0.5)
+
+
+def test_ipo_eq17_on_average_logps_with_and_without_lengths():
+    pc, pr, rc, rr, lc, lr = _inputs(seed=4)
+    beta = 0.1
+    PC, PR, RC, RR, LC, LR = _f64(pc, pr, rc, rr, lc, lr)
+    h = (PC / LC - RC / LC) - (PR / LR - RR / LR)
+    want = np.mean((h - 1 / (2 * beta)) ** 2)
+    loss, _ = _jit(dpo.ipo_loss, beta=beta)(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    avg = [x / l for x, l in ((pc, lc), (pr, lr), (rc, lc), (rr, lr))]
+    loss2, _ = _jit(dpo.ipo_loss, beta=beta)(*avg)
+    np.testing.assert_allclose(loss2, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="both"):
+        dpo.ipo_loss(pc, pr, rc, rr, chosen_lengths=lc)
+
+
+def test_hinge_slic():
+    pc, pr, rc, rr, _, _ = _inputs(seed=5)
+    beta = 0.3
+    loss, _ = _jit(dpo.hinge_loss, beta=beta)(pc, pr, rc, rr)
+    PC, PR, RC, RR = _f64(pc, pr, rc, rr)
+    want = np.mean(np.maximum(0.0, 1 - beta * ((PC - RC) - (PR - RR))))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_simpo_eq6():
+    pc, pr, _, _, lc, lr = _inputs(seed=6)
+    beta, gamma = 2.0, 0.5
+    loss, m = _jit(dpo.simpo_loss, beta=beta, gamma=gamma)(
+        pc, pr, chosen_lengths=lc, rejected_lengths=lr
+    )
+    PC, PR, LC, LR = _f64(pc, pr, lc, lr)
+    want = np.mean(-_logsig(beta / LC * PC - beta / LR * PR - gamma))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(_mean(m, "dpo/rewards/chosen"), np.mean(beta * PC / LC), rtol=1e-5)
+
+
+def test_orpo_formula():
+    pc, pr, _, _, lc, lr = _inputs(seed=7)
+    lam = 0.1
+    loss, m = _jit(dpo.orpo_loss, lam=lam)(pc, pr, chosen_lengths=lc, rejected_lengths=lr)
+    PC, PR, LC, LR = _f64(pc, pr, lc, lr)
+    p_w, p_l = np.exp(PC / LC), np.exp(PR / LR)
+    log_or = np.log(p_w / (1 - p_w)) - np.log(p_l / (1 - p_l))
+    want = np.mean(-PC / LC - lam * _logsig(log_or))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(_mean(m, "orpo/log_odds_ratio"), log_or.mean(), rtol=1e-4, atol=1e-5)
+    # Near-certain responses (average log-prob ~ 0) stay finite, value and gradient.
+    tiny = jnp.array([-1e-9, -0.0]), jnp.array([-3.0, -1e-12])
+    val, g = jax.jit(jax.value_and_grad(lambda a, b: dpo.orpo_loss(a, b)[0]))(*tiny)
+    assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"])
+def test_dispatcher_routes_to_the_named_loss(loss_type):
+    pc, pr, rc, rr, lc, lr = _inputs(seed=8)
+    beta = 0.25
+    ref_free = loss_type in ("simpo", "orpo")
+    refs = () if ref_free else (rc, rr)
+    lengths = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type in ("ipo", "simpo", "orpo") else {}
+    got, _ = dpo.dpo_loss(pc, pr, *refs, beta=beta, loss_type=loss_type, **lengths)
+    direct = {
+        "sigmoid": lambda: dpo.dpo_sigmoid_loss(pc, pr, rc, rr, beta=beta),
+        "robust": lambda: dpo.robust_dpo_loss(pc, pr, rc, rr, beta=beta),
+        "ipo": lambda: dpo.ipo_loss(pc, pr, rc, rr, beta=beta, **lengths),
+        "hinge": lambda: dpo.hinge_loss(pc, pr, rc, rr, beta=beta),
+        "simpo": lambda: dpo.simpo_loss(pc, pr, beta=beta, **lengths),
+        "orpo": lambda: dpo.orpo_loss(pc, pr, lam=beta, **lengths),
+    }[loss_type]()[0]
+    np.testing.assert_allclose(got, direct, rtol=1e-6)
+
+
+def test_dispatcher_accepts_everything_a_trainer_has():
+    """Sum-based losses ignore lengths; reference-free losses ignore the reference log-probs."""
+    pc, pr, rc, rr, lc, lr = _inputs(seed=9)
+    lengths = dict(chosen_lengths=lc, rejected_lengths=lr)
+    a, _ = dpo.dpo_loss(pc, pr, rc, rr, loss_type="sigmoid", **lengths)
+    b, _ = dpo.dpo_sigmoid_loss(pc, pr, rc, rr)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    c, _ = dpo.dpo_loss(pc, pr, rc, rr, loss_type="simpo", beta=2.0, **lengths)
+    d, _ = dpo.simpo_loss(pc, pr, beta=2.0, **lengths)
+    np.testing.assert_allclose(c, d, rtol=1e-6)
+
+
+def test_dispatcher_rejects_misuse():
+    pc, pr, rc, rr, lc, lr = _inputs()
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo.dpo_loss(pc, pr, rc, rr, loss_type="kto")
+    with pytest.raises(ValueError, match="needs ref"):
+        dpo.dpo_loss(pc, pr, loss_type="sigmoid")
+    with pytest.raises(ValueError, match="both"):
+        dpo.dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=lc)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo.dpo_loss(pc, pr, rc, rr, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        dpo.dpo_loss(pc, pr, rc, rr, beta=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        dpo.dpo_sigmoid_loss(pc, pr[:3], rc, rr)
