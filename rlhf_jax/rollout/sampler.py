@@ -1,0 +1,435 @@
+"""Autoregressive sampling with a KV cache: one prefill, then one token per loop step.
+
+The sampler runs the *same* ``Model.apply`` as the training forward, with a ``KVCache``: the
+prompt is prefilled in one call, then each new token is fed at its own cache slot inside a
+``jax.lax.while_loop`` (static shapes, no Python loop over tokens, one compile per
+``(B, P, R)`` bucket). Because cached attention over slots ``<= t`` is the same computation as
+causal attention over tokens ``<= t``, rollout log-probs equal training log-probs up to float
+rounding (a test holds that to 1e-5 in float32).
+
+Layout of a sampled batch (``P`` prompt slots, ``R = max_new_tokens``)::
+
+    slot      0 .. P-1                      P .. P+R-1
+    tokens    [pad .. pad, prompt tokens]   [y_0, y_1, .., EOS, pad .. pad]
+    mask      [F   .. F,   T .. T       ]   [T,   T,   .., T,   F   .. F  ]
+    position  [0   .. 0,   0 .. n-1     ]   [n,   n+1, .., ...           ]
+
+with ``n`` the number of real prompt tokens of the row (``types.positions_from_mask`` of the
+full mask gives exactly these positions for the real tokens).
+
+Typical use::
+
+    cfg = SamplingConfig(max_new_tokens=64, temperature=0.7, top_p=0.9,
+                         eos_token_id=2, pad_token_id=0)
+    sampler = make_sampler(model, cfg)               # jitted, model and cfg static
+    out = sampler(params, prompt.tokens, prompt.attn_mask, rng)
+    out.tokens, out.attn_mask, out.positions         # [B, P+R] for the training forward
+    out.logprobs                                     # [B, R] log pi(y_r | x, y_<r) at temperature
+
+or ``jax.jit(sample, static_argnames=("model", "cfg"))`` inside a larger jitted phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from rlhf_jax.losses.logprobs import gather_logprobs
+from rlhf_jax.models.model import Model, Params
+from rlhf_jax.types import positions_from_mask
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How the sampler draws tokens and when it stops (static: part of the jit cache key).
+
+    Order of operations on the next-token logits (as in HF transformers' logits warpers):
+    divide by ``temperature``, keep the ``top_k`` largest, keep the nucleus of mass
+    ``top_p``, sample. ``greedy`` takes the argmax of the raw logits instead.
+
+    Attributes:
+      max_new_tokens: ``R``, the number of response slots (tokens generated per row at most).
+      temperature: softmax temperature ``tau > 0``; tokens are drawn from
+        ``softmax(logits / tau)`` (after top-k/top-p filtering). Also defines the distribution
+        whose log-probs are reported (``SampleOutput.logprobs``), even when ``greedy``.
+      top_k: keep only the ``k`` highest logits before sampling (Fan et al. 2018); ``0``
+        disables. Ties with the k-th logit are kept. Values ``>= V`` are a no-op.
+      top_p: nucleus sampling (Holtzman et al. 2020, Sec. 3.1): keep the smallest set of most
+        likely tokens whose probability mass reaches ``top_p`` (the most likely token is always
+        kept); ``1.0`` disables. Ties with the last kept logit are kept.
+      greedy: take ``argmax(logits)`` instead of sampling (temperature/top-k/top-p only affect
+        the reported log-probs, through ``temperature``).
+      eos_token_id: one id or a tuple of ids that end a response (e.g. ``<|im_end|>`` and
+        ``<|endoftext|>``). The first one emitted is part of the response (its mask is True);
+        every later slot gets ``pad_token_id`` and mask False.
+      pad_token_id: id written into response slots after EOS (masked out; may equal an EOS id).
+      stop_early: leave the decode loop as soon as every row has emitted EOS (a
+        ``while_loop`` with a data-dependent trip count). ``False`` always runs ``R`` steps;
+        the outputs are identical either way (per-step keys are ``fold_in(rng, step)``).
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_token_id: int | tuple[int, ...]
+    pad_token_id: int
+    stop_early: bool = True
+
+    def __post_init__(self):
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
+                or not math.isfinite(self.temperature) or self.temperature <= 0):
+            raise ValueError(
+                f"SamplingConfig.temperature must be a finite float > 0, got {self.temperature!r} "
+                "(use greedy=True for argmax decoding)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 disables), "
+                             f"got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1 disables), "
+                             f"got {self.top_p!r}")
+        if not isinstance(self.greedy, bool) or not isinstance(self.stop_early, bool):
+            raise ValueError(f"SamplingConfig.greedy and stop_early must be bools, got "
+                             f"greedy={self.greedy!r}, stop_early={self.stop_early!r}")
+        eos = self.eos_token_id
+        if _is_int(eos) and eos >= 0:
+            object.__setattr__(self, "eos_token_id", int(eos))
+        elif (isinstance(eos, (list, tuple)) and eos
+              and all(_is_int(e) and e >= 0 for e in eos)):
+            object.__setattr__(self, "eos_token_id", tuple(int(e) for e in eos))  # hashable
+        else:
+            raise ValueError(f"SamplingConfig.eos_token_id must be a non-negative int or a "
+                             f"non-empty tuple of them, got {eos!r}")
+        if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
+            raise ValueError(f"SamplingConfig.pad_token_id must be an int >= 0, "
+                             f"got {self.pad_token_id!r}")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """``eos_token_id`` as a tuple."""
+        e = self.eos_token_id
+        return (e,) if isinstance(e, int) else e
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` if an EOS or the pad id is outside ``[0, vocab_size)``."""
+        for name, ids in (("eos_token_id", self.eos_ids), ("pad_token_id", (self.pad_token_id,))):
+            bad = [i for i in ids if i >= vocab_size]
+            if bad:
+                raise ValueError(f"SamplingConfig.{name} {bad} is outside the model's vocabulary "
+                                 f"of {vocab_size} ids")
+
+
+@struct.dataclass
+class SampleOutput:
+    """Sampled responses, their masks and log-probs, plus the prompts they continue.
+
+    Attributes:
+      response: ``[B, R] int32`` sampled ids; ``pad_token_id`` after the first EOS.
+      response_mask: ``[B, R] bool`` True up to and including the first EOS (all R if none).
+      logprobs: ``[B, R] float32`` nats, ``logprobs[b, r] = log softmax(z_r / tau)[y_r]`` with
+        ``z_r`` the model's logits given ``(x, y_<r)`` and ``tau`` the config temperature:
+        the *unfiltered* tempered distribution, i.e. what the training forward computes at the
+        same temperature (as in lm-human-preferences, Ziegler et al. 2019, and TRL's PPO),
+        not the top-k/top-p truncated one that the token was actually drawn from. 0 where
+        masked.
+      ended: ``[B] bool`` the row emitted an EOS within R tokens (rows that did not are
+        truncated; PPO setups often penalise them).
+      lengths: ``[B] int32`` number of response tokens, EOS included (= ``response_mask.sum(-1)``).
+      prompt_tokens: ``[B, P] int32`` the left-padded prompts that were continued.
+      prompt_mask: ``[B, P] bool``.
+      num_steps: scalar int32, response slots the decode loop filled before stopping (``<= R``;
+        ``< R`` only when every row ended early and ``stop_early``).
+    """
+
+    response: jax.Array
+    response_mask: jax.Array
+    logprobs: jax.Array
+    ended: jax.Array
+    lengths: jax.Array
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    num_steps: jax.Array
+
+    @property
+    def tokens(self) -> jax.Array:
+        """``[B, P+R] int32`` prompt (left-padded) followed by the response."""
+        return jnp.concatenate([self.prompt_tokens, self.response], axis=-1)
+
+    @property
+    def attn_mask(self) -> jax.Array:
+        """``[B, P+R] bool`` True on real prompt tokens and on response tokens up to EOS."""
+        return jnp.concatenate([self.prompt_mask, self.response_mask], axis=-1)
+
+    @property
+    def positions(self) -> jax.Array:
+        """``[B, P+R] int32`` ``positions_from_mask(attn_mask)``: the positions the sampler used."""
+        return positions_from_mask(self.attn_mask)
+
+    @property
+    def loss_mask(self) -> jax.Array:
+        """``[B, P+R] bool`` True on response tokens (EOS included), aligned with ``tokens``."""
+        return jnp.concatenate([jnp.zeros_like(self.prompt_mask), self.response_mask], axis=-1)
+
+    @property
+    def prompt_len(self) -> int:
+        """``P`` (static)."""
+        return self.prompt_tokens.shape[-1]
+
+
+# ---- token selection ------------------------------------------------------------------------
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """Set every logit below the ``k``-th largest of its row to ``-inf`` (ties kept).
+
+    Args:
+      logits: ``[..., V]`` float.
+      k: static int; ``0`` or ``>= V`` returns ``logits`` unchanged.
+    """
+    v = logits.shape[-1]
+    if k <= 0 or k >= v:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus filter (Holtzman et al. 2020, eq. 2): keep the fewest most likely tokens whose
+    mass under ``softmax(logits)`` reaches ``p``; the rest become ``-inf``.
+
+    A token (in descending order) is kept iff the mass strictly before it is ``< p``, which is
+    HF's ``TopPLogitsWarper`` rule; the argmax is always kept and ties with the last kept logit
+    are kept. Sort-based, ``O(V log V)`` per row.
+
+    Args:
+      logits: ``[..., V]`` float (may already hold ``-inf`` from top-k).
+      p: static float in ``(0, 1]``; ``1.0`` returns ``logits`` unchanged.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < p
+    keep = keep.at[..., 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def select_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row and its log-prob under the unfiltered tempered softmax.
+
+    Args:
+      logits: ``[B, V] float32`` next-token logits.
+      key: typed PRNG key (unused when ``cfg.greedy``).
+      cfg: the sampling configuration.
+
+    Returns:
+      ``(tokens [B] int32, logprobs [B] float32)`` with
+      ``logprobs = log softmax(logits / temperature)[tokens]`` (see ``SampleOutput.logprobs``).
+    """
+    scaled = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        filtered = top_p_mask(top_k_mask(scaled, cfg.top_k), cfg.top_p)
+        tokens = jax.random.categorical(key, filtered, axis=-1)
+    tokens = tokens.astype(jnp.int32)
+    # same arithmetic as the training side (losses.logprobs.sequence_logprobs)
+    logp = gather_logprobs(logits, tokens, temperature=cfg.temperature)
+    return tokens, logp
+
+
+def is_eos(tokens: jax.Array, eos_token_id: int | tuple[int, ...]) -> jax.Array:
+    """``tokens == eos`` for one id or any of a tuple of ids (same shape, bool)."""
+    ids = (eos_token_id,) if _is_int(eos_token_id) else tuple(eos_token_id)
+    out = jnp.zeros(tokens.shape, bool)
+    for i in ids:
+        out = out | (tokens == int(i))
+    return out
+
+
+# ---- the sampler ----------------------------------------------------------------------------
+
+def _check_inputs(model: Model, prompt_tokens, prompt_mask, rng, cfg: SamplingConfig) -> None:
+    if not isinstance(cfg, SamplingConfig):
+        raise TypeError(f"cfg must be a SamplingConfig, got {type(cfg).__name__}")
+    if model.kind == "scalar":
+        raise ValueError("sample() needs a model with an LM head (kind 'lm' or 'lm_value'), "
+                         "got kind 'scalar'")
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(f"prompt_tokens must be [B, P] and prompt_mask the same shape; got "
+                         f"{prompt_tokens.shape} and {prompt_mask.shape}")
+    if prompt_tokens.shape[1] < 1:
+        raise ValueError("prompt_tokens has P = 0 columns; every row needs at least one token")
+    if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+        raise ValueError(f"prompt_tokens must be integer ids, got dtype {prompt_tokens.dtype}")
+    if not jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+        raise TypeError(f"rng must be a typed key (jax.random.key), got dtype "
+                        f"{jnp.asarray(rng).dtype}")
+    cfg.check_vocab(model.cfg.vocab_size)
+
+
+def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+           rng: jax.Array, cfg: SamplingConfig) -> SampleOutput:
+    """Continue left-padded prompts by up to ``R = cfg.max_new_tokens`` tokens each.
+
+    ``y_r ~ filter(softmax(f(x, y_<r) / tau))`` for ``r = 0 .. R-1``, stopping a row after its
+    first EOS. Pure: call under ``jax.jit`` with ``model`` and ``cfg`` static
+    (``jax.jit(sample, static_argnames=("model", "cfg"))``, or ``make_sampler``); compiles once
+    per ``(B, P, R)``.
+
+    Algorithm: one ``model.apply`` prefills the prompt into a cache of ``P + R - 1`` slots
+    (slot ``P + r`` holds response token ``r``; the last token is never fed back) and gives
+    the logits of ``y_0``; a ``lax.while_loop`` then feeds ``y_{r-1}`` at ``cache_index =
+    P + r - 1`` with position ``n + r - 1`` (``n`` = real prompt tokens of the row, i.e.
+    ``positions_from_mask`` of the full sequence) and draws ``y_r``. Step ``r`` uses the key
+    ``fold_in(rng, r)``. Response slots after a row's EOS are fed as padding (masked in the
+    cache) and hold ``pad_token_id``.
+
+    Args:
+      model: an ``lm`` or ``lm_value`` ``Model`` (static).
+      params: its parameters.
+      prompt_tokens: ``[B, P] int32`` prompts, LEFT-padded (``PromptBatch.tokens``).
+      prompt_mask: ``[B, P] bool`` True on real tokens; each row must have at least one real
+        token and its last column must be real (left padding). Not checked under jit: see
+        ``check_prompt_mask``.
+      rng: typed PRNG key (``jax.random.key``).
+      cfg: ``SamplingConfig`` (static).
+
+    Returns:
+      ``SampleOutput`` (``response``, ``response_mask``, ``logprobs``, ``ended``, ``lengths``
+      all ``[B, R]`` / ``[B]``; ``tokens`` / ``attn_mask`` / ``positions`` ``[B, P+R]``).
+
+    Raises:
+      ValueError: bad shapes, a scalar model, EOS/pad ids outside the vocabulary, or a cache
+        longer than GPT-2's ``max_positions``.
+      TypeError: ``rng`` is a raw ``uint32`` key, or ``cfg`` is not a ``SamplingConfig``.
+    """
+    prompt_tokens = jnp.asarray(prompt_tokens)
+    prompt_mask = jnp.asarray(prompt_mask)
+    _check_inputs(model, prompt_tokens, prompt_mask, rng, cfg)
+    prompt_tokens = prompt_tokens.astype(jnp.int32)
+    prompt_mask = prompt_mask.astype(bool)
+    b, p = prompt_tokens.shape
+    r_max = cfg.max_new_tokens
+
+    # Prefill: slots 0..P-1. Only the last column's logits are needed (left padding).
+    cache = model.init_cache(b, p + r_max - 1)
+    prompt_pos = positions_from_mask(prompt_mask)
+    out = model.apply(params, prompt_tokens, prompt_pos, prompt_mask, cache=cache, cache_index=0,
+                      compute_logits=False)
+    logits0 = model.logits(params, out.hidden[:, -1])  # [B, V]
+    n_prompt = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)  # [B]
+
+    def pick(step, logits, done):
+        tok, logp = select_tokens(logits, jax.random.fold_in(rng, step), cfg)
+        active = ~done
+        tok = jnp.where(active, tok, cfg.pad_token_id)
+        logp = jnp.where(active, logp, 0.0)
+        return tok, logp, active, done | (active & is_eos(tok, cfg.eos_token_id))
+
+    response = jnp.full((b, r_max), cfg.pad_token_id, jnp.int32)
+    response_mask = jnp.zeros((b, r_max), bool)
+    logprobs = jnp.zeros((b, r_max), jnp.float32)
+    tok0, lp0, m0, done0 = pick(0, logits0, jnp.zeros((b,), bool))
+    response = response.at[:, 0].set(tok0)
+    response_mask = response_mask.at[:, 0].set(m0)
+    logprobs = logprobs.at[:, 0].set(lp0)
+
+    def cond(carry):
+        step, _, _, _, _, done = carry
+        keep_going = step < r_max
+        if cfg.stop_early:
+            keep_going = keep_going & ~jnp.all(done)
+        return keep_going
+
+    def body(carry):
+        step, cache, response, response_mask, logprobs, done = carry
+        prev = step - 1
+        prev_tok = jax.lax.dynamic_slice_in_dim(response, prev, 1, axis=1)       # [B, 1]
+        prev_mask = jax.lax.dynamic_slice_in_dim(response_mask, prev, 1, axis=1)  # [B, 1]
+        pos = (n_prompt + prev)[:, None]
+        out = model.apply(params, prev_tok, pos, prev_mask, cache=cache, cache_index=p + prev,
+                          compute_logits=False)
+        logits = model.logits(params, out.hidden[:, 0])
+        tok, logp, active, done = pick(step, logits, done)
+        response = jax.lax.dynamic_update_slice_in_dim(response, tok[:, None], step, axis=1)
+        response_mask = jax.lax.dynamic_update_slice_in_dim(response_mask, active[:, None], step,
+                                                            axis=1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logp[:, None], step, axis=1)
+        return step + 1, out.cache, response, response_mask, logprobs, done
+
+    carry = (jnp.int32(1), out.cache, response, response_mask, logprobs, done0)
+    steps, _, response, response_mask, logprobs, done = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(response=response, response_mask=response_mask, logprobs=logprobs,
+                        ended=done, lengths=jnp.sum(response_mask, axis=-1, dtype=jnp.int32),
+                        prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, num_steps=steps)
+
+
+def check_prompt_mask(prompt_mask) -> None:
+    """Host-side check that a ``[B, P]`` prompt mask is left-padded with >= 1 real token per row.
+
+    Raises:
+      ValueError: naming the first offending row (all padding, or padding after a real token).
+    """
+    m = np.asarray(prompt_mask).astype(bool)
+    if m.ndim != 2:
+        raise ValueError(f"prompt_mask must be [B, P], got shape {m.shape}")
+    empty = np.flatnonzero(~m.any(-1))
+    if empty.size:
+        raise ValueError(f"prompt row {int(empty[0])} has no real token (every row needs >= 1, "
+                         "e.g. a BOS)")
+    # left-padded <=> once True, stays True
+    bad = np.flatnonzero((np.diff(m.astype(np.int8), axis=-1) < 0).any(-1))
+    if bad.size:
+        raise ValueError(f"prompt row {int(bad[0])} is not left-padded: it has padding after a "
+                         "real token (the sampler continues from the last column)")
+
+
+def make_sampler(model: Model, cfg: SamplingConfig, *, validate: bool = True
+                 ) -> Callable[[Params, jax.Array, jax.Array, jax.Array], SampleOutput]:
+    """``sample`` jitted with ``model`` and ``cfg`` bound (one compile per ``(B, P)`` shape).
+
+    Args:
+      model: an ``lm`` / ``lm_value`` ``Model``.
+      cfg: the ``SamplingConfig``.
+      validate: run ``check_prompt_mask`` on the host before each call when the mask is a
+        concrete, fully addressable array (a small device-to-host copy).
+
+    Returns:
+      ``fn(params, prompt_tokens [B,P], prompt_mask [B,P], rng) -> SampleOutput``.
+
+    Raises:
+      ValueError / TypeError: as ``SamplingConfig``, ``sample`` and ``check_prompt_mask``.
+    """
+    if not isinstance(cfg, SamplingConfig):
+        raise TypeError(f"cfg must be a SamplingConfig, got {type(cfg).__name__}")
+    cfg.check_vocab(model.cfg.vocab_size)
+
+    @jax.jit
+    def jitted(params, prompt_tokens, prompt_mask, rng):
+        return sample(model, params, prompt_tokens, prompt_mask, rng, cfg)
+
+    def sampler(params, prompt_tokens, prompt_mask, rng):
+        if validate and not isinstance(prompt_mask, jax.core.Tracer) and getattr(
+                prompt_mask, "is_fully_addressable", True):
+            check_prompt_mask(prompt_mask)
+        return jitted(params, prompt_tokens, prompt_mask, rng)
+
+    sampler.jitted = jitted  # exposed for trace/lowering inspection
+    return sampler
