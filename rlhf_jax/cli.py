@@ -1,8 +1,12 @@
 """Command line: ``rlhf-jax <command> [--field value ...]`` (tyro over frozen dataclasses).
 
 Commands:
-  chat    Fetch SmolLM2-135M-Instruct (or load ``--model-dir``), apply its chat template to a
-          prompt and sample an answer with the jitted KV-cache sampler.
+  pipeline  SFT -> RM -> PPO, and DPO from the same SFT model, judged evaluation and report
+            (``rlhf_jax.pipeline``), from a preset (``rlhf_jax.presets``) with any field
+            overridden: ``rlhf-jax pipeline --preset tiny --ppo.iterations 5``.
+  sft, rm, ppo, dpo, eval  one stage of the same configuration.
+  chat      Fetch SmolLM2-135M-Instruct (or load ``--model-dir``), apply its chat template to
+            a prompt and sample an answer with the jitted KV-cache sampler.
 """
 
 from __future__ import annotations
@@ -69,11 +73,60 @@ def chat(args: ChatArgs) -> str:
     return text
 
 
+USAGE = """usage: rlhf-jax COMMAND [--preset NAME] [--FIELD VALUE ...]
+
+commands:
+  pipeline   SFT -> reward model -> PPO, DPO from the same SFT model, judged eval, report
+  sft | rm | ppo | dpo | eval   one stage (reads earlier stages' outputs from --out-dir)
+  chat       sample an answer from a chat model (default SmolLM2-135M-Instruct)
+
+presets: {presets} (default smollm2-sentiment); `rlhf-jax pipeline --help` lists every field.
+"""
+
+
+def parse_pipeline_args(command: str, argv: list[str]):
+    """``PipelineConfig`` for ``command`` from ``--preset`` and field overrides (tyro)."""
+    from rlhf_jax.pipeline import STAGES, PipelineConfig
+    from rlhf_jax.presets import get_preset, with_stages
+
+    preset = "smollm2-sentiment"
+    rest = list(argv)
+    if "--preset" in rest:
+        i = rest.index("--preset")
+        if i + 1 >= len(rest):
+            raise SystemExit("--preset needs a name")
+        preset = rest[i + 1]
+        del rest[i:i + 2]
+    try:
+        default = get_preset(preset)
+    except KeyError as e:
+        raise SystemExit(str(e)) from None
+    if command != "pipeline":
+        default = with_stages(default, command)
+    elif default.stages != STAGES:
+        default = with_stages(default, *STAGES)
+    return tyro.cli(PipelineConfig, default=default, args=rest,
+                    prog=f"rlhf-jax {command}", description=f"preset {preset}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``rlhf-jax``."""
-    cmd = tyro.extras.subcommand_cli_from_dict({"chat": ChatArgs}, args=argv)
-    if isinstance(cmd, ChatArgs):
-        chat(cmd)
+    import sys
+
+    from rlhf_jax.presets import PRESETS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.format(presets=", ".join(PRESETS)))
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "chat":
+        chat(tyro.cli(ChatArgs, args=rest, prog="rlhf-jax chat"))
+    elif command in ("pipeline", "sft", "rm", "ppo", "dpo", "eval"):
+        from rlhf_jax.pipeline import run_pipeline
+        run_pipeline(parse_pipeline_args(command, rest))
+    else:
+        raise SystemExit(f"unknown command {command!r}\n\n" + USAGE.format(presets=", ".join(PRESETS)))
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def run_loop(*, stage: str, step_fn: Callable, state: Any, batches: Iterator,
             bar.close()
         emit(deferred.flush())
         if not preempted:
-            if start < cfg.total_steps or ckpt.latest_step() is None:
+            if ckpt.latest_step() != done:
                 save(done)
             evaluate(done)
         step = done

@@ -1,0 +1,163 @@
+"""Named pipeline presets (``rlhf-jax pipeline --preset NAME``); every field stays overridable.
+
+* ``smollm2-sentiment`` - the main job: SmolLM2-135M-Instruct (fetched through the package
+  index) on the built-in human sentiment ratings; sized to finish in about 30 minutes on a
+  2-core CPU by training only the top blocks and giving the reward model a truncated trunk.
+* ``tiny`` - a random tiny Llama with SmolLM2's tokenizer on the same data: the whole pipeline
+  in minutes (CI).
+* ``gpt2-sentiment`` - GPT-2 with the PPO settings of Ziegler et al. 2019 (lm-human-preferences,
+  sentiment task), for users with a network who downloaded ``gpt2`` to ``--policy.path``.
+* ``tldr`` - TL;DR summarisation (Stiennon et al. 2020) on HF data sets, for users with a network.
+
+See ``experiments/`` for what each reproduces and the results to expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rlhf_jax.config import ModelConfig
+from rlhf_jax.control import KLController
+from rlhf_jax.pipeline import (DataConfig, DPOStageConfig, EvalConfig, PipelineConfig, PolicyConfig,
+                               PPOStageConfig, RMStageConfig, SFTStageConfig)
+from rlhf_jax.rollout.sampler import SamplingConfig
+from rlhf_jax.train.dpo import DPOConfig
+from rlhf_jax.train.ppo import PPOConfig
+from rlhf_jax.train.reward import RewardConfig
+from rlhf_jax.train.state import OptimizerConfig
+
+
+def _sampling(max_new_tokens: int, temperature: float = 1.0) -> SamplingConfig:
+    # EOS / pad ids are replaced by the tokenizer's at run time.
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=2,
+                          pad_token_id=2)
+
+
+def smollm2_sentiment() -> PipelineConfig:
+    """The main job (README's ``make demo``)."""
+    return PipelineConfig(
+        name="smollm2-sentiment",
+        out_dir=Path("runs/smollm2-sentiment"),
+        policy=PolicyConfig(source="smollm2", frozen_layers=26, reward_layers=12,
+                            reward_frozen_layers=8),
+        data=DataConfig(domains=("movie_reviews",), margin=1.5, min_words=6, max_words=20,
+                        opening_words=3, buckets=(64,), prompt_buckets=(32,)),
+        sft=SFTStageConfig(steps=30, batch_size=8,
+                           optimizer=OptimizerConfig(lr=1e-4, warmup_steps=3, schedule="cosine",
+                                                     total_steps=30)),
+        rm=RMStageConfig(steps=60, batch_size=16, step=RewardConfig(loss="pairwise"),
+                         optimizer=OptimizerConfig(lr=2e-4, warmup_steps=5, schedule="cosine",
+                                                   total_steps=60),
+                         eval_pairs=256, normalize_prompts=32),
+        ppo=PPOStageConfig(iterations=30, batch_size=8,
+                           optimizer=OptimizerConfig(lr=3e-5, max_grad_norm=1.0),
+                           ppo=PPOConfig(sampling=_sampling(20), num_ppo_epochs=2,
+                                         num_minibatches=1, vf_coef=0.1,
+                                         kl=KLController(kind="fixed", init_kl_coef=0.05))),
+        dpo=DPOStageConfig(steps=40, batch_size=8, dpo=DPOConfig(beta=0.1),
+                           optimizer=OptimizerConfig(lr=3e-5, warmup_steps=3, total_steps=40)),
+        eval=EvalConfig(num_prompts=64, batch_size=32, max_new_tokens=20, temperature=0.7),
+        checkpoint_every=20,
+    )
+
+
+def tiny() -> PipelineConfig:
+    """Random tiny Llama, same data and code path, a few steps per stage."""
+    model = ModelConfig(vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        mlp_dim=128, max_positions=256, tie_embeddings=True)
+    return PipelineConfig(
+        name="tiny",
+        out_dir=Path("runs/tiny"),
+        policy=PolicyConfig(source="random", random_model=model, reward_layers=1),
+        data=DataConfig(domains=("movie_reviews",), min_words=6, max_words=16, buckets=(64,),
+                        prompt_buckets=(32,)),
+        sft=SFTStageConfig(steps=4, batch_size=4,
+                           optimizer=OptimizerConfig(lr=1e-3, total_steps=4)),
+        rm=RMStageConfig(steps=4, batch_size=4, eval_pairs=16, normalize_prompts=8,
+                         optimizer=OptimizerConfig(lr=1e-3, total_steps=4)),
+        ppo=PPOStageConfig(iterations=2, batch_size=4,
+                           ppo=PPOConfig(sampling=_sampling(8), num_ppo_epochs=1,
+                                         kl=KLController(kind="adaptive", init_kl_coef=0.1,
+                                                         target=6.0, horizon=1000))),
+        dpo=DPOStageConfig(steps=3, batch_size=4, optimizer=OptimizerConfig(lr=1e-3, total_steps=3)),
+        eval=EvalConfig(num_prompts=8, batch_size=8, max_new_tokens=8, samples_in_report=2),
+        checkpoint_every=2,
+        tensorboard=False,
+    )
+
+
+def gpt2_sentiment() -> PipelineConfig:
+    """GPT-2 (124M) with lm-human-preferences' sentiment PPO settings (Ziegler et al. 2019
+    Table/Appendix: response length 24, temperature 0.7, adaptive KL with target 6 nats and
+    horizon 10000, gamma 1, lambda 0.95, clip 0.2, vf_coef 0.1, 4 PPO epochs, lr 1.41e-5)."""
+    return PipelineConfig(
+        name="gpt2-sentiment",
+        out_dir=Path("runs/gpt2-sentiment"),
+        policy=PolicyConfig(source="hf", path=Path("checkpoints/gpt2")),
+        data=DataConfig(domains=("movie_reviews",), margin=1.0, buckets=(64, 96),
+                        prompt_buckets=(32, 64)),
+        sft=SFTStageConfig(steps=1000, batch_size=32,
+                           optimizer=OptimizerConfig(lr=5e-5, warmup_steps=50, schedule="cosine",
+                                                     total_steps=1000)),
+        rm=RMStageConfig(steps=1000, batch_size=32,
+                         optimizer=OptimizerConfig(lr=5e-5, warmup_steps=50, schedule="cosine",
+                                                   total_steps=1000), eval_pairs=2048),
+        ppo=PPOStageConfig(iterations=500, batch_size=64,
+                           optimizer=OptimizerConfig(lr=1.41e-5),
+                           ppo=PPOConfig(sampling=_sampling(24, temperature=0.7), num_ppo_epochs=4,
+                                         num_minibatches=4, vf_coef=0.1,
+                                         kl=KLController(kind="adaptive", init_kl_coef=0.15,
+                                                         target=6.0, horizon=10000))),
+        dpo=DPOStageConfig(steps=1000, batch_size=32, dpo=DPOConfig(beta=0.1),
+                           optimizer=OptimizerConfig(lr=5e-7, warmup_steps=50, total_steps=1000)),
+        eval=EvalConfig(num_prompts=512, batch_size=64, max_new_tokens=24),
+    )
+
+
+def tldr() -> PipelineConfig:
+    """TL;DR summarisation (Stiennon et al. 2020) from HF data sets (needs a network)."""
+    return PipelineConfig(
+        name="tldr",
+        out_dir=Path("runs/tldr"),
+        policy=PolicyConfig(source="hf", path=Path("checkpoints/Qwen2-0.5B")),
+        data=DataConfig(kind="files", sft="hf:trl-lib/tldr:train",
+                        preferences="hf:trl-lib/tldr-preference:train",
+                        eval_preferences="hf:trl-lib/tldr-preference:validation",
+                        prompts="hf:trl-lib/tldr:train", eval_prompts="hf:trl-lib/tldr:validation",
+                        buckets=(512, 640), prompt_buckets=(512,)),
+        sft=SFTStageConfig(steps=2000, batch_size=64,
+                           optimizer=OptimizerConfig(lr=1e-5, warmup_steps=100, schedule="cosine",
+                                                     total_steps=2000)),
+        rm=RMStageConfig(steps=2000, batch_size=64, normalize_prompts=512,
+                         optimizer=OptimizerConfig(lr=3e-6, warmup_steps=100, schedule="cosine",
+                                                   total_steps=2000)),
+        ppo=PPOStageConfig(iterations=1000, batch_size=64,
+                           optimizer=OptimizerConfig(lr=3e-6),
+                           ppo=PPOConfig(sampling=_sampling(53, temperature=0.7), num_ppo_epochs=4,
+                                         num_minibatches=2, missing_eos_penalty=1.0,
+                                         kl=KLController(kind="fixed", init_kl_coef=0.05))),
+        dpo=DPOStageConfig(steps=2000, batch_size=64, dpo=DPOConfig(beta=0.1),
+                           optimizer=OptimizerConfig(lr=5e-7, warmup_steps=100, total_steps=2000)),
+        eval=EvalConfig(num_prompts=256, batch_size=64, max_new_tokens=53),
+    )
+
+
+PRESETS = {"smollm2-sentiment": smollm2_sentiment, "tiny": tiny, "gpt2-sentiment": gpt2_sentiment,
+           "tldr": tldr}
+
+
+def get_preset(name: str) -> PipelineConfig:
+    """The preset called ``name``.
+
+    Raises:
+      KeyError: unknown name (lists the known ones).
+    """
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def with_stages(cfg: PipelineConfig, *stages: str) -> PipelineConfig:
+    """``cfg`` restricted to ``stages``."""
+    return dataclasses.replace(cfg, stages=tuple(stages))
