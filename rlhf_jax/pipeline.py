@@ -487,6 +487,15 @@ def _truncate_trunk(params: Params, n_layers: int) -> Params:
     return {**params, "trunk": trunk}
 
 
+def _preference_data(run: Run, batch_size: int, seed_offset: int, num_candidates: int | None):
+    """``(batch config, training comparisons, held-out comparisons)``."""
+    bcfg = run.batch_config(batch_size, seed_offset=seed_offset, num_candidates=num_candidates)
+    data = load_preferences(_source(run, "preferences"), run.tokenizer, bcfg, name="preferences")
+    eval_data = load_preferences(_source(run, "eval_preferences"), run.tokenizer, bcfg,
+                                 name="eval_preferences")
+    return bcfg, data, eval_data
+
+
 def run_rm(run: Run) -> None:
     """Stage 2: reward model on the SFT trunk (optionally truncated), trained on comparisons,
     evaluated on held-out comparisons, normalised on SFT samples."""
@@ -496,11 +505,8 @@ def run_rm(run: Run) -> None:
     rm_cfg = dataclasses.replace(sft_model.cfg, n_layers=n_layers, frozen_layers=p.reward_frozen_layers)
     rm = Model(rm_cfg, kind="scalar")
     params = with_head(_truncate_trunk(sft_params, n_layers), rm, jax.random.key(run.cfg.seed + 2))
-    n = 2 if c.step.loss == "pairwise" else None
-    bcfg = run.batch_config(c.batch_size, seed_offset=2, num_candidates=n)
-    data = load_preferences(_source(run, "preferences"), run.tokenizer, bcfg, name="preferences")
-    eval_data = load_preferences(_source(run, "eval_preferences"), run.tokenizer, bcfg,
-                                 name="eval_preferences")
+    bcfg, data, eval_data = _preference_data(run, c.batch_size, 2,
+                                             2 if c.step.loss == "pairwise" else None)
     tx, state, _ = _train_state(run, rm, params, c.optimizer, c.steps, 2)
     evaluate = make_reward_eval(rm, c.step)
 
@@ -577,6 +583,10 @@ def run_ppo(run: Run) -> None:
                                      pad_token_id=run.tokenizer.pad_token_id))
     tx, policy_state, _ = _train_state(run, policy, params, c.optimizer, c.iterations, 3)
     state = init_ppo_state(policy_state, ppo_cfg.kl, jax.random.key(run.cfg.seed + 30))
+    # Commit the controller scalars and the key replicated on the mesh, as the jitted
+    # iteration returns them; uncommitted inputs would make iteration 2 compile again.
+    state = state.replace(kl=jax.device_put(state.kl, sharding.replicated(run.mesh)),
+                          rng=jax.device_put(state.rng, sharding.replicated(run.mesh)))
     iteration = make_ppo_iteration(policy_model=policy, reward_model=rm, policy_tx=tx, cfg=ppo_cfg)
 
     def step(state, batch: PromptBatch, ref, reward):
@@ -595,10 +605,7 @@ def run_dpo(run: Run) -> None:
     sft_model, sft_params, _ = load_final(run.stage_dir("sft") / "final")
     model = Model(dataclasses.replace(sft_model.cfg, frozen_layers=run.cfg.policy.frozen_layers))
     ref_params = jax.tree.map(jnp.copy, sft_params)
-    bcfg = run.batch_config(c.batch_size, seed_offset=4, num_candidates=2)
-    data = load_preferences(_source(run, "preferences"), run.tokenizer, bcfg, name="preferences")
-    eval_data = load_preferences(_source(run, "eval_preferences"), run.tokenizer, bcfg,
-                                 name="eval_preferences")
+    bcfg, data, eval_data = _preference_data(run, c.batch_size, 4, 2)
     tx, state, _ = _train_state(run, model, sft_params, c.optimizer, c.steps, 4)
     evaluate = make_dpo_eval(model, c.dpo)
 

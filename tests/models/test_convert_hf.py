@@ -24,16 +24,6 @@ TOL = 1e-4
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """torch's intra-op threads spin-wait; on a small shared CPU box (2 cores, JAX running
-    too) one thread is ~10x faster for these tiny reference forwards."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _randomize(model, seed: int):
     """Every weight ~ N(0, 0.2) (norm scales 1 + N(0, 0.2)) so biases, norms and all paths
     matter and logits are O(1)."""

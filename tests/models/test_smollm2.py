@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ._bpe import bytes_to_unicode
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -26,16 +28,6 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["What is the capital of France?",
            "Write one sentence about the sea. Use the word 'blue' twice."]
 NEW_TOKENS = 20
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """torch's intra-op threads spin-wait; on a small shared CPU box (2 cores, JAX running
-    too) one thread is ~10x faster for these tiny reference forwards."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
@@ -169,18 +161,6 @@ def test_greedy_sampler_matches_generate(ours, prompts, hf_greedy, tokenizer):
 
 
 # ---- tokenizer ------------------------------------------------------------------------
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _reference_encode(text, vocab, ranks, specials):
     """Independent byte-level BPE as llama.cpp runs it for ``tokenizer.ggml.pre == "smollm"``
     (llama-vocab.cpp): split out special tokens, then the regex ``\\p{N}`` (each digit alone),
@@ -189,7 +169,7 @@ def _reference_encode(text, vocab, ranks, specials):
 
     gpt2 = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"
                          r"|\s+(?!\S)|\s+")
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     ids = []
     for part in regex.split("(" + "|".join(map(regex.escape, specials)) + ")", text):
         if part in specials:
