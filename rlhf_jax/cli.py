@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         chat(tyro.cli(ChatArgs, args=rest, prog="rlhf-jax chat"))
     elif command in ("pipeline", "sft", "rm", "ppo", "dpo", "eval"):
         from rlhf_jax.pipeline import run_pipeline
-        run_pipeline(parse_pipeline_args(command, rest))
+        from rlhf_jax.sharding import initialize_distributed
+        cfg = parse_pipeline_args(command, rest)  # pure Python: no JAX backend touched yet
+        initialize_distributed()  # multi-host (env / TPU / SLURM) before any JAX call; else no-op
+        run_pipeline(cfg)
     else:
         raise SystemExit(f"unknown command {command!r}\n\n" + USAGE.format(presets=", ".join(PRESETS)))
 

@@ -88,15 +88,18 @@ def tiny() -> PipelineConfig:
 
 
 def gpt2_sentiment() -> PipelineConfig:
-    """GPT-2 (124M) with lm-human-preferences' sentiment PPO settings (Ziegler et al. 2019
-    Table/Appendix: response length 24, temperature 0.7, adaptive KL with target 6 nats and
-    horizon 10000, gamma 1, lambda 0.95, clip 0.2, vf_coef 0.1, 4 PPO epochs, lr 1.41e-5)."""
+    """GPT-2 (124M) on the sentiment task with the PPO settings of Ziegler et al. 2019
+    (lm-human-preferences: response length 24, temperature 0.7, adaptive KL with target 6 nats
+    and horizon 10000, gamma 1, lambda 0.95, clip 0.2, vf_coef 0.1, 4 PPO epochs) at a smaller
+    batch; lr 1.41e-5 is TRL's GPT-2 sentiment example (lm-human-preferences uses 1e-5 decayed
+    linearly, batch 512). GPT-2 has no chat template, so records are plain text
+    (``system_prompt=None``). See experiments/gpt2_sentiment.md."""
     return PipelineConfig(
         name="gpt2-sentiment",
         out_dir=Path("runs/gpt2-sentiment"),
         policy=PolicyConfig(source="hf", path=Path("checkpoints/gpt2")),
         data=DataConfig(domains=("movie_reviews",), margin=1.0, buckets=(64, 96),
-                        prompt_buckets=(32, 64)),
+                        prompt_buckets=(32, 64), system_prompt=None),
         sft=SFTStageConfig(steps=1000, batch_size=32,
                            optimizer=OptimizerConfig(lr=5e-5, warmup_steps=50, schedule="cosine",
                                                      total_steps=1000)),

@@ -137,7 +137,8 @@ def run_loop(*, stage: str, step_fn: Callable, state: Any, batches: Iterator,
     preempted = False
     step = start
     try:
-        with PreemptionGuard() as guard:
+        # Several hosts must stop at the same step, or the next collective hangs.
+        with PreemptionGuard(multihost=jax.process_count() > 1) as guard:
             bar = progress(range(start, cfg.total_steps), desc=stage, unit="step",
                            total=cfg.total_steps, initial=start)
             for step in bar:

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Start the same `rlhf-jax` command on every worker of the slice, in the background.
+# shellcheck source-path=SCRIPTDIR
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<EOF
+usage: tpu_scripts/launch.sh [--preset NAME] [--command CMD] [--fsdp N] [--tensor M]
+                             [--data D] [-h] [-- OVERRIDES...]
+
+Run, on every worker of \$TPU_NAME at once and detached from the ssh session (nohup):
+
+  cd ~/\$REMOTE_DIR && .venv/bin/rlhf-jax CMD --preset NAME --name \$RUN_NAME \\
+      --out-dir \$OUT_DIR [--mesh.fsdp N] [--mesh.tensor M] [--mesh.data D] OVERRIDES...
+
+with stdout and stderr in ~/rlhf_runs/\$RUN_NAME.log and the process id in
+~/rlhf_runs/\$RUN_NAME.pid on each worker (stop.sh and logs.sh read them).
+
+Multi-host: every process calls rlhf_jax.sharding.initialize_distributed() before its first
+JAX computation (rlhf_jax.cli does it for the pipeline and stage commands). On a Cloud TPU
+VM slice this script exports RLHF_JAX_NUM_PROCESSES=<number of workers>, and JAX
+auto-detects the coordinator (worker 0) and each worker's process id from the TPU metadata.
+The mesh (data x fsdp x tensor) spans all chips of all workers; data=-1 (the default)
+takes what fsdp x tensor leave. Batch sizes must divide by data x fsdp.
+
+options:
+  --preset NAME   rlhf_jax preset (default: smollm2-sentiment; see experiments/README.md)
+  --command CMD   pipeline (default), or one stage: sft, rm, ppo, dpo, eval
+  --fsdp N        --mesh.fsdp N   (shard parameters and optimizer state over N devices)
+  --tensor M      --mesh.tensor M (tensor parallelism; must divide heads, kv heads, MLP)
+  --data D        --mesh.data D   (default -1: all remaining devices)
+  -h, --help      this text (runs nothing)
+  -- ...          any further pipeline overrides, passed unchanged, e.g.
+                  -- --ppo.iterations 200 --policy.dtype bfloat16
+
+environment: TPU_NAME ZONE PROJECT REMOTE_DIR RUN_NAME (default rlhf-run)
+  OUT_DIR       output directory on the workers (default ~/rlhf_runs/\$RUN_NAME/out on each
+                worker's local disk). Multi-host slices need a directory that every worker
+                sees at the same path (a Cloud Storage bucket mounted with gcsfuse, a
+                Filestore/NFS share): orbax checkpoints are written by all hosts together.
+                Local disks also vanish with a preempted or deleted TPU VM.
+  ALLOW_LOCAL_OUT=1  launch on several workers without OUT_DIR anyway
+  NUM_WORKERS   number of hosts (default: asked from gcloud)
+  LAUNCH_ENV    extra "NAME=value ..." exported before the command on every worker
+                (e.g. LAUNCH_ENV="XLA_FLAGS=--xla_dump_to=/tmp/xla"); never put secrets here
+  DRY_RUN=1     print the gcloud commands instead of running them
+
+Re-launching with the same RUN_NAME and OUT_DIR resumes: finished stages are skipped and the
+current stage continues from its last checkpoint (the pipeline's --resume is on by default).
+EOF
+}
+
+preset="smollm2-sentiment" command="pipeline"
+mesh=()
+overrides=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --preset) [[ $# -ge 2 ]] || die "--preset needs a name"; preset="$2"; shift ;;
+    --command) [[ $# -ge 2 ]] || die "--command needs a value"; command="$2"; shift ;;
+    --fsdp) [[ $# -ge 2 ]] || die "--fsdp needs a number"; mesh+=(--mesh.fsdp "$2"); shift ;;
+    --tensor) [[ $# -ge 2 ]] || die "--tensor needs a number"; mesh+=(--mesh.tensor "$2"); shift ;;
+    --data) [[ $# -ge 2 ]] || die "--data needs a number"; mesh+=(--mesh.data "$2"); shift ;;
+    --) shift; overrides=("$@"); break ;;
+    *) usage >&2; die "unknown argument '$1' (pipeline overrides go after --)" ;;
+  esac
+  shift
+done
+case "$command" in
+  pipeline|sft|rm|ppo|dpo|eval) ;;
+  *) die "--command must be pipeline, sft, rm, ppo, dpo or eval, got '$command'" ;;
+esac
+
+resolve_config
+workers="$(num_workers)"
+if [[ "$workers" -gt 1 && -z "$OUT_DIR" && "${ALLOW_LOCAL_OUT:-0}" != 1 ]]; then
+  die "the slice has $workers workers: set OUT_DIR to a directory every worker shares \
+(gcsfuse bucket mount, NFS), or ALLOW_LOCAL_OUT=1 to use local disks anyway (see README)"
+fi
+
+runs="$REMOTE_RUNS_DIR"
+log_file="$runs/$RUN_NAME.log" pid_file="$runs/$RUN_NAME.pid" out_file="$runs/$RUN_NAME.outdir"
+if [[ -n "$OUT_DIR" ]]; then
+  out_expr="$(printf '%q' "$OUT_DIR")"
+else
+  out_expr="\$HOME/$runs/$RUN_NAME/out"
+fi
+
+env_exports=""
+if [[ "$workers" -gt 1 ]]; then
+  env_exports+="export RLHF_JAX_NUM_PROCESSES=$workers; "
+fi
+if [[ -n "${LAUNCH_ENV:-}" ]]; then
+  read -r -a launch_env <<<"$LAUNCH_ENV"
+  for kv in "${launch_env[@]}"; do
+    [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "LAUNCH_ENV entry '$kv' is not NAME=value"
+    env_exports+="export $(printf '%q' "$kv"); "
+  done
+fi
+
+cli_args="$(quote_args "$command" --preset "$preset" --name "$RUN_NAME" \
+  ${mesh[@]+"${mesh[@]}"} ${overrides[@]+"${overrides[@]}"})"
+rdir="$(printf '%q' "$REMOTE_DIR")"
+
+read -r -d '' remote <<EOF || true
+set -e
+mkdir -p ~/$runs
+if [ -f ~/$pid_file ] && kill -0 "\$(cat ~/$pid_file)" 2>/dev/null; then
+  echo "\$(hostname): run $RUN_NAME is already running (pid \$(cat ~/$pid_file)); stop it first" >&2
+  exit 1
+fi
+cd $rdir
+OUT=$out_expr
+mkdir -p "\$OUT"
+echo "\$OUT" > ~/$out_file
+${env_exports}
+echo "=== \$(date -u +%FT%TZ) \$(hostname): rlhf-jax $cli_args --out-dir \$OUT" >> ~/$log_file
+nohup setsid .venv/bin/rlhf-jax $cli_args --out-dir "\$OUT" >> ~/$log_file 2>&1 < /dev/null &
+echo \$! > ~/$pid_file
+echo "\$(hostname): started $RUN_NAME (pid \$!), log ~/$log_file"
+EOF
+
+log "launching '$command --preset $preset' as $RUN_NAME on $workers worker(s) of $TPU_NAME"
+tpu_ssh_all "$remote"
+log "follow with: RUN_NAME=$RUN_NAME tpu_scripts/logs.sh -f"
