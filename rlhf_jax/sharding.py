@@ -195,23 +195,52 @@ def data_parallel_size(mesh: Mesh) -> int:
     return _mesh_axis_size(mesh, DATA_AXES)
 
 
+def local_batch_shards(mesh: Mesh) -> int:
+    """Number of distinct batch shards (of ``data x fsdp``) held by this process's devices.
+
+    ``data_parallel_size(mesh)`` with one process; with several, a process feeds
+    ``local_batch_shards(mesh) / data_parallel_size(mesh)`` of the global batch.
+    """
+    dp = data_parallel_size(mesh)
+    if jax.process_count() == 1:
+        return dp
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((dp,))
+    return len({idx[0].indices(dp) for idx in index_map.values()})
+
+
 def shard_batch(batch, mesh: Mesh):
     """Place a host batch (pytree of arrays with leading batch dim) on the mesh.
 
+    With one process ``batch`` is the global batch. With several (``jax.process_count() > 1``)
+    it is this process's rows: the contiguous rows of the global batch that its devices hold
+    (``jax.make_array_from_process_local_data``), so the global batch is
+    ``rows x data_parallel_size / local_batch_shards``. Scalars are replicated (every process
+    must pass the same value).
+
     Raises:
-      ValueError: the batch size is not divisible by ``data x fsdp``, naming both numbers.
+      ValueError: the batch size is not divisible by ``data x fsdp`` (one process) or by this
+        process's number of batch shards (several), naming both numbers.
     """
     dp = data_parallel_size(mesh)
+    local = local_batch_shards(mesh)
 
     def put(path, x):
         x = np.asarray(x)
         if x.ndim == 0:
+            if jax.process_count() > 1:
+                return jax.make_array_from_process_local_data(replicated(mesh), x, x.shape)
             return jax.device_put(x, replicated(mesh))
-        if x.shape[0] % dp:
-            raise ValueError(f"batch field {jax.tree_util.keystr(path)} has batch size {x.shape[0]}, "
-                             f"not divisible by the mesh's data x fsdp = {dp}")
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x) \
-            if jax.process_count() > 1 else jax.device_put(x, batch_sharding(mesh, x.ndim))
+        if jax.process_count() == 1:
+            if x.shape[0] % dp:
+                raise ValueError(f"batch field {jax.tree_util.keystr(path)} has batch size "
+                                 f"{x.shape[0]}, not divisible by the mesh's data x fsdp = {dp}")
+            return jax.device_put(x, batch_sharding(mesh, x.ndim))
+        if x.shape[0] % local:
+            raise ValueError(
+                f"batch field {jax.tree_util.keystr(path)} has {x.shape[0]} rows on process "
+                f"{jax.process_index()}, not divisible by the {local} batch shards (of data x "
+                f"fsdp = {dp}) that its devices hold")
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree_util.tree_map_with_path(put, batch)
 
