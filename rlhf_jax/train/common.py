@@ -54,3 +54,32 @@ def sequence_scores(model: Model, params: Params, tokens: jax.Array, positions: 
     values = model.apply(params, tokens, positions, attn_mask, compute_logits=False).values
     idx = last_token_index(attn_mask)
     return jnp.take_along_axis(values, idx[:, None], axis=-1)[:, 0]
+
+
+def rowwise_mean(loss_fn, counted: jax.Array, denominator: jax.Array, *rows: jax.Array):
+    """A batch-mean loss restricted to counted rows, over a *global* row count.
+
+    ``loss_fn(*rows) -> (mean over rows, (sum, count) metrics)`` is applied to each row on its
+    own (``vmap`` over ``[1, ...]`` slices); the result is ``sum_b counted[b] * loss_b /
+    denominator`` with metrics summed over the counted rows only. With ``denominator`` the
+    number of counted rows of the *whole* batch, the sum over microbatches is the full-batch
+    loss, and rows that carry no loss (``PreferenceBatch.valid`` False: filler rows of
+    ``remainder="pad"``, rankings with fewer than two responses) neither add to it nor dilute
+    it. Callers make the inputs of uncounted rows finite (a ``where``), so no NaN reaches the
+    gradient.
+
+    Args:
+      loss_fn: a loss whose value is the mean over its rows and whose metrics are
+        ``(sum, count)`` pairs (every loss in ``rlhf_jax.losses.reward`` / ``.dpo``).
+      counted: ``[B] bool`` rows that carry loss.
+      denominator: scalar, the number of counted rows of the full batch (>= 1).
+      *rows: arrays with leading dimension ``B``.
+
+    Returns:
+      ``(loss, metrics)``.
+    """
+    loss_b, metrics_b = jax.vmap(lambda *xs: loss_fn(*(x[None] for x in xs)))(*rows)
+    w = counted.astype(bool)
+    keep = lambda x: jnp.sum(jnp.where(w, x, jnp.zeros_like(x)))
+    metrics = {k: (keep(s), keep(c)) for k, (s, c) in metrics_b.items()}
+    return keep(loss_b) / denominator, metrics

@@ -7,6 +7,10 @@ parameters inside the step (``dpo_step``: an extra forward, no stored state) or 
 once over the data set (``precompute_reference_logps`` + ``dpo_step_precomputed``: cheaper
 per step, as in TRL's ``precompute_ref_log_probs``). Reference parameters are an explicit
 argument, never captured by closure.
+
+The loss is a mean over the valid pairs (``PreferenceBatch.valid``; filler rows of
+``DataConfig.remainder="pad"`` carry no loss and do not dilute it), with the count of the
+*whole* batch as denominator, so microbatching changes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import optax
 
 from rlhf_jax.losses.dpo import dpo_loss
 from rlhf_jax.models.model import Model, Params
-from rlhf_jax.train.common import flatten_candidates, sequence_logps
+from rlhf_jax.train.common import flatten_candidates, rowwise_mean, sequence_logps
 from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
 from rlhf_jax.types import PreferenceBatch
 
@@ -71,7 +75,7 @@ def pair_logps(model: Model, params: Params, batch: PreferenceBatch):
 
 
 def _loss(policy_logps, lengths, ref_logps, cfg: DPOConfig):
-    """``dpo_loss`` with exactly the inputs ``cfg.loss_type`` is defined on."""
+    """``dpo_loss`` with exactly the inputs ``cfg.loss_type`` is defined on (a mean over pairs)."""
     kwargs = dict(beta=cfg.beta, loss_type=cfg.loss_type)
     if cfg.loss_type in ("sigmoid", "robust"):
         kwargs["label_smoothing"] = cfg.label_smoothing
@@ -83,16 +87,38 @@ def _loss(policy_logps, lengths, ref_logps, cfg: DPOConfig):
     return dpo_loss(policy_logps[:, 0], policy_logps[:, 1], *refs, **kwargs)
 
 
+def valid_pairs(valid: jax.Array) -> jax.Array:
+    """``[B] bool`` pairs whose two candidates are valid (filler rows of ``remainder="pad"`` are
+    not)."""
+    valid = valid.astype(bool)
+    return valid[:, 0] & valid[:, 1]
+
+
+def num_valid_pairs(valid: jax.Array) -> jax.Array:
+    """The global loss denominator: valid pairs of the whole batch (at least 1), float32."""
+    return jnp.maximum(jnp.sum(valid_pairs(valid)), 1).astype(jnp.float32)
+
+
+def masked_dpo_loss(policy_logps, lengths, ref_logps, valid, total_pairs, cfg: DPOConfig):
+    """``_loss`` summed over the valid pairs and divided by ``total_pairs`` (the valid pairs of
+    the whole batch). Invalid pairs get finite stand-in inputs first (a filler row has no
+    response token: its ORPO log-odds would be ``log(1 - exp(0)) = -inf``)."""
+    ok = valid_pairs(valid)
+    safe = lambda x, fill: jnp.where(ok[:, None], x, jnp.full_like(x, fill))
+    return rowwise_mean(functools.partial(_loss, cfg=cfg), ok, total_pairs,
+                        safe(policy_logps, -1.0), safe(lengths, 1.0), safe(ref_logps, -1.0))
+
+
 def dpo_loss_fn(params: Params, batch: PreferenceBatch, ref_logps: jax.Array, total_pairs, *,
                 model: Model, cfg: DPOConfig):
-    """Loss of one (micro)batch given reference log-probs ``[B, 2]``, rescaled to the full batch."""
+    """Loss of one (micro)batch given reference log-probs ``[B, 2]``: summed over its valid
+    pairs, divided by the full batch's valid pairs."""
     policy_logps, lengths = pair_logps(model, params, batch)
-    loss, metrics = _loss(policy_logps, lengths, ref_logps, cfg)
-    return loss * batch.tokens.shape[0] / total_pairs, metrics
+    return masked_dpo_loss(policy_logps, lengths, ref_logps, batch.valid, total_pairs, cfg)
 
 
 def _update(state, batch, ref_logps, *, model, tx, cfg):
-    total = jnp.asarray(batch.tokens.shape[0], jnp.float32)
+    total = num_valid_pairs(batch.valid)
     loss_fn = functools.partial(dpo_loss_fn, model=model, cfg=cfg)
     _, grads, metrics = _accumulate(loss_fn, state.params, batch, ref_logps, cfg.num_microbatches,
                                     total)
@@ -150,5 +176,6 @@ def make_dpo_eval(model: Model, cfg: DPOConfig = DPOConfig()):
         ref = pair_logps(model, ref_params, batch)[0] if cfg.needs_reference \
             else jnp.zeros(batch.tokens.shape[:2], jnp.float32)
         policy, lengths = pair_logps(model, params, batch)
-        return _loss(policy, lengths, ref, cfg)[1]
+        return masked_dpo_loss(policy, lengths, ref, batch.valid, num_valid_pairs(batch.valid),
+                               cfg)[1]
     return jax.jit(evaluate)

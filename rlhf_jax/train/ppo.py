@@ -157,11 +157,6 @@ def init_ppo_state(policy: TrainState, kl: KLController, rng: jax.Array,
 
 
 # ---- phases ------------------------------------------------------------------------------
-def _response_slice(x: jax.Array, prompt_len: int) -> jax.Array:
-    """Per-token quantities for the response ``[B, R]`` from a ``[B, T]`` array aligned with tokens."""
-    return x[:, prompt_len:]
-
-
 def _values_before(values: jax.Array, prompt_len: int) -> jax.Array:
     """``V`` of the state before each response token: positions ``P-1 .. T-2``."""
     return values[:, prompt_len - 1:-1]
@@ -170,11 +165,19 @@ def _values_before(values: jax.Array, prompt_len: int) -> jax.Array:
 def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, prompt_len: int,
                    temperature: float):
     """Response log-probs ``[B, R]``, per-token entropy ``[B, R]`` and values ``[B, R]`` (or
-    ``None`` for an ``"lm"`` model), from one forward."""
-    out = model.apply(params, tokens, positions, attn_mask)
-    logits = out.logits / temperature
-    logp = _response_slice(sequence_logprobs(logits, tokens), prompt_len)
-    entropy = _response_slice(entropy_from_logits(logits, shift=True), prompt_len)
+    ``None`` for an ``"lm"`` model), from one forward.
+
+    Only the ``R + 1`` positions from ``P - 1`` on are projected onto the vocabulary (the
+    ``[B, T, V]`` logits of the prompt are never built): position ``P - 1 + r`` predicts
+    response token ``r``, and ``sequence_logprobs`` / ``entropy_from_logits(shift=True)`` on
+    that window do the one-token shift as everywhere else (its first column, which nothing
+    predicts, is dropped).
+    """
+    out = model.apply(params, tokens, positions, attn_mask, compute_logits=False)
+    window = slice(prompt_len - 1, None)
+    logits = model.logits(params, out.hidden[:, window]) / temperature   # [B, R + 1, V]
+    logp = sequence_logprobs(logits, tokens[:, window])[:, 1:]
+    entropy = entropy_from_logits(logits, shift=True)[:, 1:]
     values = None if out.values is None else _values_before(out.values, prompt_len)
     return logp, entropy, values
 
@@ -261,7 +264,11 @@ def _minibatch_loss(trainable, mb: Experience, *, policy_model, value_model, cfg
     vf_loss, vf_metrics = clipped_value_loss(values, mb.old_values, mb.returns, mask,
                                              clip_eps_value=cfg.clip_eps_value)
     ent = masked_mean(entropy, mask)
-    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    if cfg.entropy_coef:  # else no backward pass through the [B, R, V] entropy
+        loss = loss - cfg.entropy_coef * ent
+    else:
+        ent = jax.lax.stop_gradient(ent)
     metrics = {**metrics, **vf_metrics}
     one = jnp.ones((), jnp.float32)
     if not cfg.kl_in_reward:

@@ -10,6 +10,10 @@ score is the head's output at each candidate's last real token. Loss selected by
 * ``"ranking"``  - all ``C(K, 2)`` pairs of a K-way ranking from the one forward, each prompt
   weighted once (Ouyang et al. 2022 §3.5 eq. 1).
 * ``"best_of_n"`` - softmax cross-entropy picking candidate 0 (Ziegler et al. 2019 §2).
+
+Each loss is a mean over the prompts that carry loss (``counted_prompts``: filler rows of
+``DataConfig.remainder="pad"`` and rankings with fewer than two valid responses do not), with
+the count of the *whole* batch as denominator, so microbatching changes nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import optax
 
 from rlhf_jax.losses.reward import best_of_n_loss, bradley_terry_loss, ranking_loss
 from rlhf_jax.models.model import Model, Params
-from rlhf_jax.train.common import flatten_candidates, sequence_scores
+from rlhf_jax.train.common import flatten_candidates, rowwise_mean, sequence_scores
 from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
 from rlhf_jax.types import PreferenceBatch
 
@@ -63,17 +67,42 @@ def preference_loss(scores: jax.Array, valid: jax.Array, cfg: RewardConfig):
     return best_of_n_loss(scores, jnp.zeros(scores.shape[0], jnp.int32), valid=valid)
 
 
+def counted_prompts(valid: jax.Array, cfg: RewardConfig) -> jax.Array:
+    """``[B] bool`` prompts that carry loss: both candidates valid (pairwise), at least two
+    valid candidates (ranking), the labelled best candidate 0 valid (best-of-N). Filler rows
+    (``valid`` all False) never count."""
+    valid = valid.astype(bool)
+    if cfg.loss == "pairwise":
+        return valid[:, 0] & valid[:, 1]
+    if cfg.loss == "ranking":
+        return jnp.sum(valid, axis=-1) >= 2
+    return valid[:, 0]
+
+
+def num_counted_prompts(valid: jax.Array, cfg: RewardConfig) -> jax.Array:
+    """The global loss denominator: counted prompts of the whole batch (at least 1), float32."""
+    return jnp.maximum(jnp.sum(counted_prompts(valid, cfg)), 1).astype(jnp.float32)
+
+
+def masked_preference_loss(scores: jax.Array, valid: jax.Array, total_prompts: jax.Array,
+                           cfg: RewardConfig):
+    """``preference_loss`` over the counted prompts only, divided by ``total_prompts`` (the
+    counted prompts of the whole batch, so microbatches sum to the full-batch loss)."""
+    return rowwise_mean(functools.partial(preference_loss, cfg=cfg), counted_prompts(valid, cfg),
+                        total_prompts, scores, valid)
+
+
 def reward_loss_fn(params: Params, batch: PreferenceBatch, total_prompts: jax.Array, *,
                    model: Model, cfg: RewardConfig):
-    """Loss of one (micro)batch rescaled to the full batch (``B_micro / B``)."""
-    loss, metrics = preference_loss(candidate_scores(model, params, batch), batch.valid, cfg)
-    return loss * batch.tokens.shape[0] / total_prompts, metrics
+    """Loss of one (micro)batch: summed over its counted prompts, divided by the full batch's."""
+    return masked_preference_loss(candidate_scores(model, params, batch), batch.valid,
+                                  total_prompts, cfg)
 
 
 def reward_step(state: TrainState, batch: PreferenceBatch, *, model: Model,
                 tx: optax.GradientTransformation, cfg: RewardConfig):
     """One reward-model update ``(state, batch) -> (state, metrics)`` (pure)."""
-    total = jnp.asarray(batch.tokens.shape[0], jnp.float32)
+    total = num_counted_prompts(batch.valid, cfg)
     loss_fn = functools.partial(reward_loss_fn, model=model, cfg=cfg)
     _, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.num_microbatches, total)
     metrics = dict(metrics)
@@ -91,5 +120,6 @@ def make_reward_step(model: Model, tx: optax.GradientTransformation,
 def make_reward_eval(model: Model, cfg: RewardConfig = RewardConfig()):
     """Jitted ``(params, batch) -> metrics`` (no update), for held-out accuracy."""
     def evaluate(params, batch):
-        return preference_loss(candidate_scores(model, params, batch), batch.valid, cfg)[1]
+        return masked_preference_loss(candidate_scores(model, params, batch), batch.valid,
+                                      num_counted_prompts(batch.valid, cfg), cfg)[1]
     return jax.jit(evaluate)
