@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 STAGES = ("sft", "rm", "ppo", "dpo", "eval")
 
 
+class StagePreempted(Exception):
+    """A stage stopped on SIGTERM after saving a checkpoint; ``--resume`` continues it."""
+
+
 # ---- configuration ---------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
@@ -240,7 +244,11 @@ class PipelineConfig:
 def save_final(directory: Path, model: Model, params: Params, extra: dict | None = None) -> None:
     """Write a stage's trained parameters (orbax) and ``model.json`` (config, kind, extras)."""
     directory = Path(directory)
-    host = jax.device_get(params)
+    if jax.process_count() > 1:  # arrays spread over hosts: gather every shard first
+        from jax.experimental import multihost_utils
+        host = multihost_utils.process_allgather(params, tiled=True)
+    else:
+        host = jax.device_get(params)
     with Checkpointer(directory / "params", max_to_keep=1) as ckpt:
         ckpt.save(0, host, {"fingerprint": model_fingerprint(model)}, force=True)
     (directory / "model.json").write_text(json.dumps(
@@ -321,6 +329,11 @@ class Run:
         return BatchConfig(batch_size=batch_size, buckets=d.buckets, prompt_buckets=d.prompt_buckets,
                            skip_invalid=d.skip_invalid, seed=d.seed + seed_offset,
                            remainder="wrap", num_candidates=num_candidates)
+
+    def batches(self, dataset, bcfg: BatchConfig):
+        """This process's slice of the training stream (all processes agree on the order)."""
+        return dataset.batches(bcfg, process_index=jax.process_index(),
+                               process_count=jax.process_count())
 
     def place(self, batch):
         return sharding.shard_batch(batch, self.mesh)
@@ -455,6 +468,9 @@ def _loop(run: Run, stage: str, step_fn, state, batches, steps: int, model: Mode
                           logger=run.logger, frozen=frozen, loss_key=loss_key,
                           fingerprint=model_fingerprint(model), eval_fn=eval_fn,
                           meta={"config": config_to_dict(run.cfg)})
+    if result.preempted:  # never write final/: the stage is unfinished
+        raise StagePreempted(f"{stage}: stopped by SIGTERM at step {result.step} "
+                             f"(checkpoint saved in {run.stage_dir(stage) / 'checkpoints'})")
     return result
 
 
@@ -467,7 +483,7 @@ def run_sft(run: Run) -> None:
     log.info("sft: %s", data.stats.summary())
     tx, state, shardings = _train_state(run, model, params, c.optimizer, c.steps, 1)
     step = make_sft_step(model, tx, c.step)
-    result = _loop(run, "sft", step, state, data.batches(run.batch_config(c.batch_size)), c.steps,
+    result = _loop(run, "sft", step, state, run.batches(data, run.batch_config(c.batch_size)), c.steps,
                    model, loss_key="sft/loss")
     _finish_policy(run, "sft", model, result.state.params)
 
@@ -479,6 +495,12 @@ def _finish_policy(run: Run, stage: str, model: Model, params: Params, extra=Non
     lm_params = {k: v for k, v in params.items() if k in ("trunk", "lm_head")}
     save_final(final, lm, lm_params, extra)
     save_hf_checkpoint(lm, lm_params, run.stage_dir(stage) / "hf", tokenizer=run.tokenizer)
+
+
+def _on_mesh(run: Run, model: Model, params: Params) -> Params:
+    """``params`` placed with ``model``'s shardings on the run's mesh: frozen copies (reference,
+    reward) and the trained state must live on the same devices for the jitted steps."""
+    return jax.device_put(params, model.param_shardings(run.mesh))
 
 
 def _truncate_trunk(params: Params, n_layers: int) -> Params:
@@ -501,6 +523,7 @@ def run_rm(run: Run) -> None:
     evaluated on held-out comparisons, normalised on SFT samples."""
     c, p = run.cfg.rm, run.cfg.policy
     sft_model, sft_params, _ = load_final(run.stage_dir("sft") / "final")
+    sft_params = _on_mesh(run, sft_model, sft_params)  # sampled with the (sharded) RM below
     n_layers = p.reward_layers or sft_model.cfg.n_layers
     rm_cfg = dataclasses.replace(sft_model.cfg, n_layers=n_layers, frozen_layers=p.reward_frozen_layers)
     rm = Model(rm_cfg, kind="scalar")
@@ -514,7 +537,7 @@ def run_rm(run: Run) -> None:
         return _eval_pairs(run, lambda b: evaluate(state.params, b), eval_data, c.eval_pairs,
                            c.batch_size, "rm_eval")
 
-    result = _loop(run, "rm", make_reward_step(rm, tx, c.step), state, data.batches(bcfg), c.steps,
+    result = _loop(run, "rm", make_reward_step(rm, tx, c.step), state, run.batches(data, bcfg), c.steps,
                    rm, loss_key="rm/loss", eval_fn=eval_fn)
     gain, bias = 1.0, 0.0
     if c.normalize_prompts:
@@ -576,7 +599,8 @@ def run_ppo(run: Run) -> None:
     policy = Model(dataclasses.replace(sft_model.cfg, frozen_layers=run.cfg.policy.frozen_layers),
                    kind="lm_value")
     params = with_head(sft_params, policy, jax.random.key(run.cfg.seed + 3))
-    ref_params = jax.tree.map(jnp.copy, params)
+    ref_params = _on_mesh(run, policy, jax.tree.map(jnp.copy, params))
+    rm_params = _on_mesh(run, rm, rm_params)
     ppo_cfg = dataclasses.replace(
         c.ppo, reward_gain=rm_meta.get("reward_gain", 1.0), reward_bias=rm_meta.get("reward_bias", 0.0),
         sampling=dataclasses.replace(c.ppo.sampling, eos_token_id=run.tokenizer.eos_token_id,
@@ -592,7 +616,7 @@ def run_ppo(run: Run) -> None:
     def step(state, batch: PromptBatch, ref, reward):
         return iteration(state, batch.tokens, batch.attn_mask, ref, reward)
 
-    prompts = prompt_dataset(run, "prompts").batches(run.batch_config(c.batch_size, prompts=True,
+    prompts = run.batches(prompt_dataset(run, "prompts"), run.batch_config(c.batch_size, prompts=True,
                                                                       seed_offset=3))
     result = _loop(run, "ppo", step, state, prompts, c.iterations, policy,
                    frozen=(ref_params, rm_params), loss_key="ppo/loss/total")
@@ -604,7 +628,7 @@ def run_dpo(run: Run) -> None:
     c = run.cfg.dpo
     sft_model, sft_params, _ = load_final(run.stage_dir("sft") / "final")
     model = Model(dataclasses.replace(sft_model.cfg, frozen_layers=run.cfg.policy.frozen_layers))
-    ref_params = jax.tree.map(jnp.copy, sft_params)
+    ref_params = _on_mesh(run, model, jax.tree.map(jnp.copy, sft_params))
     bcfg, data, eval_data = _preference_data(run, c.batch_size, 4, 2)
     tx, state, _ = _train_state(run, model, sft_params, c.optimizer, c.steps, 4)
     evaluate = make_dpo_eval(model, c.dpo)
@@ -613,7 +637,7 @@ def run_dpo(run: Run) -> None:
         return _eval_pairs(run, lambda b: evaluate(state.params, ref_params, b), eval_data,
                            run.cfg.rm.eval_pairs, c.batch_size, "dpo_eval")
 
-    result = _loop(run, "dpo", make_dpo_step(model, tx, c.dpo), state, data.batches(bcfg), c.steps,
+    result = _loop(run, "dpo", make_dpo_step(model, tx, c.dpo), state, run.batches(data, bcfg), c.steps,
                    model, frozen=(ref_params,), loss_key="dpo/loss", eval_fn=eval_fn)
     _finish_policy(run, "dpo", model, result.state.params)
 
@@ -647,9 +671,11 @@ def run_eval(run: Run) -> dict:
                               temperature=e.temperature or 1.0, eos_token_id=run.tokenizer.eos_token_id,
                               pad_token_id=run.tokenizer.pad_token_id)
     logp_fn = jax.jit(lambda p, t, pos, m: token_logprobs(ref_model, p, t, pos, m))
-    results, samples = {}, {}
+    results, samples, samplers = {}, {}, {}
     for name, (model, params, _) in progress(list(policies.items()), desc="eval", unit="model"):
-        sampler = make_sampler(model, sampling)
+        # One jitted sampler (one compile) per architecture: the policies usually share it.
+        arch = (model.cfg, model.kind)
+        sampler = samplers.get(arch) or samplers.setdefault(arch, make_sampler(model, sampling))
         texts, kl, rm_scores, lengths, ended = [], [], [], [], []
         for i, batch in enumerate(batches):
             s = sampler(params, batch.tokens, batch.attn_mask, jax.random.key(run.cfg.seed + 1000 + i))
@@ -745,7 +771,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
                 log.info("%s: already finished in %s, skipping", stage, run.stage_dir(stage))
                 continue
             t = time.perf_counter()
-            result = RUNNERS[stage](run)
+            try:
+                result = RUNNERS[stage](run)
+            except StagePreempted as e:
+                log.warning("%s; rerun the same command with --resume to continue", e)
+                return None
             log.info("%s: %.0f s", stage, time.perf_counter() - t)
     finally:
         run.logger.close()

@@ -1,0 +1,312 @@
+"""The whole RLHF pipeline on the ``tiny`` preset (random tiny Llama, SmolLM2's tokenizer, the
+built-in human sentiment ratings), shrunk further, run once for the module:
+
+* a SIGTERM in the middle of DPO stops the run cleanly (no ``final/`` for the stage, a
+  checkpoint at the step reached); the same command again skips the finished stages and
+  continues DPO from its checkpoint;
+* every stage's ``final/`` (parameters + ``model.json``), the policies' ``hf/`` checkpoints
+  (loaded back with ``load_hf_checkpoint`` and equal to ``final/``), the metric records with
+  their standard names and sane values, ``summary.json``, and ``report.md`` with existing,
+  valid PNG plots and side-by-side SFT/PPO/DPO samples on the same prompts;
+* re-running with ``resume=True`` skips the finished stages without touching their outputs;
+  ``resume=False`` over the same directory refuses with ``FileExistsError``;
+* a stage whose input stage has not run, and ``load_final`` of a missing stage, raise
+  ``FileNotFoundError`` naming the path.
+
+Under tests/conftest.py's 8 fake CPU devices the run uses a ``(data=2, fsdp=2, tensor=2)``
+mesh, so every stage's sharded code path (frozen copies on the mesh, sharded batches) runs.
+Assets come from ``$RLHF_JAX_CACHE`` (default ``~/.cache/rlhf_jax``), fetched through the
+package index at most once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax import pipeline
+from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.pipeline import PipelineConfig, load_final, run_pipeline
+from rlhf_jax.presets import tiny
+from rlhf_jax.sharding import MeshConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+POLICIES = ("sft", "ppo", "dpo")
+TRAINED = ("sft", "rm", "ppo", "dpo")
+
+
+def _cache_dir() -> Path | None:
+    env = os.environ.get("RLHF_JAX_CACHE")
+    return Path(env) if env else None  # None: the library default ~/.cache/rlhf_jax
+
+
+def tiny_config(out_dir: Path) -> PipelineConfig:
+    """The tiny preset, shrunk: shorter snippets, one eval batch, on the test mesh."""
+    cfg = tiny()
+    if jax.device_count() == 8:
+        mesh = MeshConfig(data=2, fsdp=2, tensor=2)  # batch 4 divides data x fsdp = 4
+    elif jax.device_count() in (1, 2, 4):
+        mesh = MeshConfig()
+    else:
+        pytest.skip(f"batch size 4 does not fit {jax.device_count()} devices")
+    return dataclasses.replace(
+        cfg, out_dir=out_dir, cache_dir=_cache_dir(), mesh=mesh,
+        data=dataclasses.replace(cfg.data, max_words=10),
+        eval=dataclasses.replace(cfg.eval, num_prompts=8, batch_size=8, samples_in_report=2))
+
+
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _run_logged(cfg: PipelineConfig):
+    handler = _Messages()
+    logger = logging.getLogger("rlhf_jax")
+    logger.addHandler(handler)
+    try:
+        return run_pipeline(cfg), handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+@dataclasses.dataclass
+class TinyRun:
+    cfg: PipelineConfig
+    out: Path
+    summary: dict
+    log: list[str]
+    records: list[dict]
+    preempted: dict  # what the first, SIGTERM-ed invocation returned and left on disk
+
+
+def _sigterm_after_first_dpo_step(make_dpo_step):
+    def make(*args, **kwargs):
+        step = make_dpo_step(*args, **kwargs)
+        calls = []
+
+        def step_then_sigterm(*a):
+            out = step(*a)
+            calls.append(1)
+            if len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return step_then_sigterm
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """The whole pipeline, in two invocations: the first is preempted (SIGTERM) after DPO's
+    first step; the second (same command, ``resume=True``) skips SFT/RM/PPO, continues DPO
+    from its checkpoint and runs the evaluation."""
+    cfg = tiny_config(tmp_path_factory.mktemp("pipeline") / "run")
+    out = Path(cfg.out_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "make_dpo_step", _sigterm_after_first_dpo_step(pipeline.make_dpo_step))
+        first, first_log = _run_logged(cfg)
+    with Checkpointer(out / "dpo" / "checkpoints") as ckpt:
+        dpo_steps = ckpt.all_steps()
+    preempted = {"result": first, "log": first_log, "dpo_checkpoints": dpo_steps,
+                 "finals": {s: (out / s / "final" / "model.json").exists() for s in TRAINED},
+                 "report": (out / "report.md").exists(), "summary": (out / "summary.json").exists()}
+    summary, messages = _run_logged(cfg)
+    return TinyRun(cfg=cfg, out=out, summary=summary, log=messages,
+                   records=read_jsonl(out / "metrics.jsonl"), preempted=preempted)
+
+
+def _stage(records, stage):
+    return [r for r in records if r["stage"] == stage]
+
+
+# ---- outputs of every stage ---------------------------------------------------------------
+def test_every_stage_writes_final_and_checkpoints(tiny_run):
+    cfg, out = tiny_run.cfg, tiny_run.out
+    steps = {"sft": cfg.sft.steps, "rm": cfg.rm.steps, "ppo": cfg.ppo.iterations,
+             "dpo": cfg.dpo.steps}
+    for stage in TRAINED:
+        meta = json.loads((out / stage / "final" / "model.json").read_text())
+        assert meta["kind"] == ("scalar" if stage == "rm" else "lm"), stage
+        assert meta["config"]["d_model"] == cfg.policy.random_model.d_model
+        layers = cfg.policy.reward_layers if stage == "rm" else cfg.policy.random_model.n_layers
+        assert meta["config"]["n_layers"] == layers, stage
+        with Checkpointer(out / stage / "checkpoints") as ckpt:
+            assert ckpt.latest_step() == steps[stage], stage
+            assert ckpt.restore_meta()["config"]["name"] == "tiny"
+    rm_meta = json.loads((out / "rm" / "final" / "model.json").read_text())
+    assert np.isfinite(rm_meta["reward_gain"]) and rm_meta["reward_gain"] > 0
+    assert np.isfinite(rm_meta["reward_bias"])
+    assert 0.0 <= rm_meta["heldout_accuracy"] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["ppo"]["iterations"] == cfg.ppo.iterations
+    assert config["data"]["max_words"] == 10
+
+
+def test_hf_checkpoints_load_and_equal_final_params(tiny_run):
+    from rlhf_jax.models.convert.hf import load_hf_checkpoint
+    finals = {}
+    for stage in POLICIES:
+        model, params, _ = load_final(tiny_run.out / stage / "final")
+        hf_model, hf_params = load_hf_checkpoint(tiny_run.out / stage / "hf")
+        assert hf_model.kind == "lm"
+        for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "tie_embeddings"):
+            assert getattr(hf_model.cfg, field) == getattr(model.cfg, field), (stage, field)
+        a, ta = jax.tree.flatten(jax.device_get(params))
+        b, tb = jax.tree.flatten(jax.device_get(hf_params))
+        assert ta == tb, stage
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+        assert (tiny_run.out / stage / "hf" / "tokenizer.json").exists()
+        finals[stage] = a
+    # PPO and DPO moved away from the SFT policy they started from
+    for stage in ("ppo", "dpo"):
+        assert any(not np.array_equal(x, y) for x, y in zip(finals[stage], finals["sft"])), stage
+
+
+def test_metrics_have_standard_names_and_sane_values(tiny_run):
+    cfg, records = tiny_run.cfg, tiny_run.records
+    sft, rm, ppo, dpo = (_stage(records, s) for s in TRAINED)
+    assert [r["step"] for r in sft] == list(range(1, cfg.sft.steps + 1))
+    assert [r["step"] for r in rm] == list(range(1, cfg.rm.steps + 1))
+    assert [r["step"] for r in ppo] == list(range(1, cfg.ppo.iterations + 1))
+    assert [r["step"] for r in dpo] == list(range(1, cfg.dpo.steps + 1))
+
+    for r in sft:
+        assert 0 < r["sft/loss"] < 20  # nats per token, vocab 49152: ln V ~ 10.8
+    for r in rm:
+        assert 0 <= r["rm/accuracy"] <= 1 and np.isfinite(r["rm/loss"])
+    rm_eval = _stage(records, "rm_eval")
+    assert rm_eval and 0 <= rm_eval[-1]["rm/accuracy"] <= 1
+    for r in ppo:
+        for name in ("objective/kl", "objective/score", "ppo/policy/clipfrac", "ppo/val/error",
+                     "rollout/response_length", "rollout/no_eos_share"):
+            assert name in r and np.isfinite(r[name]), name
+        assert 0 <= r["ppo/policy/clipfrac"] <= 1
+        assert 0 <= r["rollout/no_eos_share"] <= 1
+        assert 1 <= r["rollout/response_length"] <= cfg.ppo.ppo.sampling.max_new_tokens
+        assert r["ppo/val/error"] >= 0
+    # the first rollout comes from the reference policy itself: no KL yet
+    assert ppo[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    for r in dpo:
+        assert np.isfinite(r["dpo/rewards/margins"]) and np.isfinite(r["dpo/loss"])
+    assert _stage(records, "dpo_eval")
+    # the first DPO step starts at the reference: zero margin, loss ln 2
+    assert abs(dpo[0]["dpo/rewards/margins"]) < 1e-5
+    assert dpo[0]["dpo/loss"] == pytest.approx(np.log(2), abs=1e-5)
+
+
+def test_summary_json_has_judge_means(tiny_run):
+    summary = json.loads((tiny_run.out / "summary.json").read_text())
+    assert summary == tiny_run.summary  # what run_pipeline returned
+    for name in POLICIES:
+        s = summary[name]
+        assert -1.0 <= s["judge_mean"] <= 1.0
+        assert np.isfinite(s["kl"])
+        evals = _stage(tiny_run.records, f"eval_{name}")
+        assert len(evals) == 1 and evals[0]["eval/judge"] == pytest.approx(s["judge_mean"])
+        sft_mean = summary["sft"]["judge_mean"]
+        assert s["judge_delta_vs_sft"] == pytest.approx(s["judge_mean"] - sft_mean)
+    assert summary["sft"]["judge_delta_vs_sft"] == 0.0
+    assert summary["sft"]["kl"] == pytest.approx(0, abs=1e-5)
+    rm_meta = json.loads((tiny_run.out / "rm" / "final" / "model.json").read_text())
+    assert summary["rm_heldout_accuracy"] == rm_meta["heldout_accuracy"]
+
+
+def test_report_with_valid_plots_and_samples(tiny_run):
+    report = (tiny_run.out / "report.md").read_text()
+    assert report.startswith("# rlhf_jax report: tiny")
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(images) >= 5
+    for rel in images:
+        png = tiny_run.out / rel
+        assert png.is_file(), rel
+        data = png.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000, rel
+    stems = {Path(rel).stem for rel in images}
+    assert {"sft", "rm", "ppo", "dpo", "rollout", "kl", "judge"} <= stems
+
+    # summary table: one row per model
+    for name in ("SFT", "PPO", "DPO"):
+        assert re.search(rf"^\| {name} \| [+-]\d\.\d{{3}} ± ", report, re.M), name
+
+    # samples: the same prompts, a completion of each model, each starting with its prompt
+    samples = report.split("## Samples", 1)[1].split("## Notes", 1)[0]
+    prompts = re.findall(r"^### Prompt \d+\n\n\| prompt \|\n\|---\|\n\| (.*) \|$", samples, re.M)
+    assert 1 <= len(prompts) <= tiny_run.cfg.eval.samples_in_report
+    for block, prompt in zip(samples.split("### Prompt ")[1:], prompts):
+        rows = dict(re.findall(r"^\| (SFT|PPO|DPO) \| (.*) \|$", block, re.M))
+        assert set(rows) == {"SFT", "PPO", "DPO"}
+        for completion in rows.values():
+            assert completion.startswith(prompt) and len(completion) > len(prompt)
+
+
+# ---- resume and refusal -------------------------------------------------------------------
+def test_sigterm_mid_stage_then_resume(tiny_run):
+    first = tiny_run.preempted
+    # the first invocation returned (the test process lives on) with DPO unfinished
+    assert first["result"] is None
+    assert first["finals"] == {"sft": True, "rm": True, "ppo": True, "dpo": False}
+    assert first["dpo_checkpoints"] == [1]
+    assert not first["report"] and not first["summary"]  # eval never started
+    assert any("dpo: stopped by SIGTERM at step 1" in m for m in first["log"]), first["log"]
+    # the second continued DPO from step 1 and skipped every finished stage
+    for stage in ("sft", "rm", "ppo"):
+        assert any(m.startswith(f"{stage}: already finished") for m in tiny_run.log), stage
+    assert "dpo: resumed from step 1" in tiny_run.log
+    # each DPO step logged exactly once across the two processes, evaluated once at the end
+    assert [r["step"] for r in _stage(tiny_run.records, "dpo")] == [1, 2, 3]
+    assert [r["step"] for r in _stage(tiny_run.records, "dpo_eval")] == [3]
+    for stage in ("sft", "rm", "ppo"):
+        steps = [r["step"] for r in _stage(tiny_run.records, stage)]
+        assert steps == sorted(set(steps)), stage
+
+
+def test_resume_skips_finished_stages(tiny_run):
+    cfg = dataclasses.replace(tiny_run.cfg, stages=TRAINED)  # eval always re-runs; leave it out
+    finals = {s: tiny_run.out / s / "final" / "model.json" for s in TRAINED}
+    before = {s: p.stat().st_mtime_ns for s, p in finals.items()}
+    lines = (tiny_run.out / "metrics.jsonl").read_text().count("\n")
+    _, messages = _run_logged(cfg)
+    for stage in TRAINED:
+        assert any(m.startswith(f"{stage}: already finished") for m in messages), (stage, messages)
+    assert {s: p.stat().st_mtime_ns for s, p in finals.items()} == before
+    assert (tiny_run.out / "metrics.jsonl").read_text().count("\n") == lines  # nothing trained
+
+
+def test_no_resume_over_existing_run_refuses(tiny_run):
+    cfg = dataclasses.replace(tiny_run.cfg, resume=False)
+    config_before = (tiny_run.out / "config.json").read_bytes()
+    with pytest.raises(FileExistsError, match=re.escape(str(tiny_run.out))):
+        run_pipeline(cfg)
+    assert (tiny_run.out / "config.json").read_bytes() == config_before  # nothing overwritten
+
+
+def test_load_final_of_missing_stage(tmp_path):
+    path = tmp_path / "ppo" / "final"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path / "model.json"))):
+        load_final(path)
+
+
+def test_stage_without_its_input_stage(tmp_path):
+    cfg = dataclasses.replace(tiny_config(tmp_path / "run"), stages=("dpo",))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "run" / "sft" / "final"))):
+        run_pipeline(cfg)
+
+
+def test_unknown_stage_is_rejected():
+    with pytest.raises(ValueError, match=r"unknown \['train'\]"):
+        PipelineConfig(stages=("sft", "train"))
