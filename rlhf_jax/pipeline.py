@@ -43,10 +43,10 @@ from rlhf_jax.metrics import MetricsLogger, progress
 from rlhf_jax.models.model import Model, Params, with_head
 from rlhf_jax.rollout.postprocess import decode
 from rlhf_jax.rollout.sampler import SamplingConfig, make_sampler
-from rlhf_jax.train.common import sequence_scores, token_logprobs
+from rlhf_jax.train.common import sequence_scores
 from rlhf_jax.train.dpo import DPOConfig, make_dpo_eval, make_dpo_step
 from rlhf_jax.train.loop import LoopConfig, run_loop
-from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, make_ppo_iteration
+from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, make_ppo_iteration, policy_forward
 from rlhf_jax.train.reward import RewardConfig, make_reward_eval, make_reward_step
 from rlhf_jax.train.sft import SFTConfig, make_sft_step
 from rlhf_jax.train.state import (OptimizerConfig, create_sharded_train_state, make_optimizer,
@@ -190,6 +190,9 @@ class EvalConfig:
       num_prompts: held-out prompts (the same for every model).
       batch_size: prompts per sampling call.
       max_new_tokens: response budget.
+      min_new_tokens: no EOS before this many response tokens (``SamplingConfig``); set it
+        to the PPO rollout's value so the models are judged on the responses they were
+        trained to write.
       temperature: sampling temperature (same key for every model); 0 = greedy.
       samples_in_report: completions shown per model in the report.
     """
@@ -197,6 +200,7 @@ class EvalConfig:
     num_prompts: int = 64
     batch_size: int = 32
     max_new_tokens: int = 24
+    min_new_tokens: int = 0
     temperature: float = 0.7
     samples_in_report: int = 6
 
@@ -667,10 +671,13 @@ def run_eval(run: Run) -> dict:
     rm = load_final(run.stage_dir("rm") / "final") if (run.stage_dir("rm") / "final").exists() else None
     batches, openings = _sample_prompts(run, "eval_prompts", e.num_prompts, e.batch_size)
     ref_model, ref_params, _ = policies["sft"]
-    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, greedy=e.temperature == 0,
-                              temperature=e.temperature or 1.0, eos_token_id=run.tokenizer.eos_token_id,
+    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
+                              greedy=e.temperature == 0, temperature=e.temperature or 1.0,
+                              eos_token_id=run.tokenizer.eos_token_id,
                               pad_token_id=run.tokenizer.pad_token_id)
-    logp_fn = jax.jit(lambda p, t, pos, m: token_logprobs(ref_model, p, t, pos, m))
+    # Response log-probs under the distribution sampled from (temperature, EOS constraint), so
+    # the mean of log pi - log ref over samples estimates KL(pi_tau || ref_tau).
+    logp_fn = jax.jit(policy_forward, static_argnames=("model", "prompt_len", "sampling"))
     results, samples, samplers = {}, {}, {}
     for name, (model, params, _) in progress(list(policies.items()), desc="eval", unit="model"):
         # One jitted sampler (one compile) per architecture: the policies usually share it.
@@ -681,8 +688,10 @@ def run_eval(run: Run) -> dict:
             s = sampler(params, batch.tokens, batch.attn_mask, jax.random.key(run.cfg.seed + 1000 + i))
             texts += decode(run.tokenizer, s.response, s.response_mask)
             p_len = batch.tokens.shape[1]
-            lp = logp_fn(params, s.tokens, s.positions, s.attn_mask)[:, p_len:]
-            lr = logp_fn(ref_params, s.tokens, s.positions, s.attn_mask)[:, p_len:]
+            lp = logp_fn(model, params, s.tokens, s.positions, s.attn_mask, prompt_len=p_len,
+                         sampling=sampling)[0]
+            lr = logp_fn(ref_model, ref_params, s.tokens, s.positions, s.attn_mask,
+                         prompt_len=p_len, sampling=sampling)[0]
             kl.append(np.asarray(sequence_kl(lp, lr, s.response_mask)))
             lengths.append(np.asarray(s.lengths))
             ended.append(np.asarray(s.ended))

@@ -152,7 +152,9 @@ def entropy_from_logits(
         logits = logits[..., :-1, :]
     logp = jax.nn.log_softmax(logits, axis=-1)
     p = jnp.exp(logp)
-    ent = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+    # p log p -> 0 as p -> 0; the inner where keeps -inf logits (masked tokens) out of the
+    # gradient too (0 * -inf would be NaN there).
+    ent = -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp, 0.0), 0.0), axis=-1)
     return _shift_right(ent) if shift else ent
 
 

@@ -76,6 +76,14 @@ class SamplingConfig:
       stop_early: leave the decode loop as soon as every row has emitted EOS (a
         ``while_loop`` with a data-dependent trip count). ``False`` always runs ``R`` steps;
         the outputs are identical either way (per-step keys are ``fold_in(rng, step)``).
+      min_new_tokens: EOS ids cannot be drawn in response slots ``r < min_new_tokens`` (their
+        logits are ``-inf`` there, as HF's ``MinNewTokensLengthLogitsProcessor``). The
+        constraint is part of the policy: reported log-probs are under the constrained
+        distribution, and the PPO training forward applies the same ``suppress_eos``, so
+        sampler and training log-probs still agree. ``min_new_tokens == max_new_tokens``
+        gives fixed-length responses, the setting of Ziegler et al. 2019 (§3.1, 24-token
+        continuations), which leaves a policy no way to game a reward model through length.
+        ``0`` (default) disables.
     """
 
     max_new_tokens: int
@@ -86,11 +94,15 @@ class SamplingConfig:
     eos_token_id: int | tuple[int, ...]
     pad_token_id: int
     stop_early: bool = True
+    min_new_tokens: int = 0
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(
                 f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"SamplingConfig.min_new_tokens must be an int in [0, max_new_tokens"
+                             f" = {self.max_new_tokens}], got {self.min_new_tokens!r}")
         if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
                 or not math.isfinite(self.temperature) or self.temperature <= 0):
             raise ValueError(
@@ -229,19 +241,42 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def select_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig
-                  ) -> tuple[jax.Array, jax.Array]:
+def suppress_eos(logits: jax.Array, response_index: jax.Array | int, cfg: SamplingConfig
+                 ) -> jax.Array:
+    """``logits`` with every EOS id at ``-inf`` where ``response_index < cfg.min_new_tokens``.
+
+    Used by the sampler at each decode step and by the training forward over a whole response
+    (``rlhf_jax.train.ppo.policy_forward``), so both see the same constrained policy.
+
+    Args:
+      logits: ``[..., V]`` float, the logits that predict response slot ``response_index``.
+      response_index: int or int array broadcastable to ``logits.shape[:-1]``: the response
+        slot ``r`` (0-based) each row of logits predicts.
+      cfg: the sampling configuration (``min_new_tokens == 0`` returns ``logits`` unchanged).
+    """
+    if cfg.min_new_tokens == 0:
+        return logits
+    is_eos_column = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(cfg.eos_ids)].set(True)
+    early = jnp.asarray(response_index) < cfg.min_new_tokens
+    return jnp.where(early[..., None] & is_eos_column, -jnp.inf, logits)
+
+
+def select_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
+                  step: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row and its log-prob under the unfiltered tempered softmax.
 
     Args:
       logits: ``[B, V] float32`` next-token logits.
       key: typed PRNG key (unused when ``cfg.greedy``).
       cfg: the sampling configuration.
+      step: the response slot being drawn (for ``cfg.min_new_tokens``).
 
     Returns:
       ``(tokens [B] int32, logprobs [B] float32)`` with
-      ``logprobs = log softmax(logits / temperature)[tokens]`` (see ``SampleOutput.logprobs``).
+      ``logprobs = log softmax(logits / temperature)[tokens]`` (see ``SampleOutput.logprobs``),
+      ``logits`` after ``suppress_eos``.
     """
+    logits = suppress_eos(logits, step, cfg)
     scaled = logits.astype(jnp.float32) / cfg.temperature
     if cfg.greedy:
         tokens = jnp.argmax(logits, axis=-1)
@@ -337,7 +372,7 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
     n_prompt = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)  # [B]
 
     def pick(step, logits, done):
-        tok, logp = select_tokens(logits, jax.random.fold_in(rng, step), cfg)
+        tok, logp = select_tokens(logits, jax.random.fold_in(rng, step), cfg, step)
         active = ~done
         tok = jnp.where(active, tok, cfg.pad_token_id)
         logp = jnp.where(active, logp, 0.0)

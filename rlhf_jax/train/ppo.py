@@ -38,7 +38,7 @@ from rlhf_jax.losses.logprobs import entropy_from_logits, masked_mean, sequence_
 from rlhf_jax.losses.ppo import clipped_policy_loss, clipped_value_loss, kl_shaped_rewards
 from rlhf_jax.losses.kl import kl_estimate
 from rlhf_jax.models.model import Model, Params
-from rlhf_jax.rollout.sampler import SampleOutput, SamplingConfig, sample
+from rlhf_jax.rollout.sampler import SampleOutput, SamplingConfig, sample, suppress_eos
 from rlhf_jax.train.common import sequence_scores
 from rlhf_jax.train.state import TrainState, apply_gradients
 from rlhf_jax.types import positions_from_mask
@@ -163,9 +163,11 @@ def _values_before(values: jax.Array, prompt_len: int) -> jax.Array:
 
 
 def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, prompt_len: int,
-                   temperature: float):
+                   sampling: SamplingConfig):
     """Response log-probs ``[B, R]``, per-token entropy ``[B, R]`` and values ``[B, R]`` (or
-    ``None`` for an ``"lm"`` model), from one forward.
+    ``None`` for an ``"lm"`` model), from one forward, under the policy the sampler draws from:
+    logits divided by ``sampling.temperature`` and EOS suppressed before
+    ``sampling.min_new_tokens`` (``rollout.sampler.suppress_eos``).
 
     Only the ``R + 1`` positions from ``P - 1`` on are projected onto the vocabulary (the
     ``[B, T, V]`` logits of the prompt are never built): position ``P - 1 + r`` predicts
@@ -175,7 +177,9 @@ def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, p
     """
     out = model.apply(params, tokens, positions, attn_mask, compute_logits=False)
     window = slice(prompt_len - 1, None)
-    logits = model.logits(params, out.hidden[:, window]) / temperature   # [B, R + 1, V]
+    logits = model.logits(params, out.hidden[:, window]) / sampling.temperature  # [B, R + 1, V]
+    # window row r predicts response slot r (the last row predicts nothing and is dropped)
+    logits = suppress_eos(logits, jnp.arange(logits.shape[1]), sampling)
     logp = sequence_logprobs(logits, tokens[:, window])[:, 1:]
     entropy = entropy_from_logits(logits, shift=True)[:, 1:]
     values = None if out.values is None else _values_before(out.values, prompt_len)
@@ -212,15 +216,14 @@ def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask
         initial policy; its value head, if any, is unused).
     """
     prompt_len = tokens.shape[1] - response_mask.shape[1]
-    temp = cfg.sampling.temperature
     mask = response_mask.astype(bool)
     old_logp, _, values = policy_forward(policy_model, state.policy.params, tokens, positions,
-                                         attn_mask, prompt_len, temp)
+                                         attn_mask, prompt_len, cfg.sampling)
     if cfg.value_model == "separate":
         values = value_forward(value_model, state.value.params, tokens, positions, attn_mask,
                                prompt_len)
     ref_logp, _, _ = policy_forward(policy_model, ref_params, tokens, positions, attn_mask,
-                                    prompt_len, temp)
+                                    prompt_len, cfg.sampling)
     old_logp, values, ref_logp = (jax.lax.stop_gradient(jnp.where(mask, x, 0.0))
                                   for x in (old_logp, values, ref_logp))
     scores = scores.astype(jnp.float32) * cfg.reward_gain + cfg.reward_bias
@@ -254,7 +257,7 @@ def _minibatch_loss(trainable, mb: Experience, *, policy_model, value_model, cfg
     prompt_len = mb.tokens.shape[1] - mb.response_mask.shape[1]
     mask = mb.response_mask
     logp, entropy, values = policy_forward(policy_model, policy_params, mb.tokens, mb.positions,
-                                           mb.attn_mask, prompt_len, cfg.sampling.temperature)
+                                           mb.attn_mask, prompt_len, cfg.sampling)
     if cfg.value_model == "separate":
         values = value_forward(value_model, value_params, mb.tokens, mb.positions, mb.attn_mask,
                                prompt_len)

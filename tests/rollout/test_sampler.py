@@ -3,6 +3,7 @@ EOS handling, filtering, sampling frequencies, one trace per shape bucket."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -260,6 +261,39 @@ def test_eos_forced_by_params_ends_every_row_at_step_zero():
         assert bool(jnp.all(out.logprobs[:, 1:] == 0.0))
 
 
+def test_min_new_tokens_delays_a_forced_eos():
+    # Same forced-EOS parameters: every slot's logits are the constant `emb @ u`, EOS on top.
+    # With min_new_tokens=3 slots 0..2 draw from the softmax without EOS, slot 3 takes EOS.
+    model, params = _model("gpt2")
+    params = jax.tree.map(lambda x: x, params)
+    emb = np.asarray(params["trunk"]["embed"], np.float64)
+    eos = int(np.argmax((emb ** 2).sum(1)))
+    u = 50.0 * emb[eos] / np.sum(emb[eos] ** 2)
+    params["trunk"]["final_norm"] = {"scale": jnp.zeros(32), "bias": jnp.asarray(u, jnp.float32)}
+    logits = emb @ u
+    no_eos = np.delete(logits, eos)
+    lse_no_eos = no_eos.max() + np.log(np.exp(no_eos - no_eos.max()).sum())
+    lse_all = logits.max() + np.log(np.exp(logits - logits.max()).sum())
+    tokens, mask = _prompts(b=4, p=5)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, eos_token_id=eos, pad_token_id=7,
+                         min_new_tokens=3)
+    out = _jit_sample(model, params, tokens, mask, jax.random.key(0), cfg)
+    resp = np.asarray(out.response)
+    assert not np.any(resp[:, :3] == eos)
+    np.testing.assert_array_equal(resp[:, 3], [eos] * 4)
+    np.testing.assert_array_equal(resp[:, 4:], 7)
+    np.testing.assert_array_equal(np.asarray(out.lengths), [4] * 4)
+    assert bool(jnp.all(out.ended))
+    np.testing.assert_allclose(np.asarray(out.logprobs[:, :3]), logits[resp[:, :3]] - lse_no_eos,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.logprobs[:, 3]), logits[eos] - lse_all, atol=1e-5)
+    # min_new_tokens == max_new_tokens: fixed-length responses, never an EOS
+    fixed = dataclasses.replace(cfg, min_new_tokens=8)
+    out = _jit_sample(model, params, tokens, mask, jax.random.key(0), fixed)
+    assert not bool(jnp.any(out.ended)) and not np.any(np.asarray(out.response) == eos)
+    np.testing.assert_array_equal(np.asarray(out.lengths), [8] * 4)
+
+
 def test_eos_mid_response_mask_padding_ended_lengths():
     model, params = _model("llama")
     tokens, mask = _prompts(b=6, p=7, seed=3)
@@ -440,6 +474,8 @@ def test_sampling_config_validation():
         (dict(eos_token_id=-1), "eos_token_id"),
         (dict(pad_token_id=-3), "pad_token_id"),
         (dict(greedy=1), "greedy"),
+        (dict(min_new_tokens=-1), "min_new_tokens"),
+        (dict(min_new_tokens=5), "min_new_tokens"),
     ]
     for change, field in bad:
         with pytest.raises(ValueError, match=field):

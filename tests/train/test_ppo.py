@@ -257,3 +257,31 @@ def test_separate_value_model_updates_both_states():
     # The value model is its own tree: the trunk it trains is not the policy's.
     assert not np.allclose(np.asarray(state.value.params["trunk"]["embed"]),
                            np.asarray(state.policy.params["trunk"]["embed"]))
+
+
+# ---- the constrained policy (min_new_tokens) ------------------------------------------------
+
+def test_policy_forward_matches_sampler_logprobs_under_min_new_tokens():
+    """The training forward sees the policy the sampler draws from: temperature and the EOS
+    suppression of the first ``min_new_tokens`` slots; entropy gradients stay finite there."""
+    from rlhf_jax.rollout.sampler import sample
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.7, eos_token_id=(EOS, 5), pad_token_id=PAD,
+                         min_new_tokens=4)
+    params = host_params("lm_value")
+    out = jax.jit(sample, static_argnames=("model", "cfg"))(
+        POLICY, params, PROMPTS, PROMPT_MASK, jax.random.key(3), cfg)
+    assert not np.any(np.isin(np.asarray(out.response[:, :4]), [EOS, 5]))
+    fwd = jax.jit(ppo.policy_forward, static_argnames=("model", "prompt_len", "sampling"))
+    logp, entropy, _ = fwd(POLICY, params, out.tokens, out.positions, out.attn_mask,
+                           prompt_len=PROMPTS.shape[1], sampling=cfg)
+    m = np.asarray(out.response_mask)
+    np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-5)
+    # unconstrained, the same tokens are less likely in slots 0..3 (EOS mass is renormalised away)
+    free, _, _ = fwd(POLICY, params, out.tokens, out.positions, out.attn_mask,
+                     prompt_len=PROMPTS.shape[1], sampling=dataclasses.replace(cfg, min_new_tokens=0))
+    assert np.all(np.asarray(free)[:, :4] < np.asarray(logp)[:, :4])
+    np.testing.assert_allclose(np.asarray(free)[:, 4:][m[:, 4:]], np.asarray(logp)[:, 4:][m[:, 4:]],
+                               atol=1e-6)
+    grads = jax.grad(lambda p: jnp.sum(fwd(POLICY, p, out.tokens, out.positions, out.attn_mask,
+                                           prompt_len=PROMPTS.shape[1], sampling=cfg)[1]))(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
