@@ -19,7 +19,9 @@ response mask, per-sequence quantities sequence means, unless stated):
 ``objective/kl``                KL(pi || pi_ref) per sequence, nats (sum over response
                                 tokens of the per-token estimator), sequence mean.
 ``objective/kl_coef``           current KL coefficient (adaptive controller).
-``objective/entropy``           policy entropy, nats per token, token mean.
+``objective/entropy``           policy entropy per sequence, nats: ``-sum_t log pi(y_t)`` over
+                                the sampled response tokens (a one-sample estimate, as in
+                                TRL), sequence mean.
 ``objective/rlhf_reward``       ``score - kl_coef * kl``, sequence mean.
 ``ppo/policy/clipfrac``         fraction of tokens whose ratio was clipped.
 ``ppo/policy/approxkl``         ``0.5 (log ratio)^2`` between rollout and current policy.

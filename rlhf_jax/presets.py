@@ -28,10 +28,11 @@ from rlhf_jax.train.reward import RewardConfig
 from rlhf_jax.train.state import OptimizerConfig
 
 
-def _sampling(max_new_tokens: int, temperature: float = 1.0) -> SamplingConfig:
+def _sampling(max_new_tokens: int, temperature: float = 1.0, min_new_tokens: int = 0
+              ) -> SamplingConfig:
     # EOS / pad ids are replaced by the tokenizer's at run time.
-    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=2,
-                          pad_token_id=2)
+    return SamplingConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                          temperature=temperature, eos_token_id=2, pad_token_id=2)
 
 
 def smollm2_sentiment() -> PipelineConfig:
@@ -50,14 +51,17 @@ def smollm2_sentiment() -> PipelineConfig:
                          optimizer=OptimizerConfig(lr=2e-4, warmup_steps=5, schedule="cosine",
                                                    total_steps=60),
                          eval_pairs=256, normalize_prompts=32),
-        ppo=PPOStageConfig(iterations=30, batch_size=8,
-                           optimizer=OptimizerConfig(lr=3e-5, max_grad_norm=1.0),
-                           ppo=PPOConfig(sampling=_sampling(20), num_ppo_epochs=2,
-                                         num_minibatches=1, vf_coef=0.1,
+        # Responses of 10-20 tokens: without the floor, PPO games the reward model by ending
+        # early (measured: length 14 -> 7 tokens, RM score up, VADER down).
+        ppo=PPOStageConfig(iterations=20, batch_size=16,
+                           optimizer=OptimizerConfig(lr=5e-5, max_grad_norm=1.0),
+                           ppo=PPOConfig(sampling=_sampling(20, temperature=0.7, min_new_tokens=10),
+                                         num_ppo_epochs=4, num_minibatches=2, vf_coef=0.1,
                                          kl=KLController(kind="fixed", init_kl_coef=0.05))),
         dpo=DPOStageConfig(steps=40, batch_size=8, dpo=DPOConfig(beta=0.1),
-                           optimizer=OptimizerConfig(lr=3e-5, warmup_steps=3, total_steps=40)),
-        eval=EvalConfig(num_prompts=64, batch_size=32, max_new_tokens=20, temperature=0.7),
+                           optimizer=OptimizerConfig(lr=2e-4, warmup_steps=3, total_steps=40)),
+        eval=EvalConfig(num_prompts=128, batch_size=32, max_new_tokens=20, min_new_tokens=10,
+                        temperature=0.7),
         checkpoint_every=20,
     )
 
