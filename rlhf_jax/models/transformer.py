@@ -169,16 +169,19 @@ class Attention(nnx.Module):
         self.n_rep = h // hkv
         self.cfg = cfg
 
-    def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index):
+    def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index, layer):
         """Attend from ``x [B, T, D]`` over the cache after writing this call's keys into it.
 
         Args:
           x: ``[B, T, D]`` normalised hidden states.
           positions: ``[B, T] int32`` RoPE positions.
           q_slots: ``[T] int32`` cache slots of the queries (``cache_index + arange(T)``).
-          k_cache, v_cache: ``[B, S, H_kv, K]`` this layer's cache, or ``None`` (then S = T).
+          k_cache, v_cache: ``[L, B, S, H_kv, K]`` the cache of *all* layers, or ``None``
+            (then S = T). Only this call's ``T`` slots of layer ``layer`` are written (an
+            in-place update of the layer scan's carry), never a whole layer.
           valid: ``[B, S] bool`` valid slots, already including this call's tokens.
           cache_index: scalar int32, the slot of ``x[:, 0]``.
+          layer: scalar int32, this block's index into the cache.
 
         Returns:
           ``(y [B, T, D], k_cache, v_cache)`` with the cache updated (``None`` if not given).
@@ -189,11 +192,11 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         if k_cache is not None:
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
-                                                   (0, cache_index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
-                                                   (0, cache_index, 0, 0))
-            k, v = k_cache, v_cache
+            at = (layer, 0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
+            k = jax.lax.dynamic_index_in_dim(k_cache, layer, axis=0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_cache, layer, axis=0, keepdims=False)
         b, t, h, kd = q.shape
         s, hkv = k.shape[1], k.shape[2]
         q = q.reshape(b, t, hkv, self.n_rep, kd)
@@ -234,9 +237,9 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index):
+    def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index, layer):
         y, k_cache, v_cache = self.attn(self.attn_norm(x), positions, q_slots, k_cache, v_cache,
-                                        valid, cache_index)
+                                        valid, cache_index, layer)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "seq", "embed")), k_cache, v_cache
@@ -298,28 +301,32 @@ class Transformer(nnx.Module):
 
         graphdef, block_state = nnx.split(self.blocks)
 
-        def body(x, layer):
-            params, k_l, v_l = layer
+        # The whole cache rides in the scan's carry: each block writes its T new slots in
+        # place. (Scanning over per-layer cache slices and stacking them as outputs would
+        # rewrite the entire cache at every decode step.)
+        def body(carry, layer):
+            x, k_all, v_all = carry
+            params, index = layer
             block = nnx.merge(graphdef, params)
-            x, k_l, v_l = block(x, positions, q_slots, k_l, v_l, valid, cache_index)
-            return x, (k_l, v_l)
+            x, k_all, v_all = block(x, positions, q_slots, k_all, v_all, valid, cache_index, index)
+            return (x, k_all, v_all), None
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False,
                                   policy=jax.checkpoint_policies.nothing_saveable)
-        xs = (block_state, *kv)
+        xs = (block_state, jnp.arange(cfg.n_layers, dtype=jnp.int32))
+        carry = (x, *kv)
         f = cfg.frozen_layers
         if 0 < f < cfg.n_layers:
             # Frozen lower blocks: their own scan, no backward pass through them.
             lower = jax.tree.map(lambda a: a[:f], xs)
             upper = jax.tree.map(lambda a: a[f:], xs)
-            x, kv_lower = jax.lax.scan(body, x, lower, unroll=cfg.scan_unroll)
+            (x, *kv), _ = jax.lax.scan(body, carry, lower, unroll=cfg.scan_unroll)
             x = jax.lax.stop_gradient(x)
-            x, kv_upper = jax.lax.scan(body, x, upper, unroll=cfg.scan_unroll)
-            k_new, v_new = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kv_lower, kv_upper)
+            (x, *kv), _ = jax.lax.scan(body, (x, *kv), upper, unroll=cfg.scan_unroll)
         else:
-            x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=cfg.scan_unroll)
+            (x, *kv), _ = jax.lax.scan(body, carry, xs, unroll=cfg.scan_unroll)
             if f == cfg.n_layers:
                 x = jax.lax.stop_gradient(x)
-        new_cache = None if cache is None else KVCache(k=k_new, v=v_new, valid=valid)
+        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid)
         return self.final_norm(x), new_cache
