@@ -1,7 +1,7 @@
 """Named pipeline presets (``rlhf-jax pipeline --preset NAME``); every field stays overridable.
 
 * ``smollm2-sentiment`` - the main job: SmolLM2-135M-Instruct (fetched through the package
-  index) on the built-in human sentiment ratings; sized to finish in about 30 minutes on a
+  index) on the built-in human sentiment ratings; sized to finish within 30 minutes (22 measured) on a
   2-core CPU by training only the top blocks and giving the reward model a truncated trunk.
 * ``tiny`` - a random tiny Llama with SmolLM2's tokenizer on the same data: the whole pipeline
   in minutes (CI).
