@@ -9,6 +9,7 @@ speed. Nothing here is a test: benchmarks never assert on timings.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import json
@@ -56,6 +57,17 @@ def load_workload(path: str | os.PathLike | None = None) -> tuple[dict[str, Any]
 
 
 @functools.cache
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The options every workload benchmark shares: which workloads, from which file, and the
+    matmul reference (precision and size)."""
+    ap.add_argument("--workload", default="all", help="small | medium | all (comma-separated ok)")
+    ap.add_argument("--workload-file", default=None,
+                    help="default: <repo>/../shared/bench/workload.json, else bench/workload.json")
+    ap.add_argument("--matmul-precision", default="highest",
+                    help="jax_default_matmul_precision (highest = true fp32, as the peak uses)")
+    ap.add_argument("--matmul-n", type=int, default=2048)
+
+
 def environment() -> dict[str, Any]:
     """Fields identifying the machine and software, attached to every emitted line."""
     dev = jax.devices()[0]

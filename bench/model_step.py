@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench.common import emit, load_workload, make_matmul, matmul_gflops, timeit_interleaved
+from bench.common import add_workload_args, emit, load_workload, make_matmul, matmul_gflops, timeit_interleaved
 from rlhf_jax.config import ModelConfig, gpt2_config
 from rlhf_jax.models.model import Model
 
@@ -136,13 +136,8 @@ def bench_variant(name: str, variant: dict, workload: dict, matmul: tuple, *,
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", default="all", help="small | medium | all (comma-separated ok)")
-    ap.add_argument("--workload-file", default=None,
-                    help="default: <repo>/../shared/bench/workload.json, else bench/workload.json")
-    ap.add_argument("--matmul-precision", default="highest",
-                    help="jax_default_matmul_precision (highest = true fp32, as the peak uses)")
+    add_workload_args(ap)
     ap.add_argument("--no-forward", action="store_true", help="skip the forward-only line")
-    ap.add_argument("--matmul-n", type=int, default=2048)
     ap.add_argument("--scan-unroll", default="1",
                     help="ModelConfig.scan_unroll: an int, or 'layers' (= n_layers, no loop)")
     ap.add_argument("--remat", action="store_true", help="ModelConfig.remat=True")

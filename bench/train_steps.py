@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import emit, load_workload, make_matmul, timeit_interleaved
+from bench.common import add_workload_args, emit, load_workload, make_matmul, timeit_interleaved
 from bench.model_step import model_config
 from bench.sampler import sample_flops
 from rlhf_jax.config import ModelConfig
@@ -274,14 +274,9 @@ def bench_ppo(name: str, variant: dict, workload: dict, matmul) -> list:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", default="all", help="small | medium | all (comma-separated ok)")
-    ap.add_argument("--workload-file", default=None,
-                    help="default: <repo>/../shared/bench/workload.json, else bench/workload.json")
+    add_workload_args(ap)
     ap.add_argument("--steps", default="sft,rm,dpo,ppo",
                     help="which of sft, rm, dpo, ppo (ppo runs on 'small' only)")
-    ap.add_argument("--matmul-precision", default="highest",
-                    help="jax_default_matmul_precision (highest = true fp32, as the peak uses)")
-    ap.add_argument("--matmul-n", type=int, default=2048)
     ap.add_argument("--separate", action="store_true",
                     help="time the steps of a variant one after another (less memory) instead "
                          "of interleaved with each other")

@@ -50,6 +50,8 @@ def response_logprobs(model: Model, params: Params, tokens: jax.Array, attn_mask
     logits (the one-token shift is ``losses.logprobs.sequence_logprobs``): the distribution
     ``SampleOutput.logprobs`` reports (unfiltered, tempered; as in
     lm-human-preferences and TRL, which divide the training logits by the sampling temperature).
+    It does not apply ``SamplingConfig.min_new_tokens``: for a sampler with that constraint,
+    ``rlhf_jax.train.ppo.policy_forward(..., sampling=cfg)`` gives the matching log-probs.
 
     Args:
       model: an ``lm`` / ``lm_value`` ``Model`` (static under jit).
