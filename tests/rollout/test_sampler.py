@@ -235,16 +235,22 @@ def test_greedy_equals_hf_generate(tmp_path):
 
 # ---- EOS handling -----------------------------------------------------------------------------
 
-def test_eos_forced_by_params_ends_every_row_at_step_zero():
-    # GPT-2: final LayerNorm scale 0 and bias c * e_eos make hidden = c * e_eos for every input,
-    # so logits = E @ (c e_eos) peak at eos (the embedding row of largest norm).
+def _forced_eos_gpt2():
+    """GPT-2 whose final LayerNorm has scale 0 and bias ``c * e_eos``: the hidden state is
+    ``c * e_eos`` for every input, so every slot's logits are the constant ``E @ (c e_eos)``,
+    peaked at ``eos`` (the embedding row of largest norm). Returns
+    ``(model, params, eos, logits [V] float64)``."""
     model, params = _model("gpt2")
     params = jax.tree.map(lambda x: x, params)
     emb = np.asarray(params["trunk"]["embed"], np.float64)
     eos = int(np.argmax((emb ** 2).sum(1)))
     u = 50.0 * emb[eos] / np.sum(emb[eos] ** 2)
     params["trunk"]["final_norm"] = {"scale": jnp.zeros(32), "bias": jnp.asarray(u, jnp.float32)}
-    logits = emb @ u
+    return model, params, eos, emb @ u
+
+
+def test_eos_forced_by_params_ends_every_row_at_step_zero():
+    model, params, eos, logits = _forced_eos_gpt2()
     assert np.argmax(logits) == eos and np.sort(logits)[-1] - np.sort(logits)[-2] > 20
     tokens, mask = _prompts(b=4, p=5)
     cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, eos_token_id=eos, pad_token_id=7)
@@ -262,15 +268,9 @@ def test_eos_forced_by_params_ends_every_row_at_step_zero():
 
 
 def test_min_new_tokens_delays_a_forced_eos():
-    # Same forced-EOS parameters: every slot's logits are the constant `emb @ u`, EOS on top.
-    # With min_new_tokens=3 slots 0..2 draw from the softmax without EOS, slot 3 takes EOS.
-    model, params = _model("gpt2")
-    params = jax.tree.map(lambda x: x, params)
-    emb = np.asarray(params["trunk"]["embed"], np.float64)
-    eos = int(np.argmax((emb ** 2).sum(1)))
-    u = 50.0 * emb[eos] / np.sum(emb[eos] ** 2)
-    params["trunk"]["final_norm"] = {"scale": jnp.zeros(32), "bias": jnp.asarray(u, jnp.float32)}
-    logits = emb @ u
+    # Constant logits with EOS on top: with min_new_tokens=3 slots 0..2 draw from the softmax
+    # without EOS, slot 3 takes EOS.
+    model, params, eos, logits = _forced_eos_gpt2()
     no_eos = np.delete(logits, eos)
     lse_no_eos = no_eos.max() + np.log(np.exp(no_eos - no_eos.max()).sum())
     lse_all = logits.max() + np.log(np.exp(logits - logits.max()).sum())
