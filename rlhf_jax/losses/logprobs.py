@@ -116,10 +116,12 @@ def sequence_logprobs(
             f"sequence_logprobs: logits shape {logits_BxTxV.shape} must be tokens shape "
             f"{tokens_BxT.shape} + (V,)"
         )
-    logp = gather_logprobs(
-        logits_BxTxV[..., :-1, :], tokens_BxT[..., 1:], temperature=temperature
-    )
-    return _shift_right(logp)
+    # Shift the [..., T] tokens, not the [..., T, V] logits: slicing the logits to T-1 rows
+    # costs a copy of them (and a zero-filled scatter in the backward) on XLA:CPU. Row T-1
+    # pairs the last logits with a dummy target; its value is dropped by the final shift.
+    next_tokens = jnp.concatenate([tokens_BxT[..., 1:], tokens_BxT[..., :1]], axis=-1)
+    logp = gather_logprobs(logits_BxTxV, next_tokens, temperature=temperature)
+    return _shift_right(logp[..., :-1])
 
 
 def entropy_from_logits(
@@ -148,14 +150,13 @@ def entropy_from_logits(
       ``[..., T]`` float32 entropies in nats.
     """
     logits = _float(logits) / temperature
-    if shift:
-        logits = logits[..., :-1, :]
     logp = jax.nn.log_softmax(logits, axis=-1)
     p = jnp.exp(logp)
     # p log p -> 0 as p -> 0; the inner where keeps -inf logits (masked tokens) out of the
     # gradient too (0 * -inf would be NaN there).
     ent = -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp, 0.0), 0.0), axis=-1)
-    return _shift_right(ent) if shift else ent
+    # shift the [..., T] result rather than slice the [..., T, V] logits (see sequence_logprobs)
+    return _shift_right(ent[..., :-1]) if shift else ent
 
 
 # --------------------------------------------------------------------------------------------
