@@ -49,8 +49,8 @@ from rlhf_jax.train.loop import LoopConfig, run_loop
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, make_ppo_iteration, policy_forward
 from rlhf_jax.train.reward import RewardConfig, make_reward_eval, make_reward_step
 from rlhf_jax.train.sft import SFTConfig, make_sft_step
-from rlhf_jax.train.state import (OptimizerConfig, create_sharded_train_state, make_optimizer,
-                                  train_state_shardings)
+from rlhf_jax.train.state import (OptimizerConfig, create_sharded_train_state, frozen_part_equal,
+                                  make_optimizer, train_state_shardings)
 from rlhf_jax.types import PromptBatch
 
 log = logging.getLogger(__name__)
@@ -595,6 +595,17 @@ def _sft_sample_scores(run: Run, sft_model, sft_params, rm, rm_params, count: in
     return np.concatenate(out)
 
 
+def _share_frozen(cfg, model: Model, policy_params, ref_params):
+    """``cfg`` (a ``PPOConfig`` or ``DPOConfig``) with ``reference_shares_frozen_layers`` on
+    exactly when the reference equals the policy in its frozen layers (the stages' reference
+    is the policy's initialisation, so: whenever ``frozen_layers > 0``)."""
+    share = frozen_part_equal(policy_params, ref_params, model.cfg.frozen_layers)
+    if cfg.reference_shares_frozen_layers and not share:
+        raise ValueError("reference_shares_frozen_layers=True, but the reference differs from the "
+                         f"policy in its frozen layers (frozen_layers={model.cfg.frozen_layers})")
+    return dataclasses.replace(cfg, reference_shares_frozen_layers=share)
+
+
 def run_ppo(run: Run) -> None:
     """Stage 3: PPO from the SFT policy against the reward model, KL to the frozen SFT policy."""
     c = run.cfg.ppo
@@ -606,7 +617,7 @@ def run_ppo(run: Run) -> None:
     ref_params = _on_mesh(run, policy, jax.tree.map(jnp.copy, params))
     rm_params = _on_mesh(run, rm, rm_params)
     ppo_cfg = dataclasses.replace(
-        c.ppo, reward_gain=rm_meta.get("reward_gain", 1.0), reward_bias=rm_meta.get("reward_bias", 0.0),
+        _share_frozen(c.ppo, policy, params, ref_params), reward_gain=rm_meta.get("reward_gain", 1.0), reward_bias=rm_meta.get("reward_bias", 0.0),
         sampling=dataclasses.replace(c.ppo.sampling, eos_token_id=run.tokenizer.eos_token_id,
                                      pad_token_id=run.tokenizer.pad_token_id))
     tx, policy_state, _ = _train_state(run, policy, params, c.optimizer, c.iterations, 3)
@@ -635,13 +646,14 @@ def run_dpo(run: Run) -> None:
     ref_params = _on_mesh(run, model, jax.tree.map(jnp.copy, sft_params))
     bcfg, data, eval_data = _preference_data(run, c.batch_size, 4, 2)
     tx, state, _ = _train_state(run, model, sft_params, c.optimizer, c.steps, 4)
-    evaluate = make_dpo_eval(model, c.dpo)
+    dpo_cfg = _share_frozen(c.dpo, model, sft_params, ref_params)
+    evaluate = make_dpo_eval(model, dpo_cfg)
 
     def eval_fn(state, step):
         return _eval_pairs(run, lambda b: evaluate(state.params, ref_params, b), eval_data,
                            run.cfg.rm.eval_pairs, c.batch_size, "dpo_eval")
 
-    result = _loop(run, "dpo", make_dpo_step(model, tx, c.dpo), state, run.batches(data, bcfg), c.steps,
+    result = _loop(run, "dpo", make_dpo_step(model, tx, dpo_cfg), state, run.batches(data, bcfg), c.steps,
                    model, frozen=(ref_params,), loss_key="dpo/loss", eval_fn=eval_fn)
     _finish_policy(run, "dpo", model, result.state.params)
 

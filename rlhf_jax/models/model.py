@@ -136,7 +136,8 @@ class Model:
 
     def apply(self, params: Params, tokens: jax.Array, positions: jax.Array,
               attn_mask: jax.Array, cache: KVCache | None = None,
-              cache_index: jax.Array | int = 0, *, compute_logits: bool = True) -> ModelOutput:
+              cache_index: jax.Array | int = 0, *, compute_logits: bool = True,
+              frozen_hidden: jax.Array | None = None) -> ModelOutput:
         """Forward pass (pure; call under ``jax.jit``).
 
         Args:
@@ -147,17 +148,39 @@ class Model:
           cache: optional ``KVCache`` (sampling); see ``Transformer.__call__``.
           cache_index: scalar slot of ``tokens[:, 0]`` in the cache.
           compute_logits: skip the ``[B, T, V]`` LM head when only values are needed.
+          frozen_hidden: ``[B, T, D]`` from :meth:`frozen_hidden` of the same tokens: the
+            embeddings and frozen blocks are skipped (the result is the same as without it
+            when it was computed from parameters whose frozen part equals ``params``').
 
         Returns:
           ``ModelOutput``.
+
+        Raises:
+          ValueError: ``frozen_hidden`` given with ``cfg.frozen_layers == 0`` or a cache.
         """
         net = self._merge(params)
-        hidden, cache = net.trunk(tokens, positions, attn_mask, cache, cache_index)
+        hidden, cache = net.trunk(tokens, positions, attn_mask, cache, cache_index,
+                                  frozen_hidden=frozen_hidden)
         logits = self.logits(params, hidden) if compute_logits and self.kind != "scalar" else None
         values = None
         if net.value_head is not None:
             values = net.value_head(hidden).astype(jnp.float32)
         return ModelOutput(hidden=hidden, logits=logits, values=values, cache=cache)
+
+    def frozen_hidden(self, params: Params, tokens: jax.Array, positions: jax.Array,
+                      attn_mask: jax.Array) -> jax.Array:
+        """The embeddings and the lowest ``cfg.frozen_layers`` blocks: ``[B, T, D]`` (compute
+        dtype, no final norm, under ``stop_gradient``).
+
+        Frozen layers do not change during training, so this part of the forward can be run
+        once and shared: by the PPO epochs over one rollout, and by a policy and a reference
+        whose frozen parts are equal (``rlhf_jax.train.state.frozen_part_equal``). Pass the
+        result as ``apply(..., frozen_hidden=...)`` with the same tokens, positions and mask.
+
+        Raises:
+          ValueError: ``cfg.frozen_layers == 0``.
+        """
+        return self._merge(params).trunk(tokens, positions, attn_mask, stop_after_frozen=True)[0]
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         """LM head: ``hidden [..., D] -> logits [..., V]`` float32 (tied: ``hidden @ embed.T``)."""

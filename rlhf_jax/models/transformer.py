@@ -268,7 +268,8 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
-                 cache: KVCache | None = None, cache_index: jax.Array | int = 0):
+                 cache: KVCache | None = None, cache_index: jax.Array | int = 0, *,
+                 frozen_hidden: jax.Array | None = None, stop_after_frozen: bool = False):
         """Hidden states of the last layer after the final norm.
 
         Args:
@@ -277,18 +278,34 @@ class Transformer(nnx.Module):
           attn_mask: ``[B, T] bool`` True for real tokens.
           cache: ``KVCache`` with ``S >= cache_index + T`` slots, or ``None`` for a plain forward.
           cache_index: scalar int32, the slot of ``tokens[:, 0]`` in the cache.
+          frozen_hidden: ``[B, T, D]`` output of the embeddings and the lowest
+            ``cfg.frozen_layers`` blocks (from ``stop_after_frozen=True``): only the upper blocks
+            run. Needs ``cache=None``.
+          stop_after_frozen: return ``(x [B, T, D], None)`` right after the frozen blocks (no
+            final norm), under ``stop_gradient``.
 
         Returns:
           ``(hidden [B, T, D], cache)``; ``cache`` has this call's keys/values written.
+
+        Raises:
+          ValueError: ``frozen_hidden`` / ``stop_after_frozen`` with ``cfg.frozen_layers == 0``
+            or with a cache.
         """
         cfg = self.cfg
         dt = _dtype(cfg.dtype)
         t = tokens.shape[1]
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-        if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
-        if cfg.frozen_layers:
-            x = jax.lax.stop_gradient(x)
+        f = cfg.frozen_layers
+        if (frozen_hidden is not None or stop_after_frozen) and (f == 0 or cache is not None):
+            raise ValueError("frozen_hidden / stop_after_frozen need ModelConfig.frozen_layers > 0 "
+                             f"(got {f}) and no KV cache")
+        if frozen_hidden is None:
+            x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+            if self.pos_embed is not None:
+                x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+            if f:
+                x = jax.lax.stop_gradient(x)
+        else:
+            x = jax.lax.stop_gradient(frozen_hidden).astype(dt)
         x = constrain(x, ("batch", "seq", "embed"))
         attn_mask = attn_mask.astype(bool)
         cache_index = jnp.asarray(cache_index, jnp.int32)
@@ -315,18 +332,24 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, prevent_cse=False,
                                   policy=jax.checkpoint_policies.nothing_saveable)
         xs = (block_state, jnp.arange(cfg.n_layers, dtype=jnp.int32))
+        n = cfg.n_layers
+
+        def run(carry, lo, hi):
+            """Blocks ``lo..hi-1`` under one scan."""
+            if lo == hi:
+                return carry
+            part = xs if (lo, hi) == (0, n) else jax.tree.map(lambda a: a[lo:hi], xs)
+            return jax.lax.scan(body, carry, part, unroll=cfg.scan_unroll)[0]
+
         carry = (x, *kv)
-        f = cfg.frozen_layers
-        if 0 < f < cfg.n_layers:
+        if f:
             # Frozen lower blocks: their own scan, no backward pass through them.
-            lower = jax.tree.map(lambda a: a[:f], xs)
-            upper = jax.tree.map(lambda a: a[f:], xs)
-            (x, *kv), _ = jax.lax.scan(body, carry, lower, unroll=cfg.scan_unroll)
-            x = jax.lax.stop_gradient(x)
-            (x, *kv), _ = jax.lax.scan(body, (x, *kv), upper, unroll=cfg.scan_unroll)
-        else:
-            (x, *kv), _ = jax.lax.scan(body, carry, xs, unroll=cfg.scan_unroll)
-            if f == cfg.n_layers:
+            if frozen_hidden is None:
+                x, *kv = run(carry, 0, f)
                 x = jax.lax.stop_gradient(x)
+                if stop_after_frozen:
+                    return x, None
+            carry = (x, *kv)
+        x, *kv = run(carry, f, n)
         new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid)
         return self.final_norm(x), new_cache

@@ -15,25 +15,30 @@ def flatten_candidates(x: jax.Array) -> jax.Array:
 
 
 def token_logprobs(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
-                   attn_mask: jax.Array, temperature: float = 1.0) -> jax.Array:
+                   attn_mask: jax.Array, temperature: float = 1.0, *,
+                   frozen_hidden: jax.Array | None = None) -> jax.Array:
     """``logp[b, t] = log π(tokens[b, t] | tokens[b, <t])`` ``[B, T]`` float32 (0 at t = 0).
 
-    One forward; logits are divided by ``temperature`` (the sampler's distribution).
+    One forward (from ``frozen_hidden [B, T, D]`` when given: ``Model.frozen_hidden``); logits
+    are divided by ``temperature`` (the sampler's distribution).
     """
-    logits = model.apply(params, tokens, positions, attn_mask).logits
+    logits = model.apply(params, tokens, positions, attn_mask, frozen_hidden=frozen_hidden).logits
     if temperature != 1.0:
         logits = logits / temperature
     return sequence_logprobs(logits, tokens)
 
 
 def sequence_logps(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
-                   attn_mask: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+                   attn_mask: jax.Array, loss_mask: jax.Array, *,
+                   frozen_hidden: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Summed response log-probs ``[B]`` (nats) and response lengths ``[B]`` (tokens).
 
     ``sum_t loss_mask[b, t] * log π(tokens[b, t] | tokens[b, <t])`` - the quantity the DPO
-    family is defined on (Rafailov et al. 2023 eq. 7).
+    family is defined on (Rafailov et al. 2023 eq. 7). ``frozen_hidden``: see
+    ``token_logprobs``.
     """
-    logp = token_logprobs(model, params, tokens, positions, attn_mask)
+    logp = token_logprobs(model, params, tokens, positions, attn_mask,
+                          frozen_hidden=frozen_hidden)
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1)
 

@@ -8,6 +8,11 @@ once over the data set (``precompute_reference_logps`` + ``dpo_step_precomputed`
 per step, as in TRL's ``precompute_ref_log_probs``). Reference parameters are an explicit
 argument, never captured by closure.
 
+With frozen lower layers (``ModelConfig.frozen_layers``) and a reference that equals the
+policy there (it is the policy's initialisation: ``DPOConfig.reference_shares_frozen_layers``),
+the embeddings and frozen blocks run once per batch and feed both the policy's and the
+reference's upper blocks (``Model.frozen_hidden``); the losses are unchanged.
+
 The loss is a mean over the valid pairs (``PreferenceBatch.valid``; filler rows of
 ``DataConfig.remainder="pad"`` carry no loss and do not dilute it), with the count of the
 *whole* batch as denominator, so microbatching changes nothing.
@@ -41,6 +46,10 @@ class DPOConfig:
       label_smoothing: preference-noise rate for cDPO / robust DPO.
       gamma: SimPO target reward margin.
       num_microbatches: gradient accumulation steps per update.
+      reference_shares_frozen_layers: the reference equals the policy in the embeddings and the
+        lowest ``model.cfg.frozen_layers`` blocks (check once with
+        ``rlhf_jax.train.state.frozen_part_equal``): run that part of the forward once for
+        both. The step cannot check it; a wrong True gives wrong reference log-probs.
     """
 
     beta: float = 0.1
@@ -48,6 +57,7 @@ class DPOConfig:
     label_smoothing: float = 0.0
     gamma: float = 0.5
     num_microbatches: int = 1
+    reference_shares_frozen_layers: bool = False
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -64,14 +74,40 @@ class DPOConfig:
         return self.loss_type not in ("simpo", "orpo")
 
 
-def pair_logps(model: Model, params: Params, batch: PreferenceBatch):
-    """Summed response log-probs ``[B, 2]`` and lengths ``[B, 2]`` in one forward over ``2B``."""
+def pair_logps(model: Model, params: Params, batch: PreferenceBatch,
+               frozen_hidden: jax.Array | None = None):
+    """Summed response log-probs ``[B, 2]`` and lengths ``[B, 2]`` in one forward over ``2B``
+    (from ``frozen_hidden [B, 2, T, D]`` of ``pair_frozen_hidden`` when given)."""
     b, n = batch.tokens.shape[:2]
+    hidden = None if frozen_hidden is None else flatten_candidates(frozen_hidden)
     logps, lengths = sequence_logps(model, params, flatten_candidates(batch.tokens),
                                     flatten_candidates(batch.positions),
                                     flatten_candidates(batch.attn_mask),
-                                    flatten_candidates(batch.loss_mask))
+                                    flatten_candidates(batch.loss_mask), frozen_hidden=hidden)
     return logps.reshape(b, n), lengths.reshape(b, n)
+
+
+def pair_frozen_hidden(model: Model, params: Params, batch: PreferenceBatch) -> jax.Array:
+    """``Model.frozen_hidden`` of every candidate: ``[B, 2, T, D]`` (split with the batch)."""
+    b, n = batch.tokens.shape[:2]
+    h = model.frozen_hidden(params, flatten_candidates(batch.tokens),
+                            flatten_candidates(batch.positions), flatten_candidates(batch.attn_mask))
+    return h.reshape((b, n) + h.shape[1:])
+
+
+def _shared_hidden(model: Model, params: Params, batch: PreferenceBatch, cfg: DPOConfig):
+    """The policy's frozen hidden states when the reference shares them, else ``None``."""
+    if cfg.reference_shares_frozen_layers and cfg.needs_reference:
+        return pair_frozen_hidden(model, params, batch)
+    return None
+
+
+def _reference_logps(model: Model, ref_params: Params, batch: PreferenceBatch, hidden,
+                     cfg: DPOConfig) -> jax.Array:
+    """``[B, 2]`` reference log-probs (zeros for the reference-free losses), no gradient."""
+    if not cfg.needs_reference:
+        return jnp.zeros(batch.tokens.shape[:2], jnp.float32)
+    return jax.lax.stop_gradient(pair_logps(model, ref_params, batch, hidden)[0])
 
 
 def _loss(policy_logps, lengths, ref_logps, cfg: DPOConfig):
@@ -109,29 +145,26 @@ def masked_dpo_loss(policy_logps, lengths, ref_logps, valid, total_pairs, cfg: D
                         safe(policy_logps, -1.0), safe(lengths, 1.0), safe(ref_logps, -1.0))
 
 
-def dpo_loss_fn(params: Params, batch: PreferenceBatch, ref_logps: jax.Array, total_pairs, *,
-                model: Model, cfg: DPOConfig):
+def dpo_loss_fn(params: Params, batch: PreferenceBatch, ref_logps: jax.Array, total_pairs,
+                frozen_hidden: jax.Array | None = None, *, model: Model, cfg: DPOConfig):
     """Loss of one (micro)batch given reference log-probs ``[B, 2]``: summed over its valid
-    pairs, divided by the full batch's valid pairs."""
-    policy_logps, lengths = pair_logps(model, params, batch)
+    pairs, divided by the full batch's valid pairs. ``frozen_hidden``: the policy's
+    ``[B, 2, T, D]`` from ``pair_frozen_hidden``, or ``None``."""
+    policy_logps, lengths = pair_logps(model, params, batch, frozen_hidden)
     return masked_dpo_loss(policy_logps, lengths, ref_logps, batch.valid, total_pairs, cfg)
 
 
-def _update(state, batch, ref_logps, *, model, tx, cfg):
+def _update(state, batch, ref_logps, hidden=None, *, model, tx, cfg):
     total = num_valid_pairs(batch.valid)
     loss_fn = functools.partial(dpo_loss_fn, model=model, cfg=cfg)
-    _, grads, metrics = _accumulate(loss_fn, state.params, batch, ref_logps, cfg.num_microbatches,
-                                    total)
+    # Reference log-probs and frozen hidden states travel with the batch so that microbatches
+    # split them alike.
+    fn = lambda p, joint, t: loss_fn(p, *joint[:2], t, joint[2])
+    _, grads, metrics = accumulate_gradients(fn, state.params, (batch, ref_logps, hidden),
+                                             cfg.num_microbatches, total)
     metrics = dict(metrics)
     metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
     return apply_gradients(state, grads, tx), metrics
-
-
-def _accumulate(loss_fn, params, batch, ref_logps, num_microbatches, total):
-    # Reference log-probs travel with the batch so that microbatches split them alike.
-    joint = (batch, ref_logps)
-    fn = lambda p, j, t: loss_fn(p, j[0], j[1], t)
-    return accumulate_gradients(fn, params, joint, num_microbatches, total)
 
 
 def dpo_step(state: TrainState, batch: PreferenceBatch, ref_params: Params, *, model: Model,
@@ -143,11 +176,9 @@ def dpo_step(state: TrainState, batch: PreferenceBatch, ref_params: Params, *, m
       batch: ``PreferenceBatch`` with ``N = 2`` (chosen, rejected).
       ref_params: frozen reference parameters (same architecture as the policy).
     """
-    if cfg.needs_reference:
-        ref_logps = jax.lax.stop_gradient(pair_logps(model, ref_params, batch)[0])
-    else:
-        ref_logps = jnp.zeros(batch.tokens.shape[:2], jnp.float32)
-    return _update(state, batch, ref_logps, model=model, tx=tx, cfg=cfg)
+    hidden = _shared_hidden(model, state.params, batch, cfg)
+    ref_logps = _reference_logps(model, ref_params, batch, hidden, cfg)
+    return _update(state, batch, ref_logps, hidden, model=model, tx=tx, cfg=cfg)
 
 
 def dpo_step_precomputed(state: TrainState, batch: PreferenceBatch, ref_logps: jax.Array, *,
@@ -173,9 +204,9 @@ def make_reference_logps(model: Model):
 def make_dpo_eval(model: Model, cfg: DPOConfig = DPOConfig()):
     """Jitted ``(params, ref_params, batch) -> metrics`` without an update."""
     def evaluate(params, ref_params, batch):
-        ref = pair_logps(model, ref_params, batch)[0] if cfg.needs_reference \
-            else jnp.zeros(batch.tokens.shape[:2], jnp.float32)
-        policy, lengths = pair_logps(model, params, batch)
+        hidden = _shared_hidden(model, params, batch, cfg)
+        ref = _reference_logps(model, ref_params, batch, hidden, cfg)
+        policy, lengths = pair_logps(model, params, batch, hidden)
         return masked_dpo_loss(policy, lengths, ref, batch.valid, num_valid_pairs(batch.valid),
                                cfg)[1]
     return jax.jit(evaluate)

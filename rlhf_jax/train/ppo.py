@@ -17,6 +17,12 @@ One iteration is a composition of pure phases::
 reward model). For large models or a reward that is a host Python function of decoded text,
 ``PPOStages`` runs the same phases staged: ``generate`` (jit), the host reward, then
 ``learn`` (jit). Frozen parameters (reference, reward) are explicit arguments.
+
+With frozen lower layers (``ModelConfig.frozen_layers``) the policy's embeddings and frozen
+blocks run once per rollout (``Model.frozen_hidden``, kept in ``Experience.frozen_hidden``):
+the scoring forward and every epoch's minibatch forwards start from them, since the optimizer
+never moves those layers. With ``PPOConfig.reference_shares_frozen_layers`` the reference
+forward starts from them too.
 """
 
 from __future__ import annotations
@@ -72,6 +78,11 @@ class PPOConfig:
         (Ziegler et al. 2019 §2.2: mean 0, std 1 on reference samples).
       value_model: ``"shared"`` (a value head on the policy trunk; policy is an ``"lm_value"``
         model) or ``"separate"`` (its own ``"scalar"`` model and optimizer).
+      reference_shares_frozen_layers: the reference equals the policy in the embeddings and
+        the lowest ``frozen_layers`` blocks (it is the policy's initialisation; check once with
+        ``rlhf_jax.train.state.frozen_part_equal``): its forward starts from the policy's
+        frozen hidden states. Unchecked inside the step; a wrong True gives wrong reference
+        log-probs.
     """
 
     sampling: SamplingConfig
@@ -94,6 +105,7 @@ class PPOConfig:
     reward_gain: float = 1.0
     reward_bias: float = 0.0
     value_model: Literal["shared", "separate"] = "shared"
+    reference_shares_frozen_layers: bool = False
 
     def __post_init__(self):
         if self.num_ppo_epochs < 1 or self.num_minibatches < 1:
@@ -135,6 +147,8 @@ class Experience:
       rewards: ``[B, R]`` shaped per-token rewards.
       advantages: ``[B, R]``.
       returns: ``[B, R]`` value targets (``advantages + old_values`` before whitening).
+      frozen_hidden: ``[B, T, D]`` the policy's ``Model.frozen_hidden`` (compute dtype), or
+        ``None`` when the policy has no frozen layers.
     """
 
     tokens: jax.Array
@@ -148,6 +162,7 @@ class Experience:
     rewards: jax.Array
     advantages: jax.Array
     returns: jax.Array
+    frozen_hidden: jax.Array | None = None
 
 
 def init_ppo_state(policy: TrainState, kl: KLController, rng: jax.Array,
@@ -163,7 +178,7 @@ def _values_before(values: jax.Array, prompt_len: int) -> jax.Array:
 
 
 def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, prompt_len: int,
-                   sampling: SamplingConfig):
+                   sampling: SamplingConfig, *, frozen_hidden: jax.Array | None = None):
     """Response log-probs ``[B, R]``, per-token entropy ``[B, R]`` and values ``[B, R]`` (or
     ``None`` for an ``"lm"`` model), from one forward, under the policy the sampler draws from:
     logits divided by ``sampling.temperature`` and EOS suppressed before
@@ -173,9 +188,11 @@ def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, p
     ``[B, T, V]`` logits of the prompt are never built): position ``P - 1 + r`` predicts
     response token ``r``, and ``sequence_logprobs`` / ``entropy_from_logits(shift=True)`` on
     that window do the one-token shift as everywhere else (its first column, which nothing
-    predicts, is dropped).
+    predicts, is dropped). ``frozen_hidden``: ``[B, T, D]`` from ``Model.frozen_hidden`` of
+    the same tokens, to skip the frozen layers.
     """
-    out = model.apply(params, tokens, positions, attn_mask, compute_logits=False)
+    out = model.apply(params, tokens, positions, attn_mask, compute_logits=False,
+                      frozen_hidden=frozen_hidden)
     window = slice(prompt_len - 1, None)
     logits = model.logits(params, out.hidden[:, window]) / sampling.temperature  # [B, R + 1, V]
     # window row r predicts response slot r (the last row predicts nothing and is dropped)
@@ -217,13 +234,17 @@ def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask
     """
     prompt_len = tokens.shape[1] - response_mask.shape[1]
     mask = response_mask.astype(bool)
+    hidden = None
+    if policy_model.cfg.frozen_layers:
+        hidden = policy_model.frozen_hidden(state.policy.params, tokens, positions, attn_mask)
     old_logp, _, values = policy_forward(policy_model, state.policy.params, tokens, positions,
-                                         attn_mask, prompt_len, cfg.sampling)
+                                         attn_mask, prompt_len, cfg.sampling, frozen_hidden=hidden)
     if cfg.value_model == "separate":
         values = value_forward(value_model, state.value.params, tokens, positions, attn_mask,
                                prompt_len)
-    ref_logp, _, _ = policy_forward(policy_model, ref_params, tokens, positions, attn_mask,
-                                    prompt_len, cfg.sampling)
+    ref_logp, _, _ = policy_forward(
+        policy_model, ref_params, tokens, positions, attn_mask, prompt_len, cfg.sampling,
+        frozen_hidden=hidden if cfg.reference_shares_frozen_layers else None)
     old_logp, values, ref_logp = (jax.lax.stop_gradient(jnp.where(mask, x, 0.0))
                                   for x in (old_logp, values, ref_logp))
     scores = scores.astype(jnp.float32) * cfg.reward_gain + cfg.reward_bias
@@ -240,7 +261,8 @@ def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask
     advantages = jnp.where(mask, advantages, 0.0)
     exp = Experience(tokens=tokens, attn_mask=attn_mask, positions=positions, response_mask=mask,
                      old_logp=old_logp, old_values=values, ref_logp=ref_logp, scores=scores,
-                     rewards=rewards, advantages=advantages, returns=returns)
+                     rewards=rewards, advantages=advantages, returns=returns,
+                     frozen_hidden=hidden)
     metrics = dict(metrics)
     one = jnp.ones((), jnp.float32)
     metrics["objective/entropy"] = (jnp.sum(-old_logp * mask) / mask.shape[0], one)
@@ -257,7 +279,8 @@ def _minibatch_loss(trainable, mb: Experience, *, policy_model, value_model, cfg
     prompt_len = mb.tokens.shape[1] - mb.response_mask.shape[1]
     mask = mb.response_mask
     logp, entropy, values = policy_forward(policy_model, policy_params, mb.tokens, mb.positions,
-                                           mb.attn_mask, prompt_len, cfg.sampling)
+                                           mb.attn_mask, prompt_len, cfg.sampling,
+                                           frozen_hidden=mb.frozen_hidden)
     if cfg.value_model == "separate":
         values = value_forward(value_model, value_params, mb.tokens, mb.positions, mb.attn_mask,
                                prompt_len)

@@ -131,6 +131,36 @@ def trainable_mask(params: Params, frozen_layers: int) -> Params:
     return jax.tree_util.tree_map_with_path(mask, params)
 
 
+def frozen_part_equal(params: Params, other: Params, frozen_layers: int) -> bool:
+    """Whether two parameter trees agree exactly on what ``trainable_mask`` freezes: the
+    embeddings and the lowest ``frozen_layers`` blocks (host check, once per run).
+
+    True licenses sharing ``Model.frozen_hidden`` between the two (e.g. a policy and the
+    reference it was initialised from: ``reference_shares_frozen_layers`` of the DPO and PPO
+    configs). ``frozen_layers == 0`` freezes nothing and gives False (nothing to share).
+
+    Raises:
+      ValueError: the trees differ in structure or in the shape of a frozen leaf.
+    """
+    if not frozen_layers:
+        return False
+    mask = trainable_mask(params, frozen_layers)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    others, other_def = jax.tree_util.tree_flatten(other)
+    if len(others) != len(leaves) or other_def != jax.tree.structure(params):
+        raise ValueError("frozen_part_equal: the parameter trees differ in structure")
+    for (path, a), b, m in zip(leaves, others, jax.tree.leaves(mask)):
+        if a.shape != b.shape:
+            raise ValueError(f"frozen_part_equal: {jax.tree_util.keystr(path)} has shapes "
+                             f"{a.shape} and {b.shape}")
+        if isinstance(m, float):
+            if m == 0.0 and not bool(jnp.array_equal(a, b)):
+                return False
+        elif not bool(jnp.array_equal(a[:frozen_layers], b[:frozen_layers])):
+            return False
+    return True
+
+
 def _scale_by_mask(mask: Params) -> optax.GradientTransformation:
     def init(params):
         del params
