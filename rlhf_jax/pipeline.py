@@ -617,7 +617,8 @@ def run_ppo(run: Run) -> None:
     ref_params = _on_mesh(run, policy, jax.tree.map(jnp.copy, params))
     rm_params = _on_mesh(run, rm, rm_params)
     ppo_cfg = dataclasses.replace(
-        _share_frozen(c.ppo, policy, params, ref_params), reward_gain=rm_meta.get("reward_gain", 1.0), reward_bias=rm_meta.get("reward_bias", 0.0),
+        _share_frozen(c.ppo, policy, params, ref_params),
+        reward_gain=rm_meta.get("reward_gain", 1.0), reward_bias=rm_meta.get("reward_bias", 0.0),
         sampling=dataclasses.replace(c.ppo.sampling, eos_token_id=run.tokenizer.eos_token_id,
                                      pad_token_id=run.tokenizer.pad_token_id))
     tx, policy_state, _ = _train_state(run, policy, params, c.optimizer, c.iterations, 3)
