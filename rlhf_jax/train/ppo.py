@@ -21,7 +21,8 @@ reward model). For large models or a reward that is a host Python function of de
 With frozen lower layers (``ModelConfig.frozen_layers``) the policy's embeddings and frozen
 blocks run once per rollout (``Model.frozen_hidden``, kept in ``Experience.frozen_hidden``):
 the scoring forward and every epoch's minibatch forwards start from them, since the optimizer
-never moves those layers. With ``PPOConfig.reference_shares_frozen_layers`` the reference
+never moves those layers (``make_optimizer(..., frozen_layers=N)`` masks their updates, weight
+decay included; a custom optimizer must do the same). With ``PPOConfig.reference_shares_frozen_layers`` the reference
 forward starts from them too.
 """
 
