@@ -49,8 +49,8 @@ from rlhf_jax.train.loop import LoopConfig, run_loop
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, make_ppo_iteration, policy_forward
 from rlhf_jax.train.reward import RewardConfig, make_reward_eval, make_reward_step
 from rlhf_jax.train.sft import SFTConfig, make_sft_step
-from rlhf_jax.train.state import (OptimizerConfig, create_sharded_train_state, frozen_part_equal,
-                                  make_optimizer, train_state_shardings)
+from rlhf_jax.train.state import (OptimizerConfig, create_sharded_train_state, make_optimizer,
+                                  train_state_shardings)
 from rlhf_jax.types import PromptBatch
 
 log = logging.getLogger(__name__)
@@ -595,15 +595,12 @@ def _sft_sample_scores(run: Run, sft_model, sft_params, rm, rm_params, count: in
     return np.concatenate(out)
 
 
-def _share_frozen(cfg, model: Model, policy_params, ref_params):
+def _share_frozen(cfg, model: Model):
     """``cfg`` (a ``PPOConfig`` or ``DPOConfig``) with ``reference_shares_frozen_layers`` on
-    exactly when the reference equals the policy in its frozen layers (the stages' reference
-    is the policy's initialisation, so: whenever ``frozen_layers > 0``)."""
-    share = frozen_part_equal(policy_params, ref_params, model.cfg.frozen_layers)
-    if cfg.reference_shares_frozen_layers and not share:
-        raise ValueError("reference_shares_frozen_layers=True, but the reference differs from the "
-                         f"policy in its frozen layers (frozen_layers={model.cfg.frozen_layers})")
-    return dataclasses.replace(cfg, reference_shares_frozen_layers=share)
+    whenever the policy has frozen layers: the stages' reference is a copy of the policy's
+    initial parameters, and the optimizer never moves the frozen part, so the two agree there
+    by construction."""
+    return dataclasses.replace(cfg, reference_shares_frozen_layers=model.cfg.frozen_layers > 0)
 
 
 def run_ppo(run: Run) -> None:
@@ -617,7 +614,7 @@ def run_ppo(run: Run) -> None:
     ref_params = _on_mesh(run, policy, jax.tree.map(jnp.copy, params))
     rm_params = _on_mesh(run, rm, rm_params)
     ppo_cfg = dataclasses.replace(
-        _share_frozen(c.ppo, policy, params, ref_params),
+        _share_frozen(c.ppo, policy),
         reward_gain=rm_meta.get("reward_gain", 1.0), reward_bias=rm_meta.get("reward_bias", 0.0),
         sampling=dataclasses.replace(c.ppo.sampling, eos_token_id=run.tokenizer.eos_token_id,
                                      pad_token_id=run.tokenizer.pad_token_id))
@@ -647,7 +644,7 @@ def run_dpo(run: Run) -> None:
     ref_params = _on_mesh(run, model, jax.tree.map(jnp.copy, sft_params))
     bcfg, data, eval_data = _preference_data(run, c.batch_size, 4, 2)
     tx, state, _ = _train_state(run, model, sft_params, c.optimizer, c.steps, 4)
-    dpo_cfg = _share_frozen(c.dpo, model, sft_params, ref_params)
+    dpo_cfg = _share_frozen(c.dpo, model)
     evaluate = make_dpo_eval(model, dpo_cfg)
 
     def eval_fn(state, step):

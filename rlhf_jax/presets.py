@@ -67,13 +67,15 @@ def smollm2_sentiment() -> PipelineConfig:
 
 
 def tiny() -> PipelineConfig:
-    """Random tiny Llama, same data and code path, a few steps per stage."""
+    """Random tiny Llama, same data and code path (lower block frozen, as in the main job), a
+    few steps per stage."""
     model = ModelConfig(vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                         mlp_dim=128, max_positions=256, tie_embeddings=True)
     return PipelineConfig(
         name="tiny",
         out_dir=Path("runs/tiny"),
-        policy=PolicyConfig(source="random", random_model=model, reward_layers=1),
+        policy=PolicyConfig(source="random", random_model=model, reward_layers=1,
+                            frozen_layers=1),
         data=DataConfig(domains=("movie_reviews",), min_words=6, max_words=16, buckets=(64,),
                         prompt_buckets=(32,)),
         sft=SFTStageConfig(steps=4, batch_size=4,

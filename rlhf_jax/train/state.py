@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -135,9 +136,11 @@ def frozen_part_equal(params: Params, other: Params, frozen_layers: int) -> bool
     """Whether two parameter trees agree exactly on what ``trainable_mask`` freezes: the
     embeddings and the lowest ``frozen_layers`` blocks (host check, once per run).
 
-    True licenses sharing ``Model.frozen_hidden`` between the two (e.g. a policy and the
-    reference it was initialised from: ``reference_shares_frozen_layers`` of the DPO and PPO
-    configs). ``frozen_layers == 0`` freezes nothing and gives False (nothing to share).
+    True licenses sharing ``Model.frozen_hidden`` between the two (e.g. a policy and a
+    reference loaded from elsewhere: ``reference_shares_frozen_layers`` of the DPO and PPO
+    configs). ``frozen_layers == 0`` freezes nothing and gives False (nothing to share). The
+    arrays may live on different devices or shardings; they are compared on the host, so each
+    must be fully addressable by this process (gather multi-host arrays first).
 
     Raises:
       ValueError: the trees differ in structure or in the shape of a frozen leaf.
@@ -154,9 +157,9 @@ def frozen_part_equal(params: Params, other: Params, frozen_layers: int) -> bool
             raise ValueError(f"frozen_part_equal: {jax.tree_util.keystr(path)} has shapes "
                              f"{a.shape} and {b.shape}")
         if isinstance(m, float):
-            if m == 0.0 and not bool(jnp.array_equal(a, b)):
+            if m == 0.0 and not np.array_equal(np.asarray(a), np.asarray(b)):
                 return False
-        elif not bool(jnp.array_equal(a[:frozen_layers], b[:frozen_layers])):
+        elif not np.array_equal(np.asarray(a)[:frozen_layers], np.asarray(b)[:frozen_layers]):
             return False
     return True
 

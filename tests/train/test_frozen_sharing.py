@@ -24,7 +24,7 @@ from rlhf_jax.types import positions_from_mask
 from rlhf_jax.control import KLController
 from rlhf_jax.rollout.sampler import SamplingConfig
 from tests.train._tiny import (EOS, PAD, TINY, assert_tree_close, host, host_params, on_device,
-                               perturbed, pref_batch, prompts, reduced)
+                               perturbed, pref_batch, prompts, reduced, sharded_params)
 
 FROZEN = dataclasses.replace(TINY, frozen_layers=1)  # TINY has 2 layers
 REWARD = Model(TINY, kind="scalar")
@@ -89,6 +89,8 @@ def test_frozen_part_equal():
         params, edit(params, lambda t: t["trunk"]["embed"].__iadd__(1.0)), 1)
     assert frozen_part_equal(params, edit(params, lambda t: t["trunk"]["final_norm"]["scale"]
                                           .__iadd__(1.0)), 1)
+    # placements do not matter: one copy on a device, the other sharded over the 8-device mesh
+    assert frozen_part_equal(on_device(params), sharded_params("lm"), 1)
     with pytest.raises(ValueError, match="structure"):
         frozen_part_equal(params, {"trunk": params["trunk"]}, 1)
 
