@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.common import add_workload_args, emit, load_workload, timeit_interleaved
 from bench.model_step import model_config
-from bench.train_steps import optimizer_config, pref_batch
+from bench.train_steps import _Runner, optimizer_config, pref_batch
 from rlhf_jax.control import KLController
 from rlhf_jax.models.model import Model
 from rlhf_jax.rollout.sampler import SamplingConfig
@@ -44,13 +44,9 @@ def _dpo_runners(cfg, variant: dict, workload: dict) -> dict:
     runners = {}
     for shared in (False, True):
         step = dpo.make_dpo_step(model, tx, dpo.DPOConfig(reference_shares_frozen_layers=shared))
-        holder = {"state": create_train_state(params, tx, jax.random.key(1))}
-
-        def run(step=step, holder=holder):
-            holder["state"], metrics = step(holder["state"], batch, params)
-            return metrics["dpo/loss"][0]
-
-        runners[("dpo_step", shared)] = run
+        runners[("dpo_step", shared)] = _Runner(
+            step, create_train_state(params, tx, jax.random.key(1)), batch, params,
+            loss_key="dpo/loss")
     return runners
 
 
@@ -74,15 +70,10 @@ def _ppo_runners(cfg, variant: dict, workload: dict, epochs: int, minibatches: i
                              reference_shares_frozen_layers=shared)
         it = ppo.make_ppo_iteration(policy_model=policy, reward_model=scalar, policy_tx=tx,
                                     cfg=pcfg)
-        holder = {"state": ppo.init_ppo_state(create_train_state(params, tx, jax.random.key(1)),
-                                              pcfg.kl, jax.random.key(2))}
-
-        def run(it=it, holder=holder):
-            holder["state"], metrics = it(holder["state"], prompts, prompt_mask, params,
-                                          reward_params)
-            return metrics["objective/score"][0]
-
-        runners[("ppo_iteration", shared)] = run
+        state = ppo.init_ppo_state(create_train_state(params, tx, jax.random.key(1)), pcfg.kl,
+                                   jax.random.key(2))
+        runners[("ppo_iteration", shared)] = _Runner(
+            it, state, prompts, prompt_mask, params, reward_params, loss_key="objective/score")
     return runners
 
 

@@ -22,8 +22,8 @@ With frozen lower layers (``ModelConfig.frozen_layers``) the policy's embeddings
 blocks run once per rollout (``Model.frozen_hidden``, kept in ``Experience.frozen_hidden``):
 the scoring forward and every epoch's minibatch forwards start from them, since the optimizer
 never moves those layers (``make_optimizer(..., frozen_layers=N)`` masks their updates, weight
-decay included; a custom optimizer must do the same). With ``PPOConfig.reference_shares_frozen_layers`` the reference
-forward starts from them too.
+decay included; a custom optimizer must do the same). With
+``PPOConfig.reference_shares_frozen_layers`` the reference forward starts from them too.
 """
 
 from __future__ import annotations
