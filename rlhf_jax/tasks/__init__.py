@@ -1,0 +1,1 @@
+"""Tasks: data, prompts and judges behind one interface."""
