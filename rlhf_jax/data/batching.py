@@ -8,7 +8,7 @@
   here with its NumPy twin :func:`positions_from_mask_np`; a test holds them equal).
 * **Fixed batch size.** Every batch has ``batch_size`` rows; the last ``n mod B`` rows of an
   epoch are padded with zero-loss repeats, dropped and counted, or wrapped into the next
-  epoch (``DataConfig.remainder``).
+  epoch (``BatchConfig.remainder``).
 * **Order.** Epoch ``e`` visits the examples in ``permutation(SeedSequence([seed, e]))``;
   the data order has its own seed, independent of the model's RNG.
 * **Resume.** :meth:`BatchIterator.state_dict` is a small dict of ints (epoch, index, ...)
@@ -182,7 +182,7 @@ def collate_prompts(examples: Sequence[np.ndarray], length: int, pad_id: int) ->
 
 
 class Batchable(Protocol):
-    """What :class:`BatchIterator` needs from a data set (see ``rlhf_jax.data.pipeline``)."""
+    """What :class:`BatchIterator` needs from a data set (see ``rlhf_jax.data.datasets``)."""
 
     lengths: np.ndarray          # [n] int: tokens of the longest sequence of each example
     buckets: tuple[int, ...]
@@ -209,7 +209,7 @@ class BatchIterator:
       batch_size: global rows per batch ``B``.
       seed: data-order seed.
       shuffle: shuffle every epoch.
-      remainder: ``"pad"`` / ``"drop"`` / ``"wrap"`` (see ``DataConfig.remainder``).
+      remainder: ``"pad"`` / ``"drop"`` / ``"wrap"`` (see ``BatchConfig.remainder``).
       num_epochs: stop after this many epochs (``None``: never).
       process_index: this process's index (``jax.process_index()``).
       process_count: number of processes; ``batch_size`` must divide by it.

@@ -1,4 +1,5 @@
-"""Configuration of the data layer: validation policy, tokenisation, length buckets, batching.
+"""``BatchConfig``: how records become fixed-shape batches (validation policy, tokenisation,
+length buckets, batching).
 
 Kept in ``rlhf_jax.data`` (rather than ``rlhf_jax/config.py``) so the data layer can be used on
 its own; it follows the same conventions (frozen, keyword-only, ``ValueError`` naming both
@@ -13,9 +14,13 @@ from typing import Literal
 
 Remainder = Literal["pad", "drop", "wrap"]
 
+#: Default longest JSONL line, in bytes (1 MiB): about 250k tokens of English text, far beyond
+#: any bucket, so only a broken file (a missing newline, a blob) hits it.
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class BatchConfig:
     """How records become fixed-shape batches.
 
     Attributes:
@@ -54,6 +59,9 @@ class DataConfig:
         means the largest number of responses of any record in the data set.
       field_map: rename fields: canonical name -> name in the source, e.g.
         ``{"prompt": "opening"}`` reads the prompt from the field ``opening``.
+      max_line_bytes: longest accepted JSONL line in bytes (newline excluded). A longer line
+        is rejected before it is parsed (reason ``too_long``, raised or skipped and counted)
+        and is read past in chunks, never held in memory whole.
     """
 
     batch_size: int
@@ -69,26 +77,30 @@ class DataConfig:
     num_epochs: int | None = None
     num_candidates: int | None = None
     field_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 
     def __post_init__(self):
         if self.batch_size <= 0:
-            raise ValueError(f"DataConfig.batch_size must be positive, got {self.batch_size}")
+            raise ValueError(f"BatchConfig.batch_size must be positive, got {self.batch_size}")
         for name in ("buckets", "prompt_buckets"):
             b = tuple(getattr(self, name))
             object.__setattr__(self, name, b)
             if not b or b[0] <= 0:
-                raise ValueError(f"DataConfig.{name} must be non-empty and positive, got {b}")
+                raise ValueError(f"BatchConfig.{name} must be non-empty and positive, got {b}")
             for lo, hi in zip(b, b[1:]):
                 if hi <= lo:
                     raise ValueError(
-                        f"DataConfig.{name} must be strictly increasing, got {lo} then {hi}")
+                        f"BatchConfig.{name} must be strictly increasing, got {lo} then {hi}")
         if self.remainder not in ("pad", "drop", "wrap"):
             raise ValueError(
-                f"DataConfig.remainder must be 'pad', 'drop' or 'wrap', got {self.remainder!r}")
+                f"BatchConfig.remainder must be 'pad', 'drop' or 'wrap', got {self.remainder!r}")
         if self.num_epochs is not None and self.num_epochs <= 0:
-            raise ValueError(f"DataConfig.num_epochs must be positive, got {self.num_epochs}")
+            raise ValueError(f"BatchConfig.num_epochs must be positive, got {self.num_epochs}")
+        if self.max_line_bytes <= 0:
+            raise ValueError(f"BatchConfig.max_line_bytes must be positive, got "
+                             f"{self.max_line_bytes}")
         if self.num_candidates is not None and self.num_candidates < 2:
-            raise ValueError(f"DataConfig.num_candidates must be >= 2, got {self.num_candidates}")
+            raise ValueError(f"BatchConfig.num_candidates must be >= 2, got {self.num_candidates}")
 
     @property
     def max_length(self) -> int:

@@ -12,12 +12,18 @@ Formats (one JSON object per record; other fields are ignored):
   response is a string, or a conversation whose last message is the assistant response (the
   "conversational" layout of UltraFeedback-binarized / TRL): its earlier messages are the
   prompt and must agree between responses and with ``prompt`` when that is given.
-* **Prompts** (RL) — ``{"prompt": str | list of messages}``.
+* **Prompts** (RL) — ``{"prompt": str | list of messages}``, optionally with
+  ``"response_prefix": str``: text pre-filled as the start of the assistant's response (the
+  model continues it; e.g. the opening words of a review to be continued).
 
 Validation raises :class:`RecordError`, whose message starts with the record's location
 (``file.jsonl:17``, ``file.parquet[row 3]``, ``name[5]``) and says what was expected. The
 ``reason`` attribute classifies it (:data:`REASONS`); with ``skip_invalid`` the caller counts it
 in :class:`DataStats` instead of raising. Nothing is dropped without being counted.
+
+Problems of a whole source (a missing, unreadable, corrupt or empty file) are not records:
+they raise :class:`SourceError` (or ``FileNotFoundError``), naming the file, whatever the skip
+policy.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,11 +40,13 @@ log = logging.getLogger(__name__)
 #: Reasons a record can be rejected, in the order they are reported.
 REASONS = (
     "bad_json",       # the line is not valid JSON
+    "bad_encoding",   # the line is not valid UTF-8
     "missing_field",  # a required field is absent (or null)
     "wrong_type",     # a field has the wrong type (or the record is not an object)
     "empty_text",     # a text field is empty or whitespace only
     "bad_value",      # well-typed but unusable: unknown role, no assistant turn, ties, ...
-    "too_long",       # longer than the maximum length after tokenisation
+    "too_long",       # longer than the maximum length after tokenisation, or a JSONL line
+                      # longer than max_line_bytes (rejected before parsing)
     "template",       # the chat template cannot delimit the turns (not prefix-stable)
 )
 
@@ -45,6 +54,25 @@ REASONS = (
 ROLES = ("system", "user", "assistant")
 
 Message = dict  # {"role": str, "content": str}
+
+
+class SourceError(ValueError):
+    """A data source that cannot be read as a whole: corrupt, unreadable or empty.
+
+    Raised whatever the skip policy (``skip_invalid`` is about records, not files). The
+    message starts with the file (or source name) and says what was expected.
+
+    Attributes:
+      source: the file path or source name.
+    """
+
+    def __init__(self, source: str, detail: str):
+        super().__init__(f"{source}: {detail}")
+        self.source = source
+        self.detail = detail
+
+    def __reduce__(self):  # picklable (multiprocessing, pytest-xdist)
+        return (type(self), (self.source, self.detail))
 
 
 class RecordError(ValueError):
@@ -100,8 +128,23 @@ class DataStats:
         if len(msgs) < self.max_examples:
             msgs.append(str(err))
 
-    def as_metrics(self, prefix: str = "data") -> dict[str, int]:
-        """Flat ``{name: count}`` for a metrics writer, e.g. ``data/skipped/too_long``."""
+    @property
+    def metric_key(self) -> str:
+        """``source`` made safe for a metric name: runs of characters other than letters,
+        digits, ``_ . -`` become ``_`` (``/data/sft.jsonl`` -> ``data_sft.jsonl``). Pass a short
+        ``name=`` to the loaders (``"sft"``) for short keys."""
+        return re.sub(r"[^A-Za-z0-9_.\-]+", "_", self.source).strip("_") or "source"
+
+    def as_metrics(self, prefix: str | None = None) -> dict[str, int]:
+        """Flat ``{name: count}`` for a metrics writer or a report.
+
+        Keys, with ``prefix`` defaulting to ``data/<metric_key>`` (e.g. ``data/sft``):
+        ``<prefix>/seen``, ``<prefix>/kept``, ``<prefix>/skipped`` (total) and
+        ``<prefix>/skipped/<reason>`` for every reason of :data:`REASONS` (0 when none, so the
+        set of keys is the same for every source).
+        """
+        if prefix is None:
+            prefix = f"data/{self.metric_key}"
         out = {f"{prefix}/seen": self.seen, f"{prefix}/kept": self.kept,
                f"{prefix}/skipped": self.num_skipped}
         for reason in REASONS:
@@ -154,10 +197,18 @@ class PreferenceRecord:
 
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
-    """A validated RL prompt (a string, or a chat context to be continued by the assistant)."""
+    """A validated RL prompt (a string, or a chat context to be continued by the assistant).
+
+    Attributes:
+      location: where it came from.
+      prompt: one user turn (a string) or a chat context.
+      response_prefix: text pre-filled as the beginning of the assistant's response (the
+        model continues it); ``""`` for none.
+    """
 
     location: str
     prompt: str | tuple[Message, ...]
+    response_prefix: str = ""
 
 
 # --------------------------------------------------------------------------- field helpers
@@ -369,21 +420,33 @@ def parse_prompt(raw: Any, location: str,
     """Validate one RL prompt record.
 
     Args:
-      raw: the decoded record ``{"prompt": str | list of messages}``.
+      raw: the decoded record ``{"prompt": str | list of messages, "response_prefix": str}``
+        (``response_prefix`` optional; absent, null or ``""`` means none).
       location: where it came from, for error messages.
       field_map: optional renaming ``canonical -> source field`` (e.g. ``{"prompt":
-        "opening"}`` for raw continuation prompts of the sentiment task).
+        "opening"}`` for raw continuation prompts of the sentiment task, or
+        ``{"response_prefix": "opening"}`` to pre-fill the assistant turn with it).
 
     Returns:
       A :class:`PromptRecord`.
 
     Raises:
-      RecordError: missing / mistyped / empty prompt.
+      RecordError: missing / mistyped / empty prompt; a ``response_prefix`` that is not a
+        string.
     """
     raw = _check_object(raw, location)
     pkey = _key("prompt", field_map)
     value = _get(raw, "prompt", location, field_map, "a string or a list of messages")
-    return PromptRecord(location=location, prompt=_prompt(value, pkey, location))
+    xkey = _key("response_prefix", field_map)
+    prefix = raw.get(xkey)
+    if prefix is None:
+        prefix = ""
+    elif not isinstance(prefix, str):
+        raise RecordError(location, "wrong_type",
+                          f"field {xkey!r} is {_typename(prefix)}, expected a string (the start "
+                          "of the assistant's response)")
+    return PromptRecord(location=location, prompt=_prompt(value, pkey, location),
+                        response_prefix=prefix)
 
 
 def as_messages(prompt: str | Sequence[Message]) -> list[Message]:

@@ -5,10 +5,15 @@ came from — ``path:line`` (JSONL, 1-based line numbers), ``path[row i]`` (Parq
 ``name[i]`` (data sets, lists) — so that a validation error can say which record is bad. A
 JSONL line that is not valid JSON is yielded as ``(location, RecordError)`` rather than raised,
 so the caller's policy (raise, or skip and count) applies to it like to any other bad record.
+JSONL is read in binary, line by line, and each line is checked before it is parsed: a line
+longer than ``max_line_bytes`` (reason ``too_long``; read past in chunks, never materialised)
+or not valid UTF-8 (reason ``bad_encoding``) is such a record too.
 
-Missing files raise ``FileNotFoundError`` naming the path. Optional back ends (``datasets``,
-``tensorflow_datasets``) are imported lazily; a missing one raises ``ImportError`` saying
-which extra to install (``pip install rlhf_jax[hf]`` / ``rlhf_jax[tfds]``).
+Missing files raise ``FileNotFoundError`` naming the path; a file that cannot be read (an I/O
+error, a corrupt Parquet file) or holds no record at all raises ``SourceError`` naming it.
+Optional back ends (``datasets``, ``tensorflow_datasets``) are imported lazily; a missing one
+raises ``ImportError`` saying which extra to install (``pip install rlhf_jax[hf]`` /
+``rlhf_jax[tfds]``).
 """
 
 from __future__ import annotations
@@ -22,45 +27,119 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax.data.records import RecordError
+from rlhf_jax.data.config import DEFAULT_MAX_LINE_BYTES
+from rlhf_jax.data.records import RecordError, SourceError
 
 PathLike = str | os.PathLike
+
+_BOM = b"\xef\xbb\xbf"
+_CHUNK = 1 << 16  # bytes read at a time when skipping over an over-long line
 
 
 def _check_file(path: PathLike) -> pathlib.Path:
     p = pathlib.Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"data path {str(p)!r} is a directory; expected a file (pass a "
+                                "list of paths to read several files)")
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {str(p)!r}")
     return p
 
 
-def iter_jsonl(path: PathLike) -> Iterator[tuple[str, Any]]:
+def _read_error(p: pathlib.Path, what: str, err: Exception) -> SourceError:
+    return SourceError(str(p), f"cannot read {what} ({type(err).__name__}: {err})")
+
+
+def _no_records(p: pathlib.Path, what: str) -> SourceError:
+    return SourceError(str(p), f"the file holds no records; expected at least one {what}")
+
+
+def iter_jsonl(path: PathLike, *,
+               max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[str, Any]]:
     """Records of a JSON Lines file, one JSON object per line (UTF-8, optional BOM).
 
-    Blank (whitespace-only) lines are separators, not records, and are passed over.
+    Blank (whitespace-only) lines are separators, not records, and are passed over. Lines end
+    with ``\\n`` (``\\r\\n`` works too). The file is read in binary, one line at a time, at most
+    ``max_line_bytes + 2`` bytes at once, so an over-long line is never held in memory.
 
     Args:
       path: the ``.jsonl`` file.
+      max_line_bytes: longest accepted line in bytes, its ``\\n`` / ``\\r\\n`` excluded.
 
     Yields:
-      ``("path:line", obj)`` for each line, with ``obj`` the decoded JSON value, or a
-      ``RecordError`` (reason ``bad_json``) when the line is not valid JSON.
+      ``("path:line", obj)`` for each line (1-based), with ``obj`` the decoded JSON value, or
+      a ``RecordError`` for a bad line: reason ``too_long`` (more than ``max_line_bytes``
+      bytes; not parsed), ``bad_encoding`` (not UTF-8) or ``bad_json``.
 
     Raises:
       FileNotFoundError: the file does not exist.
+      SourceError: the file cannot be read, or holds no record (empty or blank lines only).
     """
     p = _check_file(path)
-    with open(p, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            loc = f"{p}:{lineno}"
+    records = 0
+    try:
+        f = open(p, "rb")
+    except OSError as e:
+        raise _read_error(p, "the file", e) from e
+    with f:
+        lineno = 0
+        try:
+            if f.read(len(_BOM)) != _BOM:
+                f.seek(0)
+        except OSError as e:
+            raise _read_error(p, "the file", e) from e
+        limit = max_line_bytes + 2  # room for the longest accepted line's "\r\n"
+        while True:
             try:
-                yield loc, json.loads(line)
+                line = f.readline(limit)
+            except OSError as e:
+                raise _read_error(p, f"line {lineno + 1}", e) from e
+            if not line:
+                break
+            lineno += 1
+            loc = f"{p}:{lineno}"
+            content = line
+            if content.endswith(b"\n"):
+                content = content[:-2] if content.endswith(b"\r\n") else content[:-1]
+            if len(content) > max_line_bytes or (len(line) == limit
+                                                  and not line.endswith(b"\n")):
+                total, tail = len(line), line[-2:]
+                line = content = line[-1:]  # drop the long prefix before reading on
+                while not line.endswith(b"\n"):  # read past the rest of the line
+                    try:
+                        line = f.readline(_CHUNK)
+                    except OSError as e:
+                        raise _read_error(p, f"line {lineno}", e) from e
+                    if not line:
+                        break
+                    total, tail = total + len(line), (tail + line[-2:])[-2:]
+                size = total - (2 if tail == b"\r\n" else tail.endswith(b"\n"))
+                records += 1
+                yield loc, RecordError(loc, "too_long",
+                                       f"the line has {size} bytes, more than max_line_bytes="
+                                       f"{max_line_bytes}; expected one JSON record per line "
+                                       "(the line was not parsed)")
+                continue
+            try:
+                text = content.decode("utf-8")
+            except UnicodeDecodeError as e:
+                records += 1
+                yield loc, RecordError(loc, "bad_encoding",
+                                       f"not valid UTF-8 (byte 0x{content[e.start]:02x} at byte "
+                                       f"{e.start + 1} of the line: {e.reason}); expected UTF-8 "
+                                       "text")
+                continue
+            if not text.strip():
+                continue
+            records += 1
+            try:
+                yield loc, json.loads(text)
             except json.JSONDecodeError as e:
                 yield loc, RecordError(loc, "bad_json",
                                        f"invalid JSON ({e.msg} at column {e.colno}); expected "
                                        "one JSON object per line")
+    if records == 0:
+        raise _no_records(p, "JSON object per line")
 
 
 def iter_parquet(path: PathLike, *, columns: Sequence[str] | None = None,
@@ -77,15 +156,34 @@ def iter_parquet(path: PathLike, *, columns: Sequence[str] | None = None,
 
     Raises:
       FileNotFoundError: the file does not exist.
+      SourceError: the file is not a readable Parquet file (corrupt, truncated, another
+        format, an I/O error), or has no rows.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     p = _check_file(path)
+    errors = (pa.ArrowException, OSError)
+    try:
+        pf = pq.ParquetFile(p)
+    except errors as e:
+        raise SourceError(str(p), f"cannot read as Parquet ({type(e).__name__}: {e}); expected a "
+                                  "Parquet file") from e
     i = 0
-    for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_rows, columns=columns):
+    batches = pf.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except errors as e:
+            raise SourceError(str(p), f"cannot read rows from row {i} on "
+                                      f"({type(e).__name__}: {e})") from e
+        if batch is None:
+            break
         for row in batch.to_pylist():
             yield f"{p}[row {i}]", row
             i += 1
+    if i == 0:
+        raise _no_records(p, "row")
 
 
 def iter_hf_dataset(dataset: Any, *, name: str | None = None,
@@ -203,7 +301,8 @@ def iter_list(records: Sequence[Any], *, name: str = "records") -> Iterator[tupl
         yield f"{name}[{i}]", r
 
 
-def iter_source(source: Any, *, name: str | None = None) -> Iterator[tuple[str, Any]]:
+def iter_source(source: Any, *, name: str | None = None,
+                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[str, Any]]:
     """Dispatch on the kind of ``source`` and yield ``(location, record)`` pairs.
 
     Accepted sources:
@@ -214,15 +313,19 @@ def iter_source(source: Any, *, name: str | None = None) -> Iterator[tuple[str, 
     * a ``datasets.Dataset``;
     * a list/tuple of records (dicts), or a list/tuple of paths (read one after another).
 
+    ``max_line_bytes`` applies to JSON Lines files (see :func:`iter_jsonl`). Files are opened
+    lazily, when the iteration reaches them.
+
     Raises:
       FileNotFoundError: a path that does not exist.
       ValueError: a path with an unknown suffix.
       TypeError: anything else.
+      SourceError: (while iterating) a file that cannot be read or holds no record.
     """
     if isinstance(source, (str, os.PathLike)):
         suffix = pathlib.Path(source).suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
-            return iter_jsonl(source)
+            return iter_jsonl(source, max_line_bytes=max_line_bytes)
         if suffix in (".parquet", ".pq"):
             return iter_parquet(source)
         _check_file(source)
@@ -234,7 +337,7 @@ def iter_source(source: Any, *, name: str | None = None) -> Iterator[tuple[str, 
         return iter_hf_dataset(source, name=name)
     if isinstance(source, (list, tuple)):
         if source and all(isinstance(s, (str, os.PathLike)) for s in source):
-            return _chain(iter_source(s) for s in source)
+            return _chain(iter_source(s, max_line_bytes=max_line_bytes) for s in source)
         return iter_list(source, name=name or "records")
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
         return iter_tfds(source, name=name)

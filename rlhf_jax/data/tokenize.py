@@ -20,7 +20,10 @@ tokens (the one-token shift happens in ``losses.logprobs``).
 * **Preferences**: the prompt rendered as a generation prompt (``add_generation_prompt=True``;
   plain: ``[bos] + ids(prompt)``), then each response's ids + the end-of-turn token. This is
   exactly the token sequence a sampler produces after the same prompt.
-* **Prompts**: rendered as a generation prompt (plain: ``[bos] + ids(prompt)``).
+* **Prompts**: rendered as a generation prompt (plain: ``[bos] + ids(prompt)``), followed by
+  ``ids(response_prefix)`` when the record pre-fills the start of the response: the same
+  tokens as a response that begins with that text (responses are encoded on their own, after
+  the generation prompt, too).
 
 Record text is always encoded as *text*: a string such as ``"<|im_end|>"`` inside a message
 becomes ordinary tokens, never a control token (transformers' ``sanitize_control_tokens`` /
@@ -307,19 +310,22 @@ def tokenize_preference(record: PreferenceRecord, tok: ChatTokenizer,
 
 
 def tokenize_prompt(record: PromptRecord, tok: ChatTokenizer, max_length: int) -> np.ndarray:
-    """Tokenise an RL prompt (generation prompt included).
+    """Tokenise an RL prompt: ``prompt_ids(prompt) + encode_text(response_prefix)``.
 
     Args:
       record: a validated :class:`PromptRecord`.
       tok: the tokenizer.
-      max_length: maximum ``P`` in tokens.
+      max_length: maximum ``P`` in tokens (generation prompt and response prefix included).
 
     Returns:
-      ``[P] int32`` ids.
+      ``[P] int32`` ids: the generation prompt, then the pre-filled start of the response.
 
     Raises:
       RecordError: ``too_long``; ``wrong_type`` for a chat prompt without a chat template.
     """
     ids = tok.prompt_ids(record.prompt, record.location)
-    _check_length(len(ids), max_length, record.location, "the prompt")
+    if record.response_prefix:
+        ids = ids + tok.encode_text(record.response_prefix)
+    _check_length(len(ids), max_length, record.location,
+                  "the prompt + response prefix" if record.response_prefix else "the prompt")
     return np.asarray(ids, dtype=np.int32)

@@ -1,9 +1,6 @@
-"""Fixtures of the data-layer tests: tiny in-memory tokenizers and the sentiment cache."""
+"""Fixtures of the data-layer tests: tiny in-memory tokenizers."""
 
 from __future__ import annotations
-
-import os
-import pathlib
 
 import pytest
 
@@ -26,17 +23,3 @@ def smol_tok(tmp_path_factory):
 def plain_tok(tmp_path_factory):
     """The same tokenizer without a chat template (plain concatenation path)."""
     return build_tokenizer(tmp_path_factory.mktemp("tok_plain"), template=None)
-
-
-@pytest.fixture(scope="session")
-def sentiment_cache(tmp_path_factory) -> pathlib.Path:
-    """``$RLHF_JAX_CACHE`` when set (shared between runs), else one temp dir per test run."""
-    env = os.environ.get("RLHF_JAX_CACHE")
-    if env:
-        return pathlib.Path(env)
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # share one download between xdist workers
-        root = root.parent
-    path = root / "rlhf_jax_cache"
-    path.mkdir(exist_ok=True)
-    return path

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import (
+    BatchConfig,
     BatchIterator,
-    DataConfig,
     bucket_histogram,
     choose_bucket,
     epoch_order,
@@ -62,7 +62,7 @@ def test_pad_sides_and_positions_match_types():
 
 
 def test_sft_batches_are_right_padded_to_the_smallest_bucket(tok):
-    cfg = DataConfig(batch_size=4, buckets=(32, 48, 64, 128), shuffle=False)
+    cfg = BatchConfig(batch_size=4, buckets=(32, 48, 64, 128), shuffle=False)
     ds = load_sft(_sft_records(10), tok, cfg)
     for b, batch in enumerate(ds.batches(dataclass_replace(cfg, num_epochs=1))):
         assert isinstance(batch, SFTBatch)
@@ -86,7 +86,7 @@ def dataclass_replace(cfg, **kw):
 
 
 def test_prompts_are_left_padded(tok):
-    cfg = DataConfig(batch_size=3, prompt_buckets=(16, 32, 64), shuffle=False, num_epochs=1,
+    cfg = BatchConfig(batch_size=3, prompt_buckets=(16, 32, 64), shuffle=False, num_epochs=1,
                      remainder="drop")
     recs = [{"prompt": "Hi"}, {"prompt": "Tell me about the quick brown fox, please."},
             {"prompt": "The film"}]
@@ -107,7 +107,7 @@ def test_prompts_are_left_padded(tok):
 def test_preference_batches(tok):
     recs = [{"prompt": "Say hi", "chosen": "Hello there!", "rejected": "No."},
             {"prompt": "Rank these", "responses": ["Great", "Fine", "Bad"]}]
-    cfg = DataConfig(batch_size=2, buckets=(16, 32, 64), shuffle=False)
+    cfg = BatchConfig(batch_size=2, buckets=(16, 32, 64), shuffle=False)
     ds = load_preferences(recs, tok, cfg)
     batch = next(ds.batches(cfg))
     assert isinstance(batch, PreferenceBatch)
@@ -135,7 +135,7 @@ def _take(it, k):
 
 @pytest.mark.parametrize("remainder", ["pad", "drop", "wrap"])
 def test_deterministic_shuffle_and_exact_resume(tok, remainder):
-    cfg = DataConfig(batch_size=4, buckets=(32, 64, 128), seed=7, remainder=remainder)
+    cfg = BatchConfig(batch_size=4, buckets=(32, 64, 128), seed=7, remainder=remainder)
     ds = load_sft(_sft_records(10), tok, cfg)
     full = _take(ds.batches(cfg), 12)                       # crosses several epochs
     again = _take(ds.batches(cfg), 12)
@@ -171,7 +171,7 @@ def _rows(ds, batch):
 
 
 def test_remainder_policies_are_counted(tok):
-    cfg = DataConfig(batch_size=4, buckets=(64, 128), seed=3, num_epochs=2)
+    cfg = BatchConfig(batch_size=4, buckets=(64, 128), seed=3, num_epochs=2)
     ds = load_sft(_sft_records(10), tok, cfg)
     # pad: 3 batches per epoch; the last one has 2 real rows and 2 zero-loss repeats
     it = ds.batches(cfg)
@@ -198,7 +198,7 @@ def test_remainder_policies_are_counted(tok):
 
 
 def test_processes_split_the_global_batch(tok):
-    cfg = DataConfig(batch_size=4, buckets=(32, 64, 128), seed=1)
+    cfg = BatchConfig(batch_size=4, buckets=(32, 64, 128), seed=1)
     ds = load_sft(_sft_records(9), tok, cfg)
     whole = _take(ds.batches(cfg), 5)
     parts = [_take(ds.batches(cfg, process_index=p, process_count=2), 5) for p in range(2)]
@@ -211,7 +211,7 @@ def test_processes_split_the_global_batch(tok):
 
 
 def test_state_from_another_dataset_is_rejected(tok):
-    cfg = DataConfig(batch_size=2, buckets=(64, 128))
+    cfg = BatchConfig(batch_size=2, buckets=(64, 128))
     it = load_sft(_sft_records(6), tok, cfg).batches(cfg)
     next(it)
     with pytest.raises(ValueError, match="num_examples=6 but this iterator has num_examples=7"):
@@ -220,10 +220,10 @@ def test_state_from_another_dataset_is_rejected(tok):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="strictly increasing, got 128 then 64"):
-        DataConfig(batch_size=2, buckets=(128, 64))
+        BatchConfig(batch_size=2, buckets=(128, 64))
     with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
-        DataConfig(batch_size=0)
+        BatchConfig(batch_size=0)
     with pytest.raises(ValueError, match="remainder"):
-        DataConfig(batch_size=2, remainder="truncate")
-    cfg = DataConfig(batch_size=2, buckets=[16, 32], prompt_buckets=(8,))
+        BatchConfig(batch_size=2, remainder="truncate")
+    cfg = BatchConfig(batch_size=2, buckets=[16, 32], prompt_buckets=(8,))
     assert cfg.buckets == (16, 32) and cfg.max_length == 32 and cfg.max_prompt_length == 8

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from rlhf_jax.data import (
-    DataConfig,
+    BatchConfig,
     RecordError,
     load_preferences,
     load_prompts,
@@ -55,7 +55,7 @@ def test_bad_sft_record_names_file_and_line(tmp_path, tok, reason, bad, words):
     # good, blank, good, bad: the bad record is on line 4
     path = _write_lines(tmp_path / "sft.jsonl",
                         [json.dumps(GOOD_SFT), "", json.dumps(GOOD_SFT), _line(bad)])
-    cfg = DataConfig(batch_size=2, buckets=(32, 64))
+    cfg = BatchConfig(batch_size=2, buckets=(32, 64))
     with pytest.raises(RecordError) as info:
         load_sft(path, tok, cfg)
     err = info.value
@@ -69,7 +69,7 @@ def test_bad_sft_record_names_file_and_line(tmp_path, tok, reason, bad, words):
 def test_bad_records_are_skipped_and_counted(tmp_path, tok):
     lines = [json.dumps(GOOD_SFT)] + [_line(bad) for _, bad, _ in BAD_SFT] + [json.dumps(GOOD_SFT)]
     path = _write_lines(tmp_path / "sft.jsonl", lines)
-    cfg = DataConfig(batch_size=2, buckets=(32, 64), skip_invalid=True)
+    cfg = BatchConfig(batch_size=2, buckets=(32, 64), skip_invalid=True)
     ds = load_sft(path, tok, cfg)
     assert len(ds) == 2
     assert ds.locations == [f"{path}:1", f"{path}:{len(lines)}"]
@@ -79,15 +79,23 @@ def test_bad_records_are_skipped_and_counted(tmp_path, tok):
     assert dict(ds.stats.skipped) == expected
     assert ds.stats.seen == len(lines) and ds.stats.kept == 2
     assert ds.stats.num_skipped == len(BAD_SFT)
-    metrics = ds.stats.as_metrics()
-    assert metrics["data/skipped/too_long"] == 1 and metrics["data/skipped/bad_json"] == 1
+    metrics = load_sft(path, tok, cfg, name="sft").stats.as_metrics()
+    assert metrics["data/sft/skipped/too_long"] == 1 and metrics["data/sft/skipped/bad_json"] == 1
+    assert metrics["data/sft/kept"] == 2 and metrics["data/sft/seen"] == len(lines)
+    assert metrics["data/sft/skipped"] == len(BAD_SFT)
+    assert metrics["data/sft/skipped/bad_encoding"] == 0  # every reason, so keys are stable
+    assert all(isinstance(v, int) for v in metrics.values())
+    # unnamed: the path, made safe for a metric name
+    key = ds.stats.metric_key
+    assert "/" not in key and key.endswith("sft.jsonl")
+    assert ds.stats.as_metrics()[f"data/{key}/kept"] == 2
     summary = ds.stats.summary()
     assert "bad_json: 1" in summary and f"{path}:" in summary
 
 
 def test_all_invalid_is_an_error(tmp_path, tok):
     path = _write_lines(tmp_path / "sft.jsonl", [json.dumps({"prompt": "x"})])
-    cfg = DataConfig(batch_size=1, skip_invalid=True)
+    cfg = BatchConfig(batch_size=1, skip_invalid=True)
     with pytest.raises(ValueError, match="no usable records"):
         load_sft(path, tok, cfg)
 
@@ -112,14 +120,14 @@ BAD_PREF = [
 def test_bad_preference_record_names_file_and_line(tmp_path, tok, reason, bad, words):
     good = {"prompt": "Say hi", "chosen": "Hello!", "rejected": "Go away."}
     path = _write_lines(tmp_path / "prefs.jsonl", [json.dumps(good), _line(bad)])
-    cfg = DataConfig(batch_size=1, buckets=(64,))
+    cfg = BatchConfig(batch_size=1, buckets=(64,))
     with pytest.raises(RecordError) as info:
         load_preferences(path, tok, cfg)
     assert info.value.reason == reason
     assert str(info.value).startswith(f"{path}:2: ")
     for w in words:
         assert w in str(info.value), (w, str(info.value))
-    ds = load_preferences(path, tok, DataConfig(batch_size=1, buckets=(64,), skip_invalid=True))
+    ds = load_preferences(path, tok, BatchConfig(batch_size=1, buckets=(64,), skip_invalid=True))
     assert len(ds) == 1 and dict(ds.stats.skipped) == {reason: 1}
 
 
@@ -128,13 +136,13 @@ def test_bad_prompt_records(tmp_path, tok):
              json.dumps({"question": "x"}), json.dumps({"prompt": " "}),
              json.dumps({"prompt": LONG}), "not json"]
     path = _write_lines(tmp_path / "prompts.jsonl", lines)
-    cfg = DataConfig(batch_size=1, prompt_buckets=(16, 32), skip_invalid=True)
+    cfg = BatchConfig(batch_size=1, prompt_buckets=(16, 32), skip_invalid=True)
     ds = load_prompts(path, tok, cfg)
     assert len(ds) == 1
     assert dict(ds.stats.skipped) == {"wrong_type": 1, "missing_field": 1, "empty_text": 1,
                                       "too_long": 1, "bad_json": 1}
     with pytest.raises(RecordError, match=f"^{path}:2: field 'prompt' is int"):
-        load_prompts(path, tok, DataConfig(batch_size=1, prompt_buckets=(32,)))
+        load_prompts(path, tok, BatchConfig(batch_size=1, prompt_buckets=(32,)))
 
 
 def test_messages_win_over_prompt_and_field_map():

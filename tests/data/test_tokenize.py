@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import (
+    BatchConfig,
     ChatTokenizer,
-    DataConfig,
+    PromptDataset,
     RecordError,
     load_preferences,
     load_prompts,
@@ -140,8 +141,70 @@ def test_prompt_tokens_chat_and_raw(tok):
     assert tok.decode(ids) == "the film"
 
 
+def test_prompt_with_response_prefix_is_prompt_ids_then_prefix_ids(tok):
+    ct = ChatTokenizer(tok)
+    prompt = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": "Continue this movie review:"}]
+    rec = parse_prompt({"prompt": prompt, "response_prefix": "The film is"}, "x:1")
+    assert rec.response_prefix == "The film is"
+    ids = tokenize_prompt(rec, ct, 64)
+    assert ids.tolist() == ct.prompt_ids(prompt) + ct.encode_text("The film is")
+    assert tok.decode(ids).endswith("<|im_start|>assistant\nThe film is")
+    # plain path: [bos] + ids(prompt), then the prefix, tokenised on its own
+    plain = ChatTokenizer(tok, use_chat_template=False, add_bos=True)
+    ids = tokenize_prompt(parse_prompt({"prompt": "Review:", "response_prefix": " The"}, "x:1"),
+                          plain, 64)
+    assert ids.tolist() == [tok.bos_token_id] + plain.encode_text("Review:") + \
+        plain.encode_text(" The")
+    # no prefix (absent, null or ""): the generation prompt alone
+    for raw in ({"prompt": "p"}, {"prompt": "p", "response_prefix": None},
+                {"prompt": "p", "response_prefix": ""}):
+        rec = parse_prompt(raw, "x:1")
+        assert rec.response_prefix == ""
+        assert tokenize_prompt(rec, ct, 64).tolist() == ct.prompt_ids("p")
+    # renamed field; wrong type; the prefix counts towards the prompt length
+    rec = parse_prompt({"prompt": "p", "opening": "The"}, "x:1", {"response_prefix": "opening"})
+    assert rec.response_prefix == "The"
+    with pytest.raises(RecordError, match="^x:1: field 'response_prefix' is int") as info:
+        parse_prompt({"prompt": "p", "response_prefix": 3}, "x:1")
+    assert info.value.reason == "wrong_type"
+    n = len(ct.prompt_ids("p"))
+    with pytest.raises(RecordError, match="the prompt \\+ response prefix has") as info:
+        tokenize_prompt(parse_prompt({"prompt": "p", "response_prefix": "word " * 20}, "x:1"),
+                        ct, n + 5)
+    assert info.value.reason == "too_long"
+
+
+def test_prompt_dataset_prefixes_line_up_with_kept_examples(tok):
+    ct = ChatTokenizer(tok)
+    records = [
+        {"prompt": "Review a film.", "response_prefix": "The acting"},
+        {"prompt": 3, "response_prefix": "skipped: wrong type"},
+        {"prompt": "Review a book."},
+        {"prompt": "Too long.", "response_prefix": "word " * 100},
+        {"prompt": "Review a song.", "response_prefix": "A lovely"},
+        {"prompt": "Bad prefix.", "response_prefix": ["not", "text"]},
+    ]
+    cfg = BatchConfig(batch_size=2, prompt_buckets=(32, 64), skip_invalid=True)
+    ds = load_prompts(records, tok, cfg, name="p")
+    assert len(ds) == 3 and ds.locations == ["p[0]", "p[2]", "p[4]"]
+    assert ds.prefixes == ["The acting", "", "A lovely"]
+    assert dict(ds.stats.skipped) == {"wrong_type": 2, "too_long": 1}
+    for i, j in enumerate((0, 2, 4)):
+        expected = ct.prompt_ids(records[j]["prompt"]) + (
+            ct.encode_text(records[j]["response_prefix"]) if "response_prefix" in records[j]
+            else [])
+        assert ds.examples[i].tolist() == expected
+    # built directly: no prefixes means "" for each example; a wrong count is an error
+    bare = PromptDataset(ds.examples, ds.locations, ds.stats, (32, 64), ct.pad_id)
+    assert bare.prefixes == ["", "", ""]
+    with pytest.raises(ValueError, match="2 prefixes for 3 prompts"):
+        PromptDataset(ds.examples, ds.locations, ds.stats, (32, 64), ct.pad_id,
+                      prefixes=["a", "b"])
+
+
 def test_loaders_from_lists(tok):
-    cfg = DataConfig(batch_size=2, buckets=(32, 64, 128))
+    cfg = BatchConfig(batch_size=2, buckets=(32, 64, 128))
     sft = load_sft([{"messages": CHAT}, {"prompt": "a", "completion": "b"}], tok, cfg)
     assert len(sft) == 2 and sft.lengths.tolist() == [len(e.tokens) for e in sft.examples]
     prefs = load_preferences([{"prompt": "p", "chosen": "a", "rejected": "b"},
@@ -151,7 +214,7 @@ def test_loaders_from_lists(tok):
     assert prompts.buckets == cfg.prompt_buckets
     with pytest.raises(RecordError, match="more than num_candidates=2"):
         load_preferences([{"prompt": "p", "responses": ["a", "b", "c"]}], tok,
-                         DataConfig(batch_size=1, num_candidates=2))
+                         BatchConfig(batch_size=1, num_candidates=2))
 
 
 def test_template_rejecting_a_conversation_names_the_record(tmp_path):

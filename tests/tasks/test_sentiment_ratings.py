@@ -13,8 +13,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from rlhf_jax.data import DataConfig, load_preferences, load_prompts, load_sft
-from rlhf_jax.data import sentiment as S
+from rlhf_jax.data import BatchConfig, load_preferences, load_prompts, load_sft
+from rlhf_jax.tasks.sentiment import ratings as S
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,9 @@ def test_cached_fetch_does_not_run_pip(sentiment_cache, ratings, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_pip)
     path = S.fetch_sdist(sentiment_cache)
-    assert path.name == "vaderSentiment-3.3.2.tar.gz" and path.is_file()
+    # the cache layout of earlier versions: nothing is downloaded again after an upgrade
+    assert path == sentiment_cache / "vaderSentiment-3.3.2" / "vaderSentiment-3.3.2.tar.gz"
+    assert path.is_file()
     assert S.fetch_sentiment_ratings(sentiment_cache) == ratings
 
 
@@ -111,7 +113,7 @@ def test_rankings_prompts_and_sft(splits):
 
 
 def test_tasks_feed_the_pipeline(splits, tok):
-    cfg = DataConfig(batch_size=8, buckets=(64, 128, 256, 512, 1024), skip_invalid=True)
+    cfg = BatchConfig(batch_size=8, buckets=(64, 128, 256, 512, 1024), skip_invalid=True)
     rng = np.random.default_rng(0)
     pairs = S.sentiment_preference_records(splits["validation"])
     sample = [pairs[i] for i in rng.choice(len(pairs), 32, replace=False)]
@@ -121,7 +123,7 @@ def test_tasks_feed_the_pipeline(splits, tok):
     assert batch.tokens.shape[:2] == (8, 2) and batch.valid.all()
     sft = load_sft(S.sentiment_sft_records(splits["validation"])[:16], tok, cfg)
     assert len(sft) + sft.stats.num_skipped == 16
-    raw_cfg = DataConfig(batch_size=4, prompt_buckets=(32, 64, 128), use_chat_template=False,
+    raw_cfg = BatchConfig(batch_size=4, prompt_buckets=(32, 64, 128), use_chat_template=False,
                          field_map={"prompt": "opening"})
     prompts = load_prompts(S.sentiment_prompt_records(splits["test"])[:8], tok, raw_cfg)
     assert tok.decode(prompts.examples[0]) == S.sentiment_prompt_records(

