@@ -346,15 +346,20 @@ def ppo_loss(
 
     ``L = L_clip + vf_coef · L_V - entropy_coef · H + kl_loss_coef · KL_k(π || π_ref)``, each
     term reduced the same way (token- or sequence-mean over ``mask``). Schulman et al. 2017
-    eq. 9 (c1 = vf_coef, c2 = entropy_coef).
+    eq. 7 (``L_clip``) and eq. 9 (c1 = vf_coef, c2 = entropy_coef). This is the objective the
+    PPO trainer (``rlhf_jax.train.ppo``) minimises on every minibatch.
 
     * Value term: only when ``values``, ``old_values`` and ``returns`` are all given (PPO with
       a critic); omit all three for critic-free methods (GRPO, RLOO, REINFORCE).
     * Entropy term: only when ``entropy`` (per-token, e.g. ``entropy_from_logits(...,
-      shift=...)`` sliced to the response) is given.
-    * KL loss: only when ``ref_logp`` is given: ``kl_loss_coef · mean(k3(logp, ref_logp))``,
-      the KL-in-the-loss of GRPO (Shao et al. 2024 eq. 3–4) — an alternative to shaping the
-      rewards with :func:`kl_shaped_rewards` (use one or the other).
+      shift=...)`` sliced to the response) is given. With a Python ``entropy_coef == 0`` the
+      entropy is reported but carries no gradient (no backward pass through its ``[B, R, V]``
+      softmax).
+    * KL loss: only when ``ref_logp`` is given: ``kl_loss_coef · mean(KL_k(logp, ref_logp))``
+      with ``k = kl_loss_estimator``, the KL-in-the-loss of GRPO (Shao et al. 2024 eq. 3–4,
+      which uses k3) — an alternative to shaping the rewards with :func:`kl_shaped_rewards`
+      (use one or the other). ``kl_loss_coef`` may be an array (an adaptive controller's
+      ``KLState.kl_coef``), so a changing coefficient never recompiles.
 
     Args:
       logp: ``[B, R]`` float current-policy log-probs of the sampled tokens (nats), with grad.
@@ -372,16 +377,17 @@ def ppo_loss(
       entropy: ``[B, R]`` float per-token entropy (nats) with grad, or None.
       entropy_coef: entropy-bonus weight.
       ref_logp: ``[B, R]`` float reference log-probs of the sampled tokens, or None.
-      kl_loss_coef: weight of the KL loss (scalar or array).
-      kl_loss_estimator: ``"k3"`` (GRPO), ``"k1"`` or ``"k2"``.
+      kl_loss_coef: weight β of the KL loss (Python scalar or ``[]`` array).
+      kl_loss_estimator: ``"k3"`` (GRPO), ``"k1"`` or ``"k2"`` (``losses.kl.kl_estimate``).
       reduction: ``"token"`` or ``"sequence"``.
       num_tokens: optional global token denominator.
       num_sequences: optional global sequence denominator.
 
     Returns:
       ``(loss, metrics)``: everything from :func:`clipped_policy_loss` and (with a critic)
-      :func:`clipped_value_loss`, plus ``ppo/loss`` (the total), ``ppo/policy/entropy`` and
-      ``ppo/policy/kl_loss`` when those terms are on.
+      :func:`clipped_value_loss`, plus ``ppo/loss/total`` (the total), ``ppo/policy/entropy``
+      and ``ppo/policy/kl_loss`` (the unweighted KL estimate, nats per token) when those
+      terms are on.
 
     Raises:
       ValueError: shape mismatch; only some of values/old_values/returns given; a nonzero
@@ -413,6 +419,8 @@ def ppo_loss(
     m = _bool(mask)
     if entropy is not None:
         ent = jnp.where(m, _float(entropy), 0.0)
+        if isinstance(entropy_coef, (int, float)) and entropy_coef == 0:
+            ent = jax.lax.stop_gradient(ent)
         _, metrics["ppo/policy/entropy"] = aggregate_loss(ent, mask, **agg)
         total = total - entropy_coef * ent
     if ref_logp is not None:
@@ -421,5 +429,5 @@ def ppo_loss(
         kl = jnp.where(m, kl_estimate(safe_logp, safe_ref, kl_loss_estimator), 0.0)
         _, metrics["ppo/policy/kl_loss"] = aggregate_loss(kl, mask, **agg)
         total = total + kl_loss_coef * kl
-    loss, metrics["ppo/loss"] = aggregate_loss(total, mask, **agg)
+    loss, metrics["ppo/loss/total"] = aggregate_loss(total, mask, **agg)
     return loss, metrics

@@ -208,7 +208,7 @@ def test_ppo_loss_is_the_weighted_sum_of_its_terms():
     k3 = np.mean(np.exp(-d) - 1 + d)  # GRPO's KL term (Shao et al. 2024 eq. 4)
     want = float(pg) + 0.1 * float(vf) - 0.01 * ent[mask].astype(np.float64).mean() + 0.04 * k3
     np.testing.assert_allclose(loss, want, rtol=1e-5)
-    np.testing.assert_allclose(_mean(m, "ppo/loss"), want, rtol=1e-5)
+    np.testing.assert_allclose(_mean(m, "ppo/loss/total"), want, rtol=1e-5)
     np.testing.assert_allclose(_mean(m, "ppo/policy/kl_loss"), k3, rtol=1e-5)
     np.testing.assert_allclose(_mean(m, "ppo/policy/loss"), pg, rtol=1e-5)
     np.testing.assert_allclose(_mean(m, "ppo/val/loss"), vf, rtol=1e-5)
@@ -239,3 +239,42 @@ def test_ppo_loss_microbatches_with_global_token_count_add_up():
     parts = [f(logp[s], old[s], advs[s], mask[s], values=v[s], old_values=old_v[s], returns=ret[s],
                ref_logp=ref[s], num_tokens=n)[0] for s in (slice(0, 3), slice(3, 6))]
     np.testing.assert_allclose(sum(parts), full, rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_ppo_loss_kl_term_takes_an_array_coefficient_and_the_chosen_estimator(estimator):
+    logp, old, ref, advs, mask = _rollout(seed=13)
+    ref = np.where(mask, ref, 90.0).astype(np.float32)  # garbage under the mask stays out
+
+    traces = []
+
+    @jax.jit
+    def f(coef):
+        traces.append(1)
+        return ppo.ppo_loss(logp, old, advs, mask, ref_logp=ref, kl_loss_coef=coef,
+                            kl_loss_estimator=estimator)
+
+    base, _ = _jit(ppo.clipped_policy_loss)(logp, old, advs, mask)
+    d = (logp.astype(np.float64) - ref)[mask]
+    kl = {"k1": d, "k2": 0.5 * d ** 2, "k3": np.exp(-d) - 1 + d}[estimator].mean()
+    for coef in (0.1, 0.25):  # a new coefficient value: no new trace
+        loss, m = f(jnp.float32(coef))
+        np.testing.assert_allclose(loss, float(base) + coef * kl, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_mean(m, "ppo/policy/kl_loss"), kl, rtol=1e-5, atol=1e-7)
+    assert len(traces) == 1
+
+
+def test_ppo_loss_entropy_is_a_metric_only_when_its_coefficient_is_zero():
+    logp, old, _, advs, mask = _rollout(seed=14)
+    ent = np.random.default_rng(15).random(mask.shape).astype(np.float32)
+
+    def grad_wrt_entropy(coef):
+        g, m = jax.jit(jax.grad(lambda e: ppo.ppo_loss(logp, old, advs, mask, entropy=e,
+                                                       entropy_coef=coef), has_aux=True))(ent)
+        return np.asarray(g), m
+
+    g0, m0 = grad_wrt_entropy(0.0)
+    assert np.all(g0 == 0)
+    np.testing.assert_allclose(_mean(m0, "ppo/policy/entropy"), ent[mask].mean(), rtol=1e-6)
+    g1, _ = grad_wrt_entropy(0.01)
+    np.testing.assert_allclose(g1, np.where(mask, -0.01 / mask.sum(), 0.0), rtol=1e-5)

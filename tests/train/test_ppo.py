@@ -3,6 +3,12 @@
 One configuration (1 epoch, 1 minibatch, adaptive KL, temperature-1 sampling of 8 tokens) is
 compiled once fused and once staged and shared by the tests (a PPO compile costs several
 seconds on CPU); ``value_model="separate"`` and the 8-device run compile their own.
+
+Paths that differ only in float rounding (sharded vs one device, fused vs staged) are compared
+from a *uniform* initial policy (its LM head is zero, so every logit is exactly 0 whatever the
+rounding): both paths then sample bit-identical rollouts from the same key, and discontinuous
+rollout statistics (lengths, EOS shares) agree by construction. Clip fractions are never
+compared across paths (the value clip of the first minibatch sits exactly at its tie).
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ import pytest
 from rlhf_jax.control import KLController
 from rlhf_jax.models.model import Model
 from rlhf_jax.rollout.sampler import SamplingConfig
-from rlhf_jax.sharding import shard_batch
+from rlhf_jax.sharding import batch_sharding, shard_batch
 from rlhf_jax.train import ppo
 from rlhf_jax.train.common import sequence_scores
-from rlhf_jax.train.state import OptimizerConfig, create_train_state, make_optimizer
+from rlhf_jax.train.state import (OptimizerConfig, create_sharded_train_state, create_train_state,
+                                  make_optimizer, state_shardings)
 from rlhf_jax.types import positions_from_mask
 from tests.train._tiny import (EOS, PAD, TINY, TraceCounter, assert_tree_close, fsdp_tensor_mesh,
-                               host, host_params, on_device, perturbed, prompts, reduced,
-                               sharded_params)
+                               host, host_params, on_device, perturbed, prompts, reduced)
 
 POLICY = Model(TINY, kind="lm_value")
 REWARD = Model(TINY, kind="scalar")
@@ -52,6 +58,20 @@ def _eight_devices():
         pytest.skip(f"needs 8 (fake) devices, have {jax.device_count()}")
 
 
+@functools.cache
+def uniform_params():
+    """The policy with a zero LM head: every logit is exactly 0 (a uniform policy), so sampling
+    from it does not depend on float rounding (the value head and trunk are untouched)."""
+    params = dict(host_params("lm_value"))
+    params["lm_head"] = jax.tree.map(np.zeros_like, params["lm_head"])
+    return params
+
+
+def _comparable(metrics: dict) -> dict:
+    """The metrics that are continuous in the parameters (no clip fractions)."""
+    return {k: v for k, v in metrics.items() if "clipfrac" not in k}
+
+
 def fresh_state(params=None, seed: int = 5) -> ppo.PPOState:
     params = on_device(host_params("lm_value") if params is None else params)
     return ppo.init_ppo_state(create_train_state(params, TX, jax.random.key(seed)), CFG.kl,
@@ -60,7 +80,7 @@ def fresh_state(params=None, seed: int = 5) -> ppo.PPOState:
 
 class _Fused:
     """The fused iteration of ``CFG`` on one device, traced through a counter, and the result
-    of its first iteration from ``fresh_state()`` with reference == policy."""
+    of its first iteration from the uniform policy with reference == policy."""
 
     def __init__(self):
         self.counter = TraceCounter(ppo.ppo_iteration)
@@ -68,7 +88,7 @@ class _Fused:
             mp.setattr(ppo, "ppo_iteration", self.counter)
             self.fn = ppo.make_ppo_iteration(policy_model=POLICY, reward_model=REWARD,
                                              policy_tx=TX, cfg=CFG)
-        state, metrics = self(fresh_state(), host_params("lm_value"))
+        state, metrics = self(fresh_state(uniform_params()), uniform_params())
         self.state1 = host(state)
         self.metrics1 = reduced(metrics)
 
@@ -109,7 +129,7 @@ def test_first_minibatch_has_ratio_one_and_no_clipping():
     assert abs(m["objective/kl"]) < 1e-6  # reference == policy
     assert int(f.state1.policy.step) == 1
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), f.state1.policy.params,
-                         host_params("lm_value"))
+                         uniform_params())
     assert max(jax.tree.leaves(moved)) > 1e-4
 
 
@@ -140,28 +160,34 @@ def test_adaptive_kl_coef_moves_toward_target_and_compiles_once():
 # ---- sharded == single device ----------------------------------------------------------------
 
 def test_sharded_ppo_iteration_equals_single_device():
-    """(fsdp=4, tensor=2) vs one device. Sampling uses the same typed key on both; threefry
-    draws do not depend on the sharding, so the rollouts agree unless two logits tie to
-    ~1e-6 (they do not for this seed; the response tokens are compared first)."""
+    """(fsdp=4, tensor=2) with explicit shardings vs one device, from the uniform policy: the
+    same typed key draws the same rollout on both (threefry draws do not depend on the
+    sharding, and every logit is exactly 0), so only rounding differs downstream."""
     f = fused()
     mesh = fsdp_tensor_mesh()
     with jax.set_mesh(mesh):
-        policy = create_train_state(sharded_params("lm_value"), TX, jax.random.key(5))
-        state = ppo.init_ppo_state(policy, CFG.kl, jax.random.key(6))
+        param_sharding = POLICY.param_shardings(mesh)
+        params = jax.device_put(uniform_params(), param_sharding)
+        policy = create_sharded_train_state(params, TX, jax.random.key(5), mesh, param_sharding)
+        sharding = ppo.ppo_state_shardings(state_shardings(policy), mesh)
+        state = jax.device_put(ppo.init_ppo_state(policy, CFG.kl, jax.random.key(6)), sharding)
         batch = shard_batch({"tokens": PROMPTS, "mask": PROMPT_MASK}, mesh)
-        fn = ppo.make_ppo_iteration(policy_model=POLICY, reward_model=REWARD, policy_tx=TX,
-                                    cfg=CFG)
+        fn = ppo.make_ppo_iteration(
+            policy_model=POLICY, reward_model=REWARD, policy_tx=TX, cfg=CFG,
+            state_sharding=sharding, prompt_sharding=batch_sharding(mesh, 2),
+            frozen_shardings=(POLICY.param_shardings(mesh), REWARD.param_shardings(mesh)))
         sharded_reward = jax.device_put(reward_params(), REWARD.param_shardings(mesh))
-        new_state, metrics = fn(state, batch["tokens"], batch["mask"],
-                                sharded_params("lm_value"), sharded_reward)
+        new_state, metrics = fn(state, batch["tokens"], batch["mask"], params, sharded_reward)
     m = reduced(metrics)
+    assert m.keys() == f.metrics1.keys()
     for k in ("rollout/response_length", "rollout/no_eos_share"):
-        assert m[k] == f.metrics1[k], k  # same rollouts
-    for k, v in f.metrics1.items():
+        assert m[k] == f.metrics1[k], k  # same rollout by construction (uniform policy)
+    for k, v in _comparable(f.metrics1).items():
         np.testing.assert_allclose(m[k], v, atol=1e-5, rtol=1e-4, err_msg=k)
     assert_tree_close(host(new_state.policy.params), f.state1.policy.params, atol=1e-5)
     q = new_state.policy.params["trunk"]["blocks"]["attn"]["q"]["kernel"]
     assert len({s.device for s in q.addressable_shards}) == 8
+    assert q.sharding == params["trunk"]["blocks"]["attn"]["q"]["kernel"].sharding
 
 
 # ---- staged == fused -------------------------------------------------------------------------
@@ -178,13 +204,16 @@ def reward_model_fn(prompt_tokens, response, response_mask):
 
 
 def test_staged_iteration_equals_fused():
+    """Both sample the uniform policy with the same key: the same rollout by construction."""
     f = fused()
-    state, metrics = staged().iteration(fresh_state(), PROMPTS, PROMPT_MASK,
-                                        on_device(host_params("lm_value")), reward_model_fn)
+    state, metrics = staged().iteration(fresh_state(uniform_params()), PROMPTS, PROMPT_MASK,
+                                        on_device(uniform_params()), reward_model_fn)
     assert_tree_close(host(state.policy.params), f.state1.policy.params, atol=1e-5)
     m = reduced(metrics)
     assert m.keys() == f.metrics1.keys()
-    for k, v in f.metrics1.items():
+    for k in ("rollout/response_length", "rollout/no_eos_share"):
+        assert m[k] == f.metrics1[k], k
+    for k, v in _comparable(f.metrics1).items():
         np.testing.assert_allclose(m[k], v, atol=1e-5, rtol=1e-4, err_msg=k)
 
 
@@ -233,10 +262,11 @@ def test_rewarding_a_token_raises_its_probability():
 
 # ---- separate value model --------------------------------------------------------------------
 
-def test_separate_value_model_updates_both_states():
+def test_separate_value_model_runs_two_iterations_without_a_policy_value_head():
     cfg = dataclasses.replace(CFG, value_model="separate")
-    lm, value_model = Model(TINY), Model(TINY, kind="scalar")
+    lm, value_model = Model(TINY), Model(TINY, kind="scalar")  # the policy has no value head
     policy_params, value_params = host_params("lm"), host_params("scalar")
+    assert "value_head" not in policy_params
     value_tx = make_optimizer(OPT, value_model.abstract_params())
     policy_tx = make_optimizer(OPT, lm.abstract_params())
     state = ppo.init_ppo_state(
@@ -245,18 +275,38 @@ def test_separate_value_model_updates_both_states():
         value=create_train_state(on_device(value_params), value_tx, jax.random.key(7)))
     fn = ppo.make_ppo_iteration(policy_model=lm, reward_model=REWARD, policy_tx=policy_tx, cfg=cfg,
                                 value_model=value_model, value_tx=value_tx)
-    state, metrics = fn(state, PROMPTS, PROMPT_MASK, on_device(policy_params),
-                        on_device(reward_params()))
-    m = reduced(metrics)
-    _finite(m)
-    assert m["ppo/val/loss"] > 0
-    assert int(state.policy.step) == 1 and int(state.value.step) == 1
-    for new, old in ((state.policy.params, policy_params), (state.value.params, value_params)):
-        moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), new, old)
+    snapshots = [host(state.value.params)]
+    for _ in range(2):
+        state, metrics = fn(state, PROMPTS, PROMPT_MASK, on_device(policy_params),
+                            on_device(reward_params()))
+        m = reduced(metrics)
+        _finite(m)
+        assert m["ppo/val/loss"] > 0
+        snapshots.append(host(state.value.params))
+    assert int(state.policy.step) == 2 and int(state.value.step) == 2
+    for before, after in zip(snapshots, snapshots[1:]):  # the value model moves every iteration
+        moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), after, before)
         assert max(jax.tree.leaves(moved)) > 1e-4
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), state.policy.params,
+                         policy_params)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+    assert "value_head" not in state.policy.params
     # The value model is its own tree: the trunk it trains is not the policy's.
     assert not np.allclose(np.asarray(state.value.params["trunk"]["embed"]),
                            np.asarray(state.policy.params["trunk"]["embed"]))
+
+
+def test_value_model_choice_is_checked():
+    lm, scalar = Model(TINY), Model(TINY, kind="scalar")
+    with pytest.raises(ValueError, match="'shared' needs an 'lm_value' policy"):
+        ppo.make_ppo_iteration(policy_model=lm, reward_model=REWARD, policy_tx=TX, cfg=CFG)
+    separate = dataclasses.replace(CFG, value_model="separate")
+    with pytest.raises(ValueError, match="'separate' needs a 'scalar' value_model, got None"):
+        ppo.make_ppo_iteration(policy_model=lm, reward_model=REWARD, policy_tx=TX, cfg=separate)
+    with pytest.raises(ValueError, match="'separate' needs a 'scalar' value_model, got 'lm'"):
+        ppo.PPOStages(policy_model=lm, policy_tx=TX, cfg=separate, value_model=lm)
+    with pytest.raises(ValueError, match="policy must be an 'lm' or 'lm_value' model"):
+        ppo.PPOStages(policy_model=scalar, policy_tx=TX, cfg=separate, value_model=scalar)
 
 
 # ---- the constrained policy (min_new_tokens) ------------------------------------------------
