@@ -8,25 +8,46 @@ A checkpoint at step ``n`` is one orbax step directory with three items:
   pytree node round-trips and the files are readable without this library. Typed PRNG keys
   are stored as their raw ``jax.random.key_data`` and re-wrapped with the target's key type
   on restore; callers never see the difference.
-* ``meta`` - the caller's JSON ``dict``: config (``config_to_dict``), data-iterator
-  position, controller scalars, a model fingerprint (``model_fingerprint``) ...
-* ``layout`` - bookkeeping of this module (format version, which leaves were PRNG keys and
-  their key type).
+* ``meta`` - the caller's JSON ``dict``: config (``rlhf_jax.config.config_to_dict``),
+  data-iterator position, controller scalars, a model fingerprint (``model_fingerprint``) ...
+* ``layout`` - bookkeeping of this module: format version, which leaves were PRNG keys and
+  their key type, and one checksum per array (below).
 
-Typical use in a training loop::
+Typical use (``rlhf_jax.train.loop.run_loop`` adds SIGTERM handling and NaN stops)::
 
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=3, save_interval_steps=500)
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(abstract_like(state), expected_fingerprint=fingerprint)
-    with PreemptionGuard() as guard:
-        for step in ...:
-            state, metrics = train_step(state, batch)
-            check_finite(prev_loss, step - 1)      # host value of step n-1 (DeferredMetrics)
-            ckpt.save(step, state, meta)           # no-op between intervals
-            if guard.should_stop(step):
-                ckpt.save(step, state, meta, force=True)
-                break
+    for step in ...:
+        state, metrics = train_step(state, batch)
+        ckpt.save(step, state, meta)               # no-op between intervals
     ckpt.close()
+
+Good by construction:
+
+* **Never a non-finite state.** ``save`` first checks every floating-point leaf (parameters,
+  optimizer moments ...) for NaN/Inf and raises ``NonFiniteStateError`` naming the first bad
+  leaf instead of writing anything.
+* **Checksums.** ``save`` stores, per array, two 32-bit checksums of its raw bits: the sum of
+  its 32-bit words, and the sum over words of MurmurHash3's ``fmix32(word + position *
+  0x9E3779B9)`` (position = 1 + row-major index), both modulo 2**32 (2- and 1-byte dtypes are
+  widened word by word, 8-byte ones split in two).
+  They are computed on the device by one jitted reduction over the whole state (one per set
+  of devices the leaves live on, normally one; host NumPy leaves form their own), which also
+  yields the finiteness flags, so a save pulls one small array to the host; sharded arrays
+  are reduced where they live (modular sums do not depend on the order or the sharding), and
+  nothing is gathered on one host. ``restore`` recomputes them on the restored arrays, in
+  their target shardings, and compares (leaves restored into another dtype are not compared).
+  Any single flipped bit changes the first sum; other damage (zero-filled or misplaced
+  blocks, several flips) changes the second with probability ``1 - 2**-32``. They detect
+  damage, not tampering (they are not cryptographic).
+* **Fallback.** ``restore()`` of the latest step tries the steps from newest to oldest: a
+  step whose files are missing, truncated or corrupt, whose ``meta``/``layout`` JSON is empty
+  or invalid, whose checksums do not match or whose values are not finite is skipped with one
+  log line naming the bad and the restored step. If no step is usable it raises
+  ``CheckpointError`` with a one-line message naming the directory and what is wrong with each
+  step (library tracebacks go to ``logging.debug``). ``set_aside_after(step)`` then moves the
+  unusable newer steps into ``<directory>/unusable/`` so the resumed run can save them again.
 
 Nothing already saved is lost: orbax writes each step into a temporary directory and renames
 it into place only once every item is complete; steps beyond ``max_to_keep`` (which must be
@@ -37,116 +58,126 @@ by a killed process are removed when a ``Checkpointer`` opens the directory.
 Errors name what was expected: a missing directory or step raises ``FileNotFoundError``
 naming the directory (and the steps that exist); a checkpoint of another model raises
 ``ValueError`` naming the directory, the step and the first mismatching leaf path with the
-expected and found shapes, or the differing fingerprint fields.
+expected and found shapes, or the differing fingerprint fields (no fallback: an older step of
+the same directory would be of the same other model).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
+import contextlib
+import functools
+import gc
 import json
 import logging
+import math
 import os
-import signal
-import threading
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from rlhf_jax.config import config_to_dict as _config_to_dict
+from rlhf_jax.config import to_jsonable as _to_jsonable
 
 logger = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: layout holds "checksums"; format-1 checkpoints restore unverified
 _STATE, _META, _LAYOUT = "state", "meta", "layout"
+_UNUSABLE_DIR = "unusable"
 
 
 # --------------------------------------------------------------------------------------------
-# Exceptions and small checks
+# Exceptions
 # --------------------------------------------------------------------------------------------
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss (or other watched scalar) became NaN or infinite.
+class CheckpointError(ValueError):
+    """No usable checkpoint: files missing, truncated or corrupt, ``meta``/``layout`` JSON
+    empty or invalid, a checksum mismatch, or non-finite values.
 
     Attributes:
-      step: the training step whose value was non-finite.
-      name: the name of the value (``"loss"``, ``"ppo/loss/total"`` ...).
-      value: the offending value.
+      directory: the checkpoint directory.
+      problems: ``{step: what is wrong}`` for every step that was tried.
     """
 
-    def __init__(self, step: int, name: str = "loss", value: float = float("nan")):
-        self.step, self.name, self.value = int(step), name, value
-        super().__init__(f"non-finite {name} ({value}) at step {self.step}; stop and resume from "
-                         f"the last good checkpoint (it was not overwritten)")
+    def __init__(self, message: str, directory: str, problems: Mapping[int, str]):
+        super().__init__(message)
+        self.directory, self.problems = directory, dict(problems)
 
 
-def check_finite(loss_value: Any, step: int, name: str = "loss") -> float:
-    """Raise ``NonFiniteLossError`` if ``loss_value`` is NaN or infinite.
+class NonFiniteStateError(FloatingPointError):
+    """``Checkpointer.save`` refused a state holding NaN or Inf; nothing was written.
 
-    Pass a *host* value where possible (e.g. step ``n-1``'s loss from ``DeferredMetrics``):
-    a device array forces a synchronisation with the step that produced it.
-
-    Args:
-      loss_value: a scalar (Python/NumPy float or a 0-d/size-1 array).
-      step: the step that produced it (goes into the error message).
-      name: what the value is, for the message.
-
-    Returns:
-      The value as a Python float.
-
-    Raises:
-      NonFiniteLossError: the value is NaN or +-inf.
-      ValueError: the value is not a scalar.
+    Attributes:
+      step: the step that was to be saved.
+      path: the first non-finite leaf (``"params/trunk/embed"``).
+      value: ``nan`` or ``inf``.
+      directory: the checkpoint directory.
     """
-    arr = np.asarray(jax.device_get(loss_value))
-    if arr.size != 1:
-        raise ValueError(f"check_finite({name!r}) expects a scalar, got shape {arr.shape}")
-    value = float(arr.reshape(()))
-    if not np.isfinite(value):
-        raise NonFiniteLossError(step, name, value)
-    return value
+
+    def __init__(self, step: int, path: str, value: float, directory: str):
+        self.step, self.path, self.value, self.directory = int(step), path, value, directory
+        super().__init__(f"refusing to checkpoint step {self.step} in {directory}: state leaf "
+                         f"{path} holds {value} values")
+
+
+class _Unusable(Exception):
+    """One step of a checkpoint directory cannot be restored (internal; ``reason`` is one line)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _reason(exc: BaseException, limit: int = 240) -> str:
+    """One line out of a (possibly huge, chained) library exception: the innermost message
+    with a text, cut before TensorStore spec dumps."""
+    chain, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in reversed(chain):
+        if isinstance(e, (StopIteration, StopAsyncIteration, GeneratorExit)):
+            continue  # control flow inside a parser, not the error
+        text = str(e).strip()
+        if isinstance(e, KeyError) and len(e.args) == 1:
+            text = str(e.args[0])
+        if text:
+            break
+    else:
+        e, text = exc, ""
+    text = text.split("See full TensorStore details")[0].strip().splitlines()[0] if text else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _library_noise_to_debug():
+    """Route exceptions that asyncio/TensorStore report as 'ignored' (failed reads cancelled
+    after a first error) to ``logging.debug`` instead of stderr."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        logger.debug("ignored library exception in %r: %s", unraisable.object,
+                     _reason(unraisable.exc_value) if unraisable.exc_value else "")
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
 
 
 # --------------------------------------------------------------------------------------------
-# JSON helpers
+# Fingerprints
 # --------------------------------------------------------------------------------------------
-
-
-def to_jsonable(obj: Any) -> Any:
-    """``obj`` as plain JSON types: dataclasses -> dicts, tuples -> lists, enums -> values,
-    NumPy/JAX scalars -> Python numbers, paths -> strings.
-
-    Raises:
-      TypeError: a value with no JSON form (naming its type and where it was found).
-    """
-    def convert(x, where):
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return {f.name: convert(getattr(x, f.name), f"{where}.{f.name}")
-                    for f in dataclasses.fields(x)}
-        if isinstance(x, Mapping):
-            return {str(k): convert(v, f"{where}[{k!r}]") for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [convert(v, f"{where}[{i}]") for i, v in enumerate(x)]
-        if isinstance(x, enum.Enum):
-            return convert(x.value, where)
-        if isinstance(x, os.PathLike):
-            return os.fspath(x)
-        if isinstance(x, (np.generic, np.ndarray, jax.Array)) and np.ndim(x) == 0:
-            return np.asarray(x).item()
-        if isinstance(x, (np.ndarray, jax.Array)):
-            return np.asarray(x).tolist()
-        raise TypeError(f"{where or 'value'} of type {type(x).__name__} has no JSON form")
-    return convert(obj, "")
-
-
-def config_to_dict(cfg: Any) -> dict:
-    """A frozen config dataclass (nested ones included) as a JSON ``dict`` for ``meta``."""
-    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
-        raise TypeError(f"config_to_dict expects a dataclass instance, got {type(cfg).__name__}")
-    return to_jsonable(cfg)
 
 
 #: ``ModelConfig`` fields that change how a model runs, not what its parameters are.
@@ -170,7 +201,7 @@ def model_fingerprint(model_cfg: Any) -> dict:
     kind = None
     if hasattr(model_cfg, "cfg") and hasattr(model_cfg, "kind"):  # a Model
         kind, model_cfg = model_cfg.kind, model_cfg.cfg
-    fp = config_to_dict(model_cfg)
+    fp = _config_to_dict(model_cfg)
     for name in _RUNTIME_ONLY_FIELDS:
         fp.pop(name, None)
     if hasattr(model_cfg, "num_kv_heads") and "n_kv_heads" in fp:
@@ -288,8 +319,8 @@ def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
                         abstract_tree, shardings)
 
 
-def _to_storable(state) -> tuple[dict, dict]:
-    """(nested dict of arrays, {path: key dtype} of PRNG-key leaves)."""
+def _to_storable(state) -> tuple[dict, dict, list[tuple[str, Any]]]:
+    """(nested dict of arrays, {path: key dtype} of PRNG-key leaves, [(path, stored array)])."""
     items, keys = [], {}
     for names, leaf in _flatten(state)[0]:
         if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -302,7 +333,7 @@ def _to_storable(state) -> tuple[dict, dict]:
         elif not isinstance(leaf, jax.Array):
             leaf = np.asarray(leaf)
         items.append((names, leaf))
-    return _nest(items), keys
+    return _nest(items), keys, [(_path_str(n), x) for n, x in items]
 
 
 def _abstract_storable(abstract_state) -> tuple[list, Any, dict]:
@@ -324,6 +355,119 @@ def _abstract_storable(abstract_state) -> tuple[list, Any, dict]:
             store = leaf
         out.append((names, store, leaf))
     return out, treedef, _nest([(n, s) for n, s, _ in out])
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: per-array checksums and finiteness flags in one jitted reduction
+# --------------------------------------------------------------------------------------------
+
+_CHECKSUM_ALGORITHM = "u32sum+fmix32sum"
+_FLAG_NAN, _FLAG_INF = 1, 2
+
+
+def _words_u32(x):
+    """The raw bits of ``x`` as uint32 words (traced; 8-byte items give a trailing dim of 2)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16
+                                            ).astype(jnp.uint32)
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser (Appleby 2011): a bijective avalanche mix of uint32."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _leaf_row(x):
+    """``[sum of words, sum of fmix32(word + position * golden), flag]`` as uint32 (sums
+    modulo 2**32; position = 1 + row-major index); flag is ``_FLAG_NAN`` / ``_FLAG_INF`` / 0
+    for floating-point leaves, 0 otherwise."""
+    w = _words_u32(x)
+    pos = jnp.ones(w.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(w.ndim)):  # computed per axis: no reshape of a sharded array
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride)
+        stride = (stride * w.shape[axis]) % 2**32
+    s1 = jnp.sum(w, dtype=jnp.uint32)
+    s2 = jnp.sum(_fmix32(w + pos * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        flag = jnp.where(jnp.isnan(x).any(), jnp.uint32(_FLAG_NAN),
+                         jnp.where(jnp.isinf(x).any(), jnp.uint32(_FLAG_INF), jnp.uint32(0)))
+    else:
+        flag = jnp.uint32(0)
+    return jnp.stack([s1, s2, flag])
+
+
+def _stack_rows(leaves: list) -> jax.Array:
+    return jnp.stack([_leaf_row(x) for x in leaves])
+
+
+@functools.lru_cache(maxsize=None)
+def _integrity_fn(out_sharding):
+    """The jitted reduction; with a mesh its small result is replicated on the mesh, so every
+    process holds all of it."""
+    return jax.jit(_stack_rows, out_shardings=out_sharding)
+
+
+def _host_small(x) -> np.ndarray:
+    """A small replicated jit output on the host, also when other processes share it."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
+
+
+def _integrity(leaves: Sequence[Any]) -> np.ndarray:
+    """``[n, 3]`` uint32 rows ``(sum, positional sum, flag)`` for ``leaves`` (stored arrays).
+
+    One jitted reduction per set of devices the leaves live on (one in a normal state; host
+    NumPy leaves form their own), and one transfer of the small result.
+    """
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        if isinstance(x, jax.Array):
+            key = tuple(sorted(d.id for d in x.sharding.device_set))
+        else:
+            key = "host"
+        groups.setdefault(key, []).append(i)
+    rows = np.zeros((len(leaves), 3), np.uint32)
+    outs = []
+    for idx in groups.values():
+        first = leaves[idx[0]]
+        mesh_sharding = getattr(first, "sharding", None)
+        out_sharding = None
+        if isinstance(mesh_sharding, jax.sharding.NamedSharding):
+            out_sharding = jax.sharding.NamedSharding(mesh_sharding.mesh,
+                                                      jax.sharding.PartitionSpec())
+        outs.append((idx, _integrity_fn(out_sharding)([leaves[i] for i in idx])))
+    for idx, out in outs:
+        rows[idx] = _host_small(out)
+    return rows
+
+
+def _all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (a collective when there are several), so that
+    all processes skip or restore the same checkpoint step."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))))
+
+
+def _flag_value(flag: int) -> float:
+    return math.nan if flag == _FLAG_NAN else math.inf
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,14 +551,16 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None, *,
-             force: bool = False) -> bool:
-        """Save ``state`` and ``meta`` as step ``step``.
+             force: bool = False, require_finite: bool = True) -> bool:
+        """Save ``state`` and ``meta`` as step ``step``, with a checksum per array.
 
         Args:
           step: the step number (the state's ``step`` usually).
           state: any pytree of arrays (typed PRNG keys allowed, ``None`` leaves allowed).
-          meta: JSON-serialisable ``dict`` (use ``config_to_dict`` / ``model_fingerprint``).
+          meta: JSON-serialisable ``dict`` (use ``rlhf_jax.config.config_to_dict`` and
+            ``model_fingerprint``).
           force: save even if ``step`` is not on the save interval.
+          require_finite: refuse a state with a NaN/Inf in any floating-point leaf.
 
         Returns:
           True if a checkpoint was written (or started, with ``async_save``); False if the
@@ -423,10 +569,11 @@ class Checkpointer:
 
         Raises:
           TypeError: ``meta`` is not JSON-serialisable (naming the offending entry).
+          NonFiniteStateError: ``require_finite`` and a leaf holds NaN/Inf (nothing written).
         """
         import orbax.checkpoint as ocp
         step = int(step)
-        meta_json = to_jsonable(dict(meta or {}))
+        meta_json = _to_jsonable(dict(meta or {}))
         json.dumps(meta_json)  # fail here, before anything is written
         if self._manager is None:
             self._open(create=True)
@@ -441,8 +588,16 @@ class Checkpointer:
                            "" if force else " skipped (pass force=True)", latest)
         if not force and not self._manager.should_save(step):
             return False
-        tree, keys = _to_storable(state)
-        layout = {"format": _FORMAT_VERSION, "prng_keys": keys}
+        tree, keys, flat = _to_storable(state)
+        rows = _integrity([x for _, x in flat]) if flat else np.zeros((0, 3), np.uint32)
+        if require_finite:
+            for (path, _), row in zip(flat, rows):
+                if row[2]:
+                    raise NonFiniteStateError(step, path, _flag_value(int(row[2])),
+                                              self.directory)
+        checksums = {path: [str(x.dtype), int(r[0]), int(r[1])] for (path, x), r in zip(flat, rows)}
+        layout = {"format": _FORMAT_VERSION, "prng_keys": keys,
+                  "checksum_algorithm": _CHECKSUM_ALGORITHM, "checksums": checksums}
         saved = self._manager.save(step, args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(tree),
             _META: ocp.args.JsonSave(meta_json),
@@ -463,29 +618,56 @@ class Checkpointer:
                                     f"available steps: {steps}")
         return int(step)
 
-    def restore_meta(self, step: int | None = None) -> dict:
-        """Only the ``meta`` dict of a step (``None`` = latest); reads no arrays."""
+    def _read_json_item(self, step: int, item: str) -> dict:
+        """The ``meta`` or ``layout`` dict of ``step``; ``_Unusable`` if missing or invalid."""
         import orbax.checkpoint as ocp
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.JsonRestore()}))[item]
+        except Exception as e:  # orbax/json raise many types
+            logger.debug("%s step %d: reading %r failed", self.directory, step, item, exc_info=True)
+            raise _Unusable(f"its {item!r} item is missing or invalid JSON ({_reason(e)})") from e
+        if not isinstance(out, dict):
+            raise _Unusable(f"its {item!r} item is {type(out).__name__}, not a JSON object")
+        return dict(out)
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        """Only the ``meta`` dict of a step (``None`` = latest); reads no arrays.
+
+        Raises:
+          FileNotFoundError: no such directory or step.
+          CheckpointError: the step's ``meta`` is missing or not valid JSON (no fallback here).
+        """
         step = self._check_step(step)
-        args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-        out = self._manager.restore(step, args=args)
-        return dict(out[_META] or {})
+        try:
+            return self._read_json_item(step, _META)
+        except _Unusable as e:
+            raise CheckpointError(f"checkpoint {self.directory} step {step} is unusable: "
+                                  f"{e.reason}", self.directory, {step: e.reason}) from None
 
     def restore(self, abstract_state: Any, step: int | None = None, *,
-                expected_fingerprint: Any = None, fingerprint_key: str = "fingerprint"
-                ) -> tuple[Any, dict]:
-        """Restore step ``step`` (``None`` = latest) into the structure and shardings of
-        ``abstract_state``.
+                expected_fingerprint: Any = None, fingerprint_key: str = "fingerprint",
+                verify: bool = True) -> tuple[Any, dict]:
+        """Restore step ``step`` (``None`` = the newest usable one) into the structure and
+        shardings of ``abstract_state``.
+
+        With ``step=None`` the steps are tried from the newest down: an unusable step (missing,
+        truncated or corrupt files, ``meta``/``layout`` missing or not JSON, checksum
+        mismatch, non-finite values) is skipped with one warning naming it and the step
+        restored instead.
 
         Args:
           abstract_state: pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set (see
             ``abstract_like``, or ``jax.eval_shape`` of the init + ``with_shardings``); live
             arrays are accepted too. Restored arrays are placed directly with these shardings
-            (no host copy of the whole state). A dtype that differs from the saved one is cast.
-          step: which step; ``None`` = the latest.
+            (no host copy of the whole state). A dtype that differs from the saved one is cast
+            (its checksum is then not compared).
+          step: which step; ``None`` = the newest usable one.
           expected_fingerprint: if given, compared with ``meta[fingerprint_key]`` before any
             array is read.
           fingerprint_key: where the fingerprint lives in ``meta``.
+          verify: compare the stored checksums and check that every floating-point value is
+            finite (one jitted reduction over the restored state).
 
         Returns:
           ``(state, meta)``.
@@ -493,20 +675,58 @@ class Checkpointer:
         Raises:
           FileNotFoundError: the directory does not exist, holds no checkpoint, or lacks
             ``step`` (the available steps are listed).
+          CheckpointError: no usable step (``step=None``) or ``step`` is unusable; the message
+            names the directory and what is wrong with each step tried.
           ValueError: fingerprint mismatch (differing fields listed), or the saved tree does
             not match ``abstract_state`` (the first mismatching leaf path with the expected
-            and found shapes, or the missing/unexpected leaves).
+            and found shapes, or the missing/unexpected leaves). No fallback: older steps in
+            the same directory are of the same other model.
         """
+        newest = self._check_step(step)
+        candidates = [newest] if step is not None else sorted(self._manager.all_steps(),
+                                                                reverse=True)
+        problems: dict[int, str] = {}
+        for s in candidates:
+            try:
+                with _library_noise_to_debug():
+                    state, meta = self._restore_step(s, abstract_state, expected_fingerprint,
+                                                     fingerprint_key, verify)
+            except _Unusable as e:
+                problems[s] = e.reason
+                continue
+            if problems:
+                if len(problems) == 1:
+                    (b, r), = problems.items()
+                    what = f"step {b} is unusable ({r})"
+                else:
+                    what = (f"steps {', '.join(map(str, problems))} are unusable ("
+                            + "; ".join(f"step {b}: {r}" for b, r in problems.items()) + ")")
+                logger.warning("checkpoint %s: %s; restored step %d instead", self.directory,
+                               what, s)
+            return state, meta
+        if step is not None:
+            message = f"checkpoint {self.directory} step {newest} is unusable: {problems[newest]}"
+        else:
+            message = (f"no usable checkpoint in {self.directory}: "
+                       + "; ".join(f"step {b}: {r}" for b, r in problems.items()))
+        raise CheckpointError(message, self.directory, problems)
+
+    def _restore_step(self, step: int, abstract_state: Any, expected_fingerprint: Any,
+                      fingerprint_key: str, verify: bool) -> tuple[Any, dict]:
+        """Restore one step; ``_Unusable`` for damage, ``ValueError`` for another model."""
         import orbax.checkpoint as ocp
-        step = self._check_step(step)
         where = f"checkpoint {self.directory} step {step}"
-        meta_layout = self._manager.restore(step, args=ocp.args.Composite(**{
-            _META: ocp.args.JsonRestore(), _LAYOUT: ocp.args.JsonRestore()}))
-        meta = dict(meta_layout[_META] or {})
-        layout = dict(meta_layout[_LAYOUT] or {})
+        problem = None
+        try:
+            meta = self._read_json_item(step, _META)
+            layout = self._read_json_item(step, _LAYOUT)
+        except _Unusable as e:
+            problem = e
+        if not _all_processes(problem is None):
+            raise problem or _Unusable("another process could not read its meta/layout")
 
         if expected_fingerprint is not None:
-            expected = to_jsonable(expected_fingerprint)
+            expected = _to_jsonable(expected_fingerprint)
             if fingerprint_key not in meta:
                 raise ValueError(f"{where} has no {fingerprint_key!r} in its meta (keys: "
                                  f"{sorted(meta)}); cannot check it is the expected model")
@@ -520,17 +740,72 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
                 _STATE: ocp.args.StandardRestore(abstract_nested)}))[_STATE]
-        except Exception as e:  # orbax raises many types; name the checkpoint and re-raise
-            raise ValueError(f"{where} could not be restored into the target state: "
-                             f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # orbax/TensorStore raise many types, with long dumps
+            logger.debug("%s: reading the arrays failed", where, exc_info=True)
+            problem = _Unusable(f"its arrays cannot be read ({_reason(e)})")
+        if not _all_processes(problem is None):
+            raise problem or _Unusable("another process could not read its arrays")
 
+        stored = [_lookup(restored, names) for names, _, _ in leaves]
+        if verify and stored:
+            self._verify(step, [_path_str(n) for n, _, _ in leaves], stored, layout)
         out = []
-        for names, _, target in leaves:
-            value = _lookup(restored, names)
+        for (names, _, target), value in zip(leaves, stored):
             if _is_prng_key(target):
                 value = jax.random.wrap_key_data(value, dtype=target.dtype)
             out.append(value)
         return jax.tree_util.tree_unflatten(treedef, out), meta
+
+    def _verify(self, step: int, paths: list[str], stored: list, layout: dict) -> None:
+        """Compare checksums with ``layout`` and check finiteness; ``_Unusable`` on failure."""
+        rows = _integrity(stored)
+        sums = layout.get("checksums")
+        if sums is None:
+            logger.debug("%s step %d: format %s layout has no checksums; only finiteness is "
+                         "checked", self.directory, step, layout.get("format"))
+            sums = {}
+        elif layout.get("checksum_algorithm") != _CHECKSUM_ALGORITHM:
+            raise _Unusable(f"unknown checksum algorithm {layout.get('checksum_algorithm')!r}")
+        for path, value, row in zip(paths, stored, rows):
+            saved = sums.get(path)
+            if saved is not None and saved[0] == str(value.dtype):
+                if [int(row[0]), int(row[1])] != [int(saved[1]), int(saved[2])]:
+                    raise _Unusable(f"checksum mismatch in leaf {path} (saved {saved[1]:08x}/"
+                                    f"{saved[2]:08x}, read {int(row[0]):08x}/{int(row[1]):08x}):"
+                                    " the array data is corrupt")
+            if row[2]:
+                raise _Unusable(f"leaf {path} holds {_flag_value(int(row[2]))} values")
+
+    def set_aside_after(self, step: int) -> list[int]:
+        """Move every step newer than ``step`` to ``<directory>/unusable/<n>.<unix time>``.
+
+        A run that ``restore`` had to resume from an older step (the newer ones were unusable)
+        calls this so that it can save those step numbers again; the moved directories are
+        kept for inspection, not deleted. In a multi-process run every process calls it;
+        process 0 moves the files.
+
+        Returns:
+          The steps moved, ascending.
+        """
+        from etils import epath
+        newer = [s for s in self.all_steps() if s > int(step)]
+        if not newer:
+            return []
+        if jax.process_index() == 0:
+            root = epath.Path(self.directory)
+            dest = root / _UNUSABLE_DIR
+            dest.mkdir(parents=True, exist_ok=True)
+            stamp = int(time.time())
+            for s in newer:  # step directories are named by the bare step number
+                (root / str(s)).rename(dest / f"{s}.{stamp}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+        self._manager.reload()
+        logger.warning("checkpoint %s: moved unusable step%s %s to %s/ (resuming from step %d)",
+                       self.directory, "s" if len(newer) > 1 else "", ", ".join(map(str, newer)),
+                       os.path.join(self.directory, _UNUSABLE_DIR), step)
+        return newer
 
     def _check_structure(self, step: int, where: str, leaves, layout: dict) -> None:
         """Compare saved tree metadata with the target; raise a ValueError naming a leaf."""
@@ -595,85 +870,7 @@ class Checkpointer:
                 f"save_interval_steps={self.save_interval_steps}, async_save={self.async_save})")
 
 
-# --------------------------------------------------------------------------------------------
-# Preemption
-# --------------------------------------------------------------------------------------------
-
-
-class PreemptionGuard:
-    """Turn SIGTERM (and optionally SIGINT) into a flag the training loop polls.
-
-    Cloud schedulers (TPU/GPU preemption, SLURM, Kubernetes) send SIGTERM some seconds before
-    killing a job. Inside the guard the signal only sets ``requested``; the loop checks
-    ``should_stop(step)`` after each step, saves a checkpoint (``force=True``) and exits
-    cleanly. The previous handlers are restored on exit. A second SIGINT while a stop is
-    already requested raises ``KeyboardInterrupt`` (an impatient Ctrl-C still works).
-
-    Args:
-      sigint: also catch SIGINT (Ctrl-C).
-      multihost: additionally use ``jax.experimental.multihost_utils
-        .reached_preemption_sync_point(step)`` in ``should_stop`` so every process of a pod
-        stops at the same step (needs ``jax.distributed.initialize``; on a single process
-        it is skipped). A local signal alone would let processes disagree and deadlock in
-        the next collective.
-
-    Raises:
-      RuntimeError: entered outside the main thread (Python only installs signal handlers
-        there).
-    """
-
-    def __init__(self, *, sigint: bool = False, multihost: bool = False):
-        self.signals = (signal.SIGTERM,) + ((signal.SIGINT,) if sigint else ())
-        self.multihost = multihost
-        self._requested = threading.Event()
-        self._previous: dict[int, Any] = {}
-        self.received: int | None = None
-
-    @property
-    def requested(self) -> bool:
-        """True once a watched signal arrived (or ``request()`` was called)."""
-        return self._requested.is_set()
-
-    def request(self) -> None:
-        """Ask for a stop programmatically (tests, a wall-clock budget)."""
-        self._requested.set()
-
-    def _handler(self, signum, frame):
-        del frame
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
-        self.received = signum
-        self._requested.set()
-        logger.warning("received %s: will checkpoint and stop after the current step",
-                       signal.Signals(signum).name)
-
-    def should_stop(self, step: int) -> bool:
-        """Whether the loop should save and exit after ``step``.
-
-        With ``multihost=True`` and several processes this is a collective: every process
-        must call it at every step.
-        """
-        if self.multihost and jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            if multihost_utils.reached_preemption_sync_point(int(step)):
-                self._requested.set()
-        return self.requested
-
-    def __enter__(self) -> "PreemptionGuard":
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionGuard must be entered in the main thread (Python "
-                               "installs signal handlers only there)")
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-
 __all__ = [
-    "Checkpointer", "PreemptionGuard", "NonFiniteLossError", "check_finite", "abstract_like",
-    "with_shardings", "model_fingerprint", "config_to_dict", "to_jsonable",
+    "Checkpointer", "CheckpointError", "NonFiniteStateError", "abstract_like", "with_shardings",
+    "model_fingerprint",
 ]

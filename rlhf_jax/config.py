@@ -3,12 +3,61 @@
 Derived sizes are ``@property``; invalid combinations raise ``ValueError`` in
 ``__post_init__`` naming both numbers. A flag selects a function; it never adds a branch
 inside a jitted step.
+
+``to_jsonable`` / ``config_to_dict`` turn any config (nested dataclasses, tuples, enums, paths,
+NumPy scalars) into plain JSON types, for checkpoint ``meta``, ``config.json`` and W&B.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import enum
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types: dataclasses -> dicts, tuples -> lists, enums -> values,
+    NumPy/JAX scalars -> Python numbers, NumPy/JAX arrays -> nested lists, paths -> strings.
+
+    Raises:
+      TypeError: a value with no JSON form (naming its type and where it was found).
+    """
+    def convert(x, where):
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return {f.name: convert(getattr(x, f.name), f"{where}.{f.name}")
+                    for f in dataclasses.fields(x)}
+        if isinstance(x, Mapping):
+            return {str(k): convert(v, f"{where}[{k!r}]") for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [convert(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, enum.Enum):
+            return convert(x.value, where)
+        if isinstance(x, os.PathLike):
+            return os.fspath(x)
+        # NumPy scalars/arrays and jax.Array (detected without importing jax)
+        if isinstance(x, (np.generic, np.ndarray)) or (
+                hasattr(x, "__array__") and hasattr(x, "shape") and hasattr(x, "dtype")):
+            arr = np.asarray(x)
+            return arr.item() if arr.ndim == 0 else arr.tolist()
+        raise TypeError(f"{where or 'value'} of type {type(x).__name__} has no JSON form")
+    return convert(obj, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A frozen config dataclass (nested ones included) as a JSON ``dict`` (``to_jsonable``).
+
+    Raises:
+      TypeError: ``cfg`` is not a dataclass instance, or holds a value with no JSON form.
+    """
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        raise TypeError(f"config_to_dict expects a dataclass instance, got {type(cfg).__name__}")
+    return to_jsonable(cfg)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -51,6 +51,7 @@ usable inside jit) and re-exported here.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -61,6 +62,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from rlhf_jax.config import to_jsonable
 from rlhf_jax.losses.logprobs import reduce_metrics  # noqa: F401  (re-exported)
 
 #: Keys every JSONL record carries; metric names may not use them.
@@ -136,7 +138,7 @@ class DeferredMetrics:
             state, metrics = train_step(state, batch)      # dispatched, not finished
             if (done := deferred.push(step, metrics)) is not None:
                 prev_step, values = done
-                check_finite(values["loss"], prev_step)
+                check_finite(values["loss"], prev_step)   # rlhf_jax.train.guards
                 logger.log(prev_step, values, stage="ppo")
         if (done := deferred.flush()) is not None: logger.log(*done, stage="ppo")
 
@@ -189,7 +191,9 @@ class MetricsLogger:
 
     Args:
       out_dir: run directory; ``metrics.jsonl`` and ``tb/`` go here. Created if missing. An
-        existing ``metrics.jsonl`` is appended to (a resumed run keeps its history).
+        existing ``metrics.jsonl`` is appended to (a resumed run keeps its history; a last
+        line cut by a killed writer is removed first, with a warning). ``drop_after`` removes
+        the rows a resumed run is about to write again.
       tensorboard: write TensorBoard scalars with tensorboardX under ``out_dir/tb/<stage>``.
       wandb_project: if set, also log to this W&B project (``wandb`` imported lazily).
       config: run configuration (JSON-able ``dict`` or dataclass) for W&B and
@@ -222,18 +226,12 @@ class MetricsLogger:
                                   "'rlhf_jax[wandb]' or pass wandb_project=None") from e
         config_json = None
         if config is not None:
-            from rlhf_jax.checkpoint import to_jsonable
             config_json = to_jsonable(config)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if config_json is not None:
             (self.out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         self.path = self.out_dir / "metrics.jsonl"
-        self._file = open(self.path, "a+b")
-        if self._file.tell() > 0:
-            self._file.seek(self._file.tell() - 1)
-            if self._file.read(1) != b"\n":  # a crash cut the last line: do not glue onto it
-                self._file.write(b"\n")
-        self._file.close()
+        self._drop_cut_line()
         self._file = open(self.path, "a", encoding="utf-8")
         if wandb_project is not None:
             self._wandb_run = wandb.init(project=wandb_project, config=config_json, name=run_name,
@@ -286,6 +284,79 @@ class MetricsLogger:
             self._wandb_run.log({f"{prefix}step": record["step"],
                                  **{f"{prefix}{k}": v for k, v in values.items()}})
         return record
+
+    def _drop_cut_line(self) -> None:
+        """Remove a final line without its newline (a writer killed mid-line): appending after
+        it would leave a malformed line inside the file."""
+        if not self.path.exists():
+            return
+        with open(self.path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            keep = size
+            while keep > 0:  # back to the last newline, in blocks
+                block = min(keep, 1 << 16)
+                f.seek(keep - block)
+                nl = f.read(block).rfind(b"\n")
+                if nl >= 0:
+                    keep = keep - block + nl + 1
+                    break
+                keep -= block
+            f.truncate(keep)
+        warnings.warn(f"{self.path}: removed 1 truncated final record ({size - keep} bytes) "
+                      "left by an interrupted writer")
+
+    def drop_after(self, step: int, stages: str | Iterable[str]) -> int:
+        """Remove the records of ``stages`` with a step greater than ``step`` from
+        ``metrics.jsonl``: a run resumed from the checkpoint at ``step`` writes them again.
+
+        The file is rewritten atomically (a temporary file in the same directory, then
+        ``os.replace``); records of other stages and unparsable lines are kept as they are.
+        Only the writing process (process 0) touches the file. TensorBoard and W&B keep what
+        they received (TensorBoard shows the later value of a repeated step).
+
+        Args:
+          step: the last step to keep.
+          stages: one stage name or several (e.g. ``("sft", "sft_eval")``).
+
+        Returns:
+          The number of records removed.
+        """
+        if not self.enabled or not self.path.exists():
+            return 0
+        stages = {stages} if isinstance(stages, str) else set(stages)
+
+        def newer(line: str) -> bool:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                return False
+            return (isinstance(rec, dict) and rec.get("stage") in stages
+                    and isinstance(rec.get("step"), int) and rec["step"] > step)
+
+        reopen = self._file is not None  # not after close()
+        if reopen:
+            self._file.flush()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if not newer(line)]
+        dropped = len(lines) - len(kept)
+        if not dropped:
+            return 0
+        if reopen:
+            self._file.close()
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        if reopen:
+            self._file = open(self.path, "a", encoding="utf-8")
+        return dropped
 
     def flush(self) -> None:
         """Flush every writer."""

@@ -1,8 +1,9 @@
-"""Checkpoint round trips, sharded restore, retention, mismatch errors, preemption guard."""
+"""Checkpoint round trips, sharded restore, retention, mismatch errors, integrity (finite saves,
+checksums, fallback to an older step when the newest is damaged)."""
 
 import functools
-import os
-import signal
+import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.checkpoint import (Checkpointer, NonFiniteLossError, PreemptionGuard, abstract_like,
-                                 check_finite, config_to_dict, model_fingerprint, with_shardings)
-from rlhf_jax.config import ModelConfig
+from rlhf_jax.checkpoint import (Checkpointer, CheckpointError, NonFiniteStateError, abstract_like,
+                                 model_fingerprint, with_shardings)
+from rlhf_jax.config import ModelConfig, config_to_dict
 from rlhf_jax.control import KLController
 from rlhf_jax.models.model import Model
 from rlhf_jax.sharding import MeshConfig, make_mesh, replicated
@@ -213,30 +214,232 @@ def test_meta_must_be_json(tmp_path):
     assert ckpt.latest_step() is None
 
 
-def test_preemption_guard_sigterm():
-    before = signal.getsignal(signal.SIGTERM)
-    with PreemptionGuard() as guard:
-        assert not guard.requested and not guard.should_stop(0)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert guard.requested and guard.should_stop(1)
-        assert guard.received == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is before
+# --------------------------------------------------------------------------------------------
+# Integrity: finite saves, checksums, fallback to an older step, clear errors
+# --------------------------------------------------------------------------------------------
 
 
-def test_preemption_guard_sigint_optional():
-    before = signal.getsignal(signal.SIGINT)
-    with PreemptionGuard(sigint=True) as guard:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert guard.requested
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is not swallowed
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+def _small_state(seed: int):
+    """A tiny optax-style state with incompressible float data (so a flipped stored bit is a
+    flipped array bit), an int counter and a typed key."""
+    rs = np.random.RandomState(seed)
+    params = {"w": jnp.asarray(rs.standard_normal(4096), jnp.float32),
+              "b": jnp.asarray(rs.standard_normal((3, 5)), jnp.bfloat16)}
+    tx = optax.adam(1e-2)
+    opt = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, opt = tx.update(grads, opt, params)
+    return {"params": optax.apply_updates(params, updates), "opt": opt,
+            "step": jnp.int32(seed), "rng": jax.random.key(seed)}
 
 
-def test_check_finite():
-    assert check_finite(jnp.float32(1.5), 3) == 1.5
-    with pytest.raises(NonFiniteLossError, match="step 12") as e:
-        check_finite(float("nan"), 12)
-    assert e.value.step == 12 and e.value.name == "loss"
-    with pytest.raises(NonFiniteLossError, match="ppo/loss.*step 4"):
-        check_finite(np.array([np.inf]), 4, name="ppo/loss")
+def _two_steps(directory):
+    """Steps 1 and 2 of distinct states; returns them."""
+    s1, s2 = _small_state(1), _small_state(2)
+    with Checkpointer(directory) as ckpt:
+        assert ckpt.save(1, s1, {"step": 1}) and ckpt.save(2, s2, {"step": 2})
+    return s1, s2
+
+
+def _largest_data_file(directory, step):
+    files = [p for p in (directory / str(step) / "state").rglob("*")
+             if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _fallback_warning(caplog):
+    lines = [r.getMessage() for r in caplog.records
+             if r.levelno >= 30 and r.name == "rlhf_jax.checkpoint"]
+    assert len(lines) == 1, lines
+    assert "\n" not in lines[0]
+    return lines[0]
+
+
+def test_save_refuses_non_finite_state(tmp_path):
+    good = _small_state(1)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(1, good, {})
+        for bad_value, shown in ((jnp.nan, "nan"), (jnp.inf, "inf")):
+            # an optimizer moment (not only the parameters) is checked
+            bad = jax.tree.map(lambda x: x, good)
+            mu = bad["opt"][0].mu
+            bad["opt"] = (bad["opt"][0]._replace(mu={**mu, "w": mu["w"].at[7].set(bad_value)}),
+                          *bad["opt"][1:])
+            with pytest.raises(NonFiniteStateError, match=rf"step 2 .*opt/0/mu/w holds {shown}"):
+                ckpt.save(2, bad, {}, force=True)
+        assert ckpt.all_steps() == [1]
+        state, _ = ckpt.restore(abstract_like(good))
+    _leaves_equal(good, state)
+    # require_finite=False writes it anyway, and restore then refuses it
+    with Checkpointer(tmp_path / "unchecked") as ckpt:
+        bad = {**good, "params": {**good["params"], "w": good["params"]["w"] * jnp.inf}}
+        assert ckpt.save(3, bad, {}, require_finite=False)
+        with pytest.raises(CheckpointError, match=r"step 3: leaf params/w holds inf"):
+            ckpt.restore(abstract_like(good))
+
+
+def test_bit_flip_falls_back_to_older_step(tmp_path, caplog):
+    s1, _ = _two_steps(tmp_path)
+    path = _largest_data_file(tmp_path, 2)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        ckpt = Checkpointer(tmp_path)
+        assert ckpt.latest_step() == 2
+        state, meta = ckpt.restore(abstract_like(s1))
+    assert meta == {"step": 1}
+    _leaves_equal(s1, state)
+    line = _fallback_warning(caplog)
+    assert str(tmp_path) in line and "step 2 is unusable" in line and "restored step 1" in line
+    # the unusable step is moved aside, so the resumed run can write step 2 again
+    assert ckpt.set_aside_after(1) == [2]
+    assert ckpt.all_steps() == [1]
+    assert [p.name.split(".")[0] for p in (tmp_path / "unusable").iterdir()] == ["2"]
+    assert ckpt.save(2, s1, {"step": 2})
+    assert ckpt.restore(abstract_like(s1))[1] == {"step": 2}
+    ckpt.close()
+
+
+def test_bit_flip_without_older_step_is_a_clear_error(tmp_path):
+    s1 = _small_state(1)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, s1, {})
+    path = _largest_data_file(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        Checkpointer(tmp_path).restore(abstract_like(s1))
+    msg = str(e.value)
+    assert msg.startswith(f"no usable checkpoint in {tmp_path}: step 1: ")
+    assert "\n" not in msg and "TensorStore" not in msg and len(msg) < 400
+    assert e.value.problems.keys() == {1}
+    # an explicit step names itself
+    with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path} step 1 is unusable: "):
+        Checkpointer(tmp_path).restore(abstract_like(s1), step=1)
+
+
+def test_swapped_array_data_is_a_checksum_mismatch(tmp_path, caplog):
+    """Readable, well-formed array files of another step: only the checksums can tell."""
+    s1, _ = _two_steps(tmp_path / "a")
+    _, s2 = _two_steps(tmp_path / "b")
+    shutil.rmtree(tmp_path / "a" / "2" / "state")
+    shutil.copytree(tmp_path / "b" / "1" / "state", tmp_path / "a" / "2" / "state")
+    with caplog.at_level("WARNING"):
+        state, meta = Checkpointer(tmp_path / "a").restore(abstract_like(s2))
+    assert meta == {"step": 1}
+    _leaves_equal(s1, state)
+    assert "checksum mismatch in leaf" in _fallback_warning(caplog)
+    # without verification the wrong data would have been restored silently
+    wrong, _ = Checkpointer(tmp_path / "a").restore(abstract_like(s2), step=2, verify=False)
+    _leaves_equal(s1, wrong)
+
+
+@pytest.mark.parametrize("damage", ["delete_meta", "empty_meta", "bad_meta", "empty_layout",
+                                    "truncate_data", "delete_state"])
+def test_damaged_newest_step_falls_back(tmp_path, caplog, damage):
+    s1, _ = _two_steps(tmp_path)
+    step2 = tmp_path / "2"
+    if damage == "delete_meta":
+        (step2 / "meta" / "metadata").unlink()
+    elif damage == "empty_meta":
+        (step2 / "meta" / "metadata").write_text("")
+    elif damage == "bad_meta":
+        (step2 / "meta" / "metadata").write_text('{"step": ')
+    elif damage == "empty_layout":
+        (step2 / "layout" / "metadata").write_text("")
+    elif damage == "truncate_data":
+        path = _largest_data_file(tmp_path, 2)
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "delete_state":
+        shutil.rmtree(step2 / "state")
+    with caplog.at_level("WARNING"):
+        state, meta = Checkpointer(tmp_path).restore(abstract_like(s1))
+    assert meta == {"step": 1}
+    _leaves_equal(s1, state)
+    line = _fallback_warning(caplog)
+    assert "step 2" in line and "restored step 1" in line
+    expected = {"delete_meta": "'meta'", "empty_meta": "'meta'", "bad_meta": "'meta'",
+                "empty_layout": "'layout'", "truncate_data": "arrays", "delete_state": "arrays"}
+    assert expected[damage] in line
+
+
+def test_only_step_with_empty_meta_is_a_one_line_error(tmp_path):
+    s1 = _small_state(1)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, s1, {"step": 5})
+    (tmp_path / "5" / "meta" / "metadata").write_text("")
+    with pytest.raises(CheckpointError) as e:
+        Checkpointer(tmp_path).restore(abstract_like(s1))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"no usable checkpoint in {tmp_path}: step 5: its 'meta' item is "
+                          "missing or invalid JSON (JSONDecodeError: ")
+    with pytest.raises(CheckpointError, match=r"step 5 is unusable: its 'meta' item"):
+        Checkpointer(tmp_path).restore_meta()
+
+
+def test_checksums_do_not_depend_on_sharding(tmp_path):
+    """Saved from an 8-way sharded array, restored on one device (and back): verified."""
+    mesh = make_mesh(MeshConfig(fsdp=8))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    tree = {"w": jax.device_put(jnp.asarray(np.random.RandomState(0).standard_normal((64, 3)),
+                                            jnp.float32), sharded),
+            "h": jax.device_put(jnp.arange(16, dtype=jnp.bfloat16), sharded)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, tree, {})
+        single = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                          sharding=jax.sharding.SingleDeviceSharding(
+                                              jax.devices()[0]))
+                  for k, v in tree.items()}
+        restored, _ = ckpt.restore(single)
+        _leaves_equal(tree, restored)
+        ckpt.save(2, restored, {})
+        again, _ = ckpt.restore(abstract_like(tree), step=2)
+        _leaves_equal(tree, again)
+        assert again["w"].sharding.is_equivalent_to(sharded, 2)
+
+
+def _reference_checksums(x: np.ndarray) -> list[int]:
+    """The documented checksums with NumPy: sum of the uint32 words, and sum of
+    fmix32(word + position * 0x9E3779B9) with position = 1 + row-major index, modulo 2**32."""
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+        words = x.astype(np.uint64)
+    elif x.dtype.itemsize == 4:
+        words = x.view(np.uint32).astype(np.uint64)
+    else:
+        words = x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint8).astype(np.uint64)
+    words = words.ravel()
+    m = 2**32
+    s1 = int(words.sum()) % m
+    h = (words + np.arange(1, words.size + 1, dtype=np.uint64) * 0x9E3779B9) % m
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) % m
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) % m
+    h ^= h >> 16
+    return [s1, int(h.sum()) % m]
+
+
+def test_stored_checksums_match_the_documented_formula(tmp_path):
+    rs = np.random.RandomState(0)
+    tree = {"f32": jnp.asarray(rs.standard_normal((3, 5)), jnp.float32),
+            "bf16": jnp.asarray(rs.standard_normal(7), jnp.bfloat16),
+            "i32": jnp.arange(-4, 5, dtype=jnp.int32),
+            "u8": jnp.arange(250, 256, dtype=jnp.uint8),
+            "mask": jnp.asarray([True, False, True]),
+            "zeros": jnp.zeros((256, 256), jnp.float32), "ones": jnp.ones((256, 256))}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, tree, {})
+    layout = json.loads((tmp_path / "1" / "layout" / "metadata").read_text())
+    assert layout["format"] == 2 and layout["checksum_algorithm"] == "u32sum+fmix32sum"
+    for name, x in tree.items():
+        dtype, s1, s2 = layout["checksums"][name]
+        assert dtype == str(x.dtype)
+        assert [s1, s2] == _reference_checksums(np.asarray(x)), name
+    # an all-zero array and an all-one array of 2**16 words: the plain sums coincide (0 mod
+    # 2**32), the mixed sums do not, so zero-filled data is caught
+    assert layout["checksums"]["zeros"][1] == 0 and layout["checksums"]["ones"][1] == 0
+    assert layout["checksums"]["zeros"][2] != layout["checksums"]["ones"][2]

@@ -79,15 +79,43 @@ def test_jsonl_and_tensorboard(tmp_path):
         events = list((tmp_path / "tb" / stage).glob("events.out.tfevents.*"))
         assert events and events[0].stat().st_size > 0
 
-    # A resumed run appends; a line cut by a crash is skipped with a warning, not glued.
+    # A line cut by a crash is skipped by the reader with a warning; a resumed run removes it
+    # before appending (appending after it would leave a malformed line inside the file).
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "sta')
     with pytest.warns(UserWarning, match="truncated"):
         assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 3
-    with MetricsLogger(tmp_path, tensorboard=False) as log:
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: removed 1 truncated final record"):
+        log = MetricsLogger(tmp_path, tensorboard=False)
+    with log:
         log.log(2, {"sft/loss": 1.0}, stage="sft")
-    with pytest.raises(ValueError, match=r"metrics.jsonl:4"):
-        read_jsonl(tmp_path / "metrics.jsonl")
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["stage"]) for r in recs] == [(0, "sft"), (1, "sft"), (0, "ppo"),
+                                                       (2, "sft")]
+
+
+def test_drop_after_rewrites_only_newer_rows_of_the_stages(tmp_path):
+    """What a resumed loop does: rows of its stage past the restored step go, atomically."""
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLogger(tmp_path, tensorboard=False) as log:
+        for step in range(1, 5):
+            log.log(step, {"sft/loss": float(step)}, stage="sft")
+            log.log(step, {"x": 1.0}, stage="rm")
+        log.log(2, {"e": 1.0}, stage="sft_eval")
+        log.log(4, {"e": 2.0}, stage="sft_eval")
+        before = path.stat().st_ino
+        assert log.drop_after(2, ("sft", "sft_eval")) == 3
+        assert path.stat().st_ino != before  # replaced, not edited in place
+        assert not list(tmp_path.glob(".metrics.jsonl.*"))  # no temporary file left
+        assert log.drop_after(2, "sft") == 0
+        log.log(3, {"sft/loss": 30.0}, stage="sft")  # the handle appends to the new file
+    recs = [(r["stage"], r["step"]) for r in read_jsonl(path)]
+    assert recs == [("sft", 1), ("rm", 1), ("sft", 2), ("rm", 2), ("rm", 3), ("rm", 4),
+                    ("sft_eval", 2), ("sft", 3)]
+    assert log.drop_after(0, "rm") == 4  # also after close()
+    assert [(r["stage"], r["step"]) for r in read_jsonl(path)] == [
+        ("sft", 1), ("sft", 2), ("sft_eval", 2), ("sft", 3)]
+    assert MetricsLogger(tmp_path / "off", enabled=False).drop_after(0, "sft") == 0
 
 
 def test_read_jsonl_errors(tmp_path):

@@ -1,6 +1,6 @@
 """Shell scripts (tpu_scripts/*.sh, experiments/*.sh): syntax, shellcheck, usage without a cloud
-account, the gcloud command lines they build, and a launch -> logs -> stop round trip on a
-simulated one-worker slice.
+account, the gcloud command lines they build, the resubmission of a run that exits with
+EXIT_PREEMPTED (75), and a launch -> logs -> stop round trip on a simulated one-worker slice.
 
 No test reaches the network: ``gcloud`` on PATH is a stub. The usage tests use one that
 records its call and fails, so a script that calls gcloud before printing its usage fails
@@ -153,9 +153,15 @@ def test_launch_command_line(failing_gcloud):
     assert out.startswith("+ gcloud compute tpus tpu-vm ssh t1 --zone us-west4-a --project proj "
                           "--worker=all --command "), out
     assert "export RLHF_JAX_NUM_PROCESSES=4" in out
-    assert ("nohup setsid .venv/bin/rlhf-jax pipeline --preset tiny --name r1 --mesh.fsdp 4 "
+    assert ("run_with_resubmit 3 .venv/bin/rlhf-jax pipeline --preset tiny --name r1 --mesh.fsdp 4 "
             "--mesh.tensor 2 --ppo.iterations 3 --out-dir \"$OUT\"") in out
+    assert "nohup setsid bash ~/rlhf_runs/r1.sh >> ~/rlhf_runs/r1.log" in out
     assert "OUT=/mnt/shared/runs/r1" in out
+    res = _run([BASH, str(TPU_DIR / "launch.sh"), "--max-resubmits", "0"], env)
+    assert res.returncode == 0, res.stderr
+    assert "run_with_resubmit 0 .venv/bin/rlhf-jax pipeline" in res.stdout
+    res = _run([BASH, str(TPU_DIR / "launch.sh"), "--max-resubmits", "x"], env)
+    assert res.returncode == 1 and "--max-resubmits must be a number" in res.stderr
     assert not marker.exists()
 
 
@@ -313,5 +319,185 @@ def test_launch_logs_stop_round_trip(tmp_path):
         if pid is not None:
             try:
                 os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# ---- resubmission after EXIT_PREEMPTED (common.sh: run_with_resubmit) ---------------------
+
+def _fake_trainer(tmp_path, statuses):
+    """An executable that appends its arguments to calls.txt and exits with the next status of
+    ``statuses`` (the last one repeats)."""
+    calls = tmp_path / "calls.txt"
+    counter = tmp_path / "count"
+    codes = " ".join(str(c) for c in statuses)
+    exe = _write_exe(tmp_path / "trainer", f"""
+        #!/usr/bin/env bash
+        echo "$*" >> '{calls}'
+        n=$(cat '{counter}' 2>/dev/null || echo 0); echo $((n + 1)) > '{counter}'
+        codes=({codes}); i=$(( n < ${{#codes[@]}} ? n : ${{#codes[@]}} - 1 ))
+        exit "${{codes[$i]}}"
+    """)
+    return exe, calls
+
+
+def _resubmit(max_resubmits, exe, *args, env=None):
+    script = f"source {TPU_DIR / 'common.sh'}; run_with_resubmit {max_resubmits} {exe} " \
+             + " ".join(args)
+    return _run([BASH, "-c", script], env or {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+
+
+def test_resubmit_after_preemption_with_resume(tmp_path):
+    exe, calls = _fake_trainer(tmp_path, [75, 75, 0])
+    res = _resubmit(3, exe, "pipeline", "--preset", "tiny")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert calls.read_text().splitlines() == ["pipeline --preset tiny",
+                                              "pipeline --preset tiny --resume",
+                                              "pipeline --preset tiny --resume"]
+    assert res.stdout.count("resubmitting with --resume") == 2
+
+
+@pytest.mark.parametrize("statuses,expected_calls,status", [
+    ([75], 3, 75),         # bounded: 1 run + 2 resubmissions, then give up with 75
+    ([76], 1, 76),         # non-finite: resubmitting would repeat it
+    ([77], 1, 77),
+    ([1], 1, 1),
+    ([0], 1, 0),
+    ([75, 76], 2, 76),
+])
+def test_resubmit_only_on_75_and_bounded(tmp_path, statuses, expected_calls, status):
+    exe, calls = _fake_trainer(tmp_path, statuses)
+    res = _resubmit(2, exe, "sft")
+    assert res.returncode == status, res.stdout + res.stderr
+    assert len(calls.read_text().splitlines()) == expected_calls
+    assert ("giving up" in res.stdout) == (statuses == [75])
+
+
+def test_exit_status_descriptions():
+    script = (f"source {TPU_DIR / 'common.sh'}; "
+              "for c in 0 75 76 77 1; do describe_exit_status $c; done")
+    res = _run([BASH, "-c", script], {"PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "finished" and "preempted" in lines[1] and "non-finite" in lines[2]
+    assert "stalled" in lines[3] and lines[4] == "failed"
+
+
+def test_sigterm_to_supervisor_is_forwarded_and_not_resubmitted(tmp_path):
+    """stop.sh signals the supervisor: the trainer gets SIGTERM, saves, exits 75, and the
+    supervisor ends with 75 instead of starting it again."""
+    calls = tmp_path / "calls.txt"
+    started = tmp_path / "started"
+    exe = _write_exe(tmp_path / "trainer", f"""
+        #!/usr/bin/env bash
+        echo "$*" >> '{calls}'
+        trap 'echo "trainer: SIGTERM, checkpoint saved"; exit 75' TERM
+        touch '{started}'
+        for _ in $(seq 1 600); do sleep 0.1; done
+        exit 0
+    """)
+    script = f"source {TPU_DIR / 'common.sh'}; run_with_resubmit 3 {exe} pipeline"
+    proc = subprocess.Popen([BASH, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"PATH": "/usr/bin:/bin"})
+    try:
+        for _ in range(200):
+            if started.exists():
+                break
+            time.sleep(0.05)
+        assert started.exists()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out + err
+    assert "trainer: SIGTERM, checkpoint saved" in out
+    assert calls.read_text().splitlines() == ["pipeline"]
+    assert "resubmitting" not in out
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (util-linux)")
+def test_launched_run_is_resubmitted_after_75(tmp_path):
+    """launch.sh on a simulated one-worker slice: the installed CLI exits 75 once, the
+    supervisor starts it again with --resume, and the log ends with the final status."""
+    home = tmp_path / "home"
+    bindir = tmp_path / "bin"
+    _write_exe(bindir / "gcloud", """
+        #!/usr/bin/env bash
+        cmd=""; prev=""
+        for a in "$@"; do [ "$prev" = "--command" ] && cmd="$a"; prev="$a"; done
+        cd "$HOME" && exec bash -c "$cmd"
+    """)
+    counter = tmp_path / "count"
+    _write_exe(home / "rlhf_jax" / ".venv" / "bin" / "rlhf-jax", f"""
+        #!/usr/bin/env bash
+        echo "ARGS: $*"
+        n=$(cat '{counter}' 2>/dev/null || echo 0); echo $((n + 1)) > '{counter}'
+        [ "$n" = 0 ] && exit 75
+        exit 0
+    """)
+    env = {"PATH": f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(home),
+           "LANG": "C.UTF-8", "TPU_NAME": "t1", "ZONE": "z", "PROJECT": "p", "RUN_NAME": "r1",
+           "NUM_WORKERS": "1"}
+    res = _run([BASH, str(TPU_DIR / "launch.sh"), "--preset", "tiny"], env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    log_file = home / "rlhf_runs" / "r1.log"
+    for _ in range(200):
+        if "exited with status" in log_file.read_text():
+            break
+        time.sleep(0.05)
+    text = log_file.read_text()
+    out_dir = home / "rlhf_runs" / "r1" / "out"
+    args = [line for line in text.splitlines() if line.startswith("ARGS: ")]
+    assert args == [f"ARGS: pipeline --preset tiny --name r1 --out-dir {out_dir}",
+                    f"ARGS: pipeline --preset tiny --name r1 --out-dir {out_dir} --resume"]
+    assert "resubmitting with --resume (1 of 3)" in text
+    assert "rlhf-jax exited with status 0 (finished)" in text
+
+
+def _pdeathsig_supported():
+    res = subprocess.run(["setpriv", "--help"], capture_output=True, text=True) \
+        if shutil.which("setpriv") else None
+    return res is not None and "--pdeathsig" in res.stdout
+
+
+@pytest.mark.skipif(not _pdeathsig_supported(), reason="needs util-linux setpriv --pdeathsig")
+def test_sigkill_of_supervisor_kills_the_run(tmp_path):
+    """stop.sh --kill SIGKILLs the pid in the pid file (the supervisor): the run dies too."""
+    pid_file = tmp_path / "child.pid"
+    exe = _write_exe(tmp_path / "trainer", f"""
+        #!/usr/bin/env bash
+        echo $$ > '{pid_file}'
+        for _ in $(seq 1 600); do sleep 0.1; done
+    """)
+    script = f"source {TPU_DIR / 'common.sh'}; run_with_resubmit 3 {exe}"
+    proc = subprocess.Popen([BASH, "-c", script], env={"PATH": "/usr/bin:/bin"})
+    child = None
+    try:
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        proc.kill()
+        proc.wait()
+        for _ in range(100):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            # a killed child not yet reaped by init shows as a zombie
+            if Path(f"/proc/{child}/stat").exists() and \
+                    Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run survived its supervisor")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass

@@ -23,6 +23,8 @@
 #   OUT_DIR           pipeline output directory on the workers; must be shared storage
 #                     (same path on every worker) for multi-host slices and for spot VMs
 #   NUM_WORKERS       number of hosts of the slice (default: asked from gcloud when needed)
+#   MAX_RESUBMITS     launch.sh: how many times a run that exits with EXIT_PREEMPTED (75) is
+#                     started again with --resume on the same worker          (default: 3)
 #   DRY_RUN=1         print the gcloud commands instead of running them
 # shellcheck disable=SC2034  # variables here are used by the scripts that source this file
 
@@ -44,7 +46,14 @@ PYTHON="${PYTHON:-python3}"
 RUN_NAME="${RUN_NAME:-rlhf-run}"
 OUT_DIR="${OUT_DIR:-}"
 NUM_WORKERS="${NUM_WORKERS:-}"
+MAX_RESUBMITS="${MAX_RESUBMITS:-3}"
 DRY_RUN="${DRY_RUN:-0}"
+
+# Exit statuses of `rlhf-jax` (rlhf_jax.train.loop.exit_code; see tpu_scripts/README.md).
+EXIT_OK=0
+EXIT_PREEMPTED=75   # SIGTERM received, checkpoint saved: resubmit (EX_TEMPFAIL)
+EXIT_NON_FINITE=76  # NaN/Inf loss, gradient norm or state; the newest checkpoint is finite
+EXIT_STALLED=77     # loss unchanged with a zero gradient norm (--loop stall_steps)
 
 # Where launch.sh keeps a run's log, pid and output-directory files on every worker
 # (relative to the worker's home directory).
@@ -148,4 +157,60 @@ quote_args() {
     out+="$(printf '%q' "$a") "
   done
   printf '%s' "${out% }"
+}
+
+# One line about an exit status of rlhf-jax.
+describe_exit_status() {
+  case "$1" in
+    "$EXIT_OK") echo "finished" ;;
+    "$EXIT_PREEMPTED") echo "preempted: checkpoint saved; launch again to resume" ;;
+    "$EXIT_NON_FINITE") echo "non-finite loss, gradient norm or state; the newest checkpoint is finite" ;;
+    "$EXIT_STALLED") echo "training stalled (loss unchanged, gradient norm 0)" ;;
+    130) echo "interrupted" ;;
+    137) echo "killed (SIGKILL)" ;;
+    *) echo "failed" ;;
+  esac
+}
+
+# run_with_resubmit MAX CMD [ARG...]: run CMD ARG...; while it exits with EXIT_PREEMPTED (a
+# training loop got SIGTERM and saved its checkpoint), run `CMD ARG... --resume` again, at
+# most MAX more times. SIGTERM or SIGINT sent to this shell (stop.sh) is passed on to CMD and
+# ends the loop once CMD has exited: a stopped run is not resubmitted. Where util-linux's
+# `setpriv --pdeathsig` exists, CMD is killed when this shell dies (stop.sh --kill).
+# Returns CMD's last exit status.
+run_with_resubmit() {
+  local max="$1"
+  shift
+  local attempt=0 rc=0 stop=0 child=""
+  local -a pre=()
+  if setpriv --help 2>/dev/null | grep -q -- --pdeathsig; then
+    pre=(setpriv --pdeathsig KILL --)
+  fi
+  trap 'stop=1; if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; fi' TERM INT
+  while :; do
+    if [ "$attempt" -eq 0 ]; then
+      ${pre[@]+"${pre[@]}"} "$@" &
+    else
+      echo "=== $(date -u +%FT%TZ) $(hostname): exit status $EXIT_PREEMPTED (preempted), \
+resubmitting with --resume ($attempt of $max)"
+      ${pre[@]+"${pre[@]}"} "$@" --resume &
+    fi
+    child=$!
+    while :; do  # a trapped signal interrupts `wait`: wait again until the child is gone
+      rc=0
+      wait "$child" || rc=$?
+      kill -0 "$child" 2>/dev/null || break
+    done
+    child=""
+    if [ "$rc" -ne "$EXIT_PREEMPTED" ] || [ "$stop" = 1 ]; then
+      break
+    fi
+    if [ "$attempt" -ge "$max" ]; then
+      echo "=== $(date -u +%FT%TZ) $(hostname): still preempted after $max resubmission(s); giving up"
+      break
+    fi
+    attempt=$((attempt + 1))
+  done
+  trap - TERM INT
+  return "$rc"
 }

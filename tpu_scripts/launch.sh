@@ -7,15 +7,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 usage() {
   cat <<EOF
 usage: tpu_scripts/launch.sh [--preset NAME] [--command CMD] [--fsdp N] [--tensor M]
-                             [--data D] [-h] [-- OVERRIDES...]
+                             [--data D] [--max-resubmits K] [-h] [-- OVERRIDES...]
 
 Run, on every worker of \$TPU_NAME at once and detached from the ssh session (nohup):
 
   cd ~/\$REMOTE_DIR && .venv/bin/rlhf-jax CMD --preset NAME --name \$RUN_NAME \\
-      --out-dir \$OUT_DIR [--mesh.fsdp N] [--mesh.tensor M] [--mesh.data D] OVERRIDES...
+      [--mesh.fsdp N] [--mesh.tensor M] [--mesh.data D] OVERRIDES... --out-dir \$OUT_DIR
 
-with stdout and stderr in ~/rlhf_runs/\$RUN_NAME.log and the process id in
-~/rlhf_runs/\$RUN_NAME.pid on each worker (stop.sh and logs.sh read them).
+under a small supervisor script (~/rlhf_runs/\$RUN_NAME.sh) that runs the command again with
+--resume, up to K times, while it exits with status 75 (EXIT_PREEMPTED: a training loop got
+SIGTERM and saved its checkpoint). Stdout and stderr go to ~/rlhf_runs/\$RUN_NAME.log, the
+supervisor's process id to ~/rlhf_runs/\$RUN_NAME.pid on each worker (stop.sh and logs.sh
+read them). stop.sh's SIGTERM reaches the command through the supervisor, which then does
+not resubmit. Exit statuses: 0 finished, 75 preempted, 76 NaN/Inf, 77 stalled (README).
 
 Multi-host: every process calls rlhf_jax.sharding.initialize_distributed() before its first
 JAX computation (rlhf_jax.cli does it for the pipeline and stage commands). On a Cloud TPU
@@ -30,6 +34,7 @@ options:
   --fsdp N        --mesh.fsdp N   (shard parameters and optimizer state over N devices)
   --tensor M      --mesh.tensor M (tensor parallelism; must divide heads, kv heads, MLP)
   --data D        --mesh.data D   (default -1: all remaining devices)
+  --max-resubmits K  resubmissions after exit status 75 (default \$MAX_RESUBMITS or 3; 0: none)
   -h, --help      this text (runs nothing)
   -- ...          any further pipeline overrides, passed unchanged, e.g.
                   -- --ppo.iterations 200 --policy.dtype bfloat16
@@ -51,7 +56,7 @@ current stage continues from its last checkpoint (the pipeline's --resume is on 
 EOF
 }
 
-preset="smollm2-sentiment" command="pipeline"
+preset="smollm2-sentiment" command="pipeline" max_resubmits="$MAX_RESUBMITS"
 mesh=()
 overrides=()
 while [[ $# -gt 0 ]]; do
@@ -62,6 +67,7 @@ while [[ $# -gt 0 ]]; do
     --fsdp) [[ $# -ge 2 ]] || die "--fsdp needs a number"; mesh+=(--mesh.fsdp "$2"); shift ;;
     --tensor) [[ $# -ge 2 ]] || die "--tensor needs a number"; mesh+=(--mesh.tensor "$2"); shift ;;
     --data) [[ $# -ge 2 ]] || die "--data needs a number"; mesh+=(--mesh.data "$2"); shift ;;
+    --max-resubmits) [[ $# -ge 2 ]] || die "--max-resubmits needs a number"; max_resubmits="$2"; shift ;;
     --) shift; overrides=("$@"); break ;;
     *) usage >&2; die "unknown argument '$1' (pipeline overrides go after --)" ;;
   esac
@@ -71,6 +77,7 @@ case "$command" in
   pipeline|sft|rm|ppo|dpo|eval) ;;
   *) die "--command must be pipeline, sft, rm, ppo, dpo or eval, got '$command'" ;;
 esac
+[[ "$max_resubmits" =~ ^[0-9]+$ ]] || die "--max-resubmits must be a number, got '$max_resubmits'"
 
 resolve_config
 workers="$(num_workers)"
@@ -81,6 +88,7 @@ fi
 
 runs="$REMOTE_RUNS_DIR"
 log_file="$runs/$RUN_NAME.log" pid_file="$runs/$RUN_NAME.pid" out_file="$runs/$RUN_NAME.outdir"
+script_file="$runs/$RUN_NAME.sh"
 if [[ -n "$OUT_DIR" ]]; then
   out_expr="$(printf '%q' "$OUT_DIR")"
 else
@@ -103,6 +111,22 @@ cli_args="$(quote_args "$command" --preset "$preset" --name "$RUN_NAME" \
   ${mesh[@]+"${mesh[@]}"} ${overrides[@]+"${overrides[@]}"})"
 rdir="$(printf '%q' "$REMOTE_DIR")"
 
+# The supervisor each worker runs: the helpers of common.sh it needs, then the command.
+read -r -d '' supervisor <<EOF || true
+#!/usr/bin/env bash
+# Written by tpu_scripts/launch.sh: run $RUN_NAME, again with --resume after exit status $EXIT_PREEMPTED.
+EXIT_OK=$EXIT_OK EXIT_PREEMPTED=$EXIT_PREEMPTED EXIT_NON_FINITE=$EXIT_NON_FINITE EXIT_STALLED=$EXIT_STALLED
+$(declare -f describe_exit_status run_with_resubmit)
+cd "\$HOME" && cd $rdir
+OUT=$out_expr
+${env_exports}
+echo "=== \$(date -u +%FT%TZ) \$(hostname): rlhf-jax $cli_args --out-dir \$OUT"
+rc=0
+run_with_resubmit $max_resubmits .venv/bin/rlhf-jax $cli_args --out-dir "\$OUT" || rc=\$?
+echo "=== \$(date -u +%FT%TZ) \$(hostname): rlhf-jax exited with status \$rc (\$(describe_exit_status "\$rc"))"
+exit "\$rc"
+EOF
+
 read -r -d '' remote <<EOF || true
 set -e
 mkdir -p ~/$runs
@@ -114,9 +138,10 @@ cd $rdir
 OUT=$out_expr
 mkdir -p "\$OUT"
 echo "\$OUT" > ~/$out_file
-${env_exports}
-echo "=== \$(date -u +%FT%TZ) \$(hostname): rlhf-jax $cli_args --out-dir \$OUT" >> ~/$log_file
-nohup setsid .venv/bin/rlhf-jax $cli_args --out-dir "\$OUT" >> ~/$log_file 2>&1 < /dev/null &
+cat > ~/$script_file <<'RLHF_JAX_SUPERVISOR'
+$supervisor
+RLHF_JAX_SUPERVISOR
+nohup setsid bash ~/$script_file >> ~/$log_file 2>&1 < /dev/null &
 echo \$! > ~/$pid_file
 echo "\$(hostname): started $RUN_NAME (pid \$!), log ~/$log_file"
 EOF

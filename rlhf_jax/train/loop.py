@@ -2,16 +2,39 @@
 
 ``run_loop`` drives any step ``step_fn(state, batch, *frozen) -> (state, metrics)``:
 
-* resume: with ``LoopConfig.resume`` the latest checkpoint in ``out_dir/checkpoints`` is
-  restored into the state's shardings (a checkpoint of another model fails with a message
-  naming the leaf), and the data iterator continues from its saved position, so a resumed
-  run produces the same metrics and parameters as an uninterrupted one;
+* resume: with ``LoopConfig.resume`` the newest usable checkpoint in ``out_dir/checkpoints``
+  is restored into the state's shardings (a checkpoint of another model fails with a message
+  naming the leaf; a damaged newest step is skipped with a warning naming it and the step
+  restored instead, and moved to ``checkpoints/unusable/``), and the data iterator continues
+  from its saved position, so a resumed run produces the same metrics and parameters as an
+  uninterrupted one. Rows of ``metrics.jsonl`` for this stage newer than the step the loop
+  starts from (written by a killed run after its last checkpoint) are dropped first, so the
+  file holds exactly one row per step and stage;
 * metrics: the host reads step n-1's metrics after dispatching step n (``DeferredMetrics``),
   so there is no host sync in the hot loop;
 * checkpoints every ``checkpoint_every`` steps and at the end; SIGTERM (preemption on TPU VMs)
-  saves a checkpoint and returns cleanly;
-* a NaN/Inf loss stops the run with ``NonFiniteLossError`` naming the step; metrics are
-  checked before every save, so the last checkpoint on disk is always a good one.
+  saves a checkpoint and returns ``LoopResult(preempted=True)``; the caller raises
+  ``TrainingPreempted`` and the process exits with ``EXIT_PREEMPTED`` (see ``exit_code``);
+* health: a NaN/Inf loss or gradient norm stops the run with ``NonFiniteLossError`` naming
+  the step and the metric. Before every save the metrics of the step that produced the state
+  are read and checked, and ``Checkpointer.save`` checks every floating-point leaf of the state
+  itself (one jitted reduction), so no checkpoint on disk ever holds NaN/Inf and the newest
+  one is always a good one. With ``LoopConfig.stall_steps`` a run whose loss stops moving
+  with a zero gradient norm stops with ``TrainingStalledError``.
+
+Exit statuses for a command line that runs loops (``exit_code`` maps an exception to them):
+
+==========================  ====  =========================================================
+``EXIT_OK``                 0     finished.
+``EXIT_FAILURE``            1     any other error (bad input, unusable checkpoint, bug).
+``EXIT_PREEMPTED``          75    SIGTERM received, checkpoint saved: resubmit the same
+                                  command (``EX_TEMPFAIL`` of ``sysexits.h``).
+``EXIT_NON_FINITE``         76    a loss, gradient norm or the state became NaN/Inf; the
+                                  newest checkpoint is finite. Resubmitting repeats it: change
+                                  the configuration (learning rate, clipping) first.
+``EXIT_STALLED``            77    the loss stopped moving with a zero gradient norm.
+``EXIT_INTERRUPTED``        130   ``KeyboardInterrupt`` (128 + SIGINT).
+==========================  ====  =========================================================
 """
 
 from __future__ import annotations
@@ -24,10 +47,77 @@ from typing import Any
 
 import jax
 
-from rlhf_jax.checkpoint import Checkpointer, PreemptionGuard, abstract_like, check_finite
+from rlhf_jax.checkpoint import Checkpointer, NonFiniteStateError, abstract_like
 from rlhf_jax.metrics import DeferredMetrics, MetricsLogger, progress
+from rlhf_jax.train.guards import (NonFiniteLossError, PreemptionGuard, StallDetector,
+                                   TrainingStalledError, check_finite)
 
 log = logging.getLogger(__name__)
+
+#: The run finished.
+EXIT_OK = 0
+#: Any other error.
+EXIT_FAILURE = 1
+#: SIGTERM received and a checkpoint saved: resubmit the same command (EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
+#: A loss, gradient norm or the state became NaN/Inf (``FloatingPointError``).
+EXIT_NON_FINITE = 76
+#: ``TrainingStalledError``: loss unchanged with a zero gradient norm.
+EXIT_STALLED = 77
+#: ``KeyboardInterrupt`` (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
+class TrainingPreempted(Exception):
+    """A loop stopped on SIGTERM after saving its checkpoint; resubmitting the same command
+    (with ``--resume``) continues it. ``run_loop`` itself returns ``preempted=True``; callers
+    that stop the whole program (the pipeline) raise this, and ``exit_code`` maps it to
+    ``EXIT_PREEMPTED``.
+
+    Attributes:
+      stage: the stage that was interrupted.
+      step: the step saved.
+    """
+
+    def __init__(self, message: str, *, stage: str | None = None, step: int | None = None):
+        super().__init__(message)
+        self.stage, self.step = stage, step
+
+
+def exit_code(exc: BaseException | None) -> int:
+    """The process exit status for how a run ended.
+
+    Args:
+      exc: the exception that ended the run, or ``None`` for a normal end. Its explicit
+        ``__cause__`` chain is searched too (a wrapper raised ``from`` one of the errors below
+        keeps that error's status).
+
+    Returns:
+      ``EXIT_OK`` for ``None``; ``EXIT_PREEMPTED`` for ``TrainingPreempted``;
+      ``EXIT_NON_FINITE`` for ``FloatingPointError`` (``NonFiniteLossError``,
+      ``NonFiniteStateError``); ``EXIT_STALLED`` for ``TrainingStalledError``;
+      ``EXIT_INTERRUPTED`` for ``KeyboardInterrupt``; a ``SystemExit``'s own code (``None``
+      -> 0, a message -> 1); ``EXIT_FAILURE`` otherwise.
+    """
+    if exc is None:
+        return EXIT_OK
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        return EXIT_OK if code is None else code if isinstance(code, int) else EXIT_FAILURE
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, TrainingPreempted):
+            return EXIT_PREEMPTED
+        if isinstance(e, FloatingPointError):
+            return EXIT_NON_FINITE
+        if isinstance(e, TrainingStalledError):
+            return EXIT_STALLED
+        if isinstance(e, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
+        e = e.__cause__
+    return EXIT_FAILURE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,7 +130,13 @@ class LoopConfig:
         the end.
       max_to_keep: checkpoints kept on disk (>= 1).
       eval_every: call the evaluation hook every this many steps (``0`` = only at the end).
-      resume: continue from the latest checkpoint in ``out_dir/checkpoints`` if there is one.
+      resume: continue from the newest usable checkpoint in ``out_dir/checkpoints`` if there
+        is one.
+      stall_steps: stop with ``TrainingStalledError`` when the checked loss has not changed
+        (up to float32 resolution: by at most 1e-6 relative or 1e-12 absolute) and every
+        gradient norm (metrics ending in ``grad_norm``) was exactly 0 for this many
+        consecutive steps; ``0`` disables the check. E.g. SFT with a learning rate of 1e6
+        leaves the loss at ``ln V`` with a gradient norm of exactly 0 from its second step.
     """
 
     total_steps: int
@@ -48,12 +144,15 @@ class LoopConfig:
     max_to_keep: int = 2
     eval_every: int = 0
     resume: bool = True
+    stall_steps: int = 0
 
     def __post_init__(self):
         if self.total_steps < 0:
             raise ValueError(f"LoopConfig.total_steps must be >= 0, got {self.total_steps}")
         if self.max_to_keep < 1:
             raise ValueError(f"LoopConfig.max_to_keep must be >= 1, got {self.max_to_keep}")
+        if self.stall_steps < 0:
+            raise ValueError(f"LoopConfig.stall_steps must be >= 0, got {self.stall_steps}")
 
 
 @dataclasses.dataclass
@@ -90,44 +189,68 @@ def run_loop(*, stage: str, step_fn: Callable, state: Any, batches: Iterator,
       place: host batch -> device batch (e.g. ``rlhf_jax.sharding.shard_batch``).
       out_dir: stage directory; checkpoints go to ``out_dir/checkpoints``.
       cfg: ``LoopConfig``.
-      logger: ``MetricsLogger``.
+      logger: ``MetricsLogger``. Its rows of ``stage`` (and ``f"{stage}_eval"``) after the
+        step the loop starts from are dropped before the first step (``drop_after``).
       frozen: frozen parameter pytrees passed to every step (reference, reward).
-      loss_key: metric checked for NaN/Inf (``None``: every metric whose name ends in "loss").
+      loss_key: metric checked for NaN/Inf and watched for stalls (``None``: every metric
+        whose name ends in "loss"). Metrics ending in "grad_norm" are always checked.
       meta: extra JSON saved in every checkpoint (config, ...).
       fingerprint: model fingerprint checked on restore.
       eval_fn: ``(state, step) -> metrics`` on the host, every ``cfg.eval_every`` steps and at
         the end.
 
+    Returns:
+      ``LoopResult``; ``preempted=True`` after a SIGTERM (the caller should stop and exit with
+      ``EXIT_PREEMPTED``).
+
     Raises:
-      NonFiniteLossError: a checked metric is NaN or Inf (names the step).
+      NonFiniteLossError: a checked metric is NaN/Inf, or the state to be saved is (its
+        ``name`` is then ``"state/<leaf path>"``); names the step. Nothing non-finite is saved.
+      TrainingStalledError: ``cfg.stall_steps`` consecutive stalled steps.
+      CheckpointError: resuming found no usable checkpoint (each step's problem is named).
+      ValueError: the checkpoint is of another model (a leaf or fingerprint field named).
     """
     ckpt = Checkpointer(Path(out_dir) / "checkpoints", max_to_keep=cfg.max_to_keep)
     start = 0
     if cfg.resume and ckpt.latest_step() is not None:
         state, saved = ckpt.restore(abstract_like(state), expected_fingerprint=fingerprint)
         start = int(saved["step"])
+        ckpt.set_aside_after(start)  # unusable newer steps: the run saves them again
         if hasattr(batches, "load_state_dict") and "data" in saved:
             batches.load_state_dict(saved["data"])
         log.info("%s: resumed from step %d", stage, start)
+    # Rows a killed run wrote after its last checkpoint are about to be written again. The
+    # final evaluation is redone when the loop starts at the end, so its row goes too.
+    logger.drop_after(start, stage)
+    redo_final_eval = eval_fn is not None and start >= cfg.total_steps
+    logger.drop_after(start - 1 if redo_final_eval else start, f"{stage}_eval")
 
     deferred = DeferredMetrics()
+    stall = StallDetector(stage, cfg.stall_steps)
     records: list[dict] = []
 
     def emit(item):
         if item is None:
             return
         step, values = item
+        losses, grad_norms = {}, {}
         for name, value in values.items():
             if (name == loss_key) or (loss_key is None and name.endswith("loss")):
-                check_finite(value, step, name)
+                losses[name] = check_finite(value, step, name)
+            elif name.endswith("grad_norm"):
+                grad_norms[name] = check_finite(value, step, name)
         records.append(logger.log(step, values, stage=stage))
+        stall.update(step, losses, grad_norms)
 
     def save(step):
-        emit(deferred.flush())  # never save a state whose loss was not checked
+        emit(deferred.flush())  # never save a state whose step's metrics were not checked
         data = batches.state_dict() if hasattr(batches, "state_dict") else None
-        ckpt.save(step, state, {"step": step, "stage": stage, "data": data, **(meta or {}),
-                                **({"fingerprint": dict(fingerprint)} if fingerprint else {})},
-                  force=True)
+        try:
+            ckpt.save(step, state, {"step": step, "stage": stage, "data": data, **(meta or {}),
+                                    **({"fingerprint": dict(fingerprint)} if fingerprint else {})},
+                      force=True)
+        except NonFiniteStateError as e:
+            raise NonFiniteLossError(step, f"state/{e.path}", e.value) from e
 
     def evaluate(step):
         if eval_fn is not None:
@@ -179,3 +302,12 @@ def cycle(iterator_factory: Callable[[], Iterator]) -> Iterator:
 def tree_size_bytes(tree) -> int:
     """Bytes held by the arrays of a pytree."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+__all__ = [
+    "LoopConfig", "LoopResult", "run_loop", "cycle", "tree_size_bytes", "TrainingPreempted",
+    "exit_code", "EXIT_OK", "EXIT_FAILURE", "EXIT_PREEMPTED", "EXIT_NON_FINITE", "EXIT_STALLED",
+    "EXIT_INTERRUPTED",
+    # raised by run_loop (defined in rlhf_jax.train.guards)
+    "NonFiniteLossError", "TrainingStalledError",
+]
