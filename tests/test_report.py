@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from rlhf_jax.metrics import MetricsLogger, read_jsonl
-from rlhf_jax.report import (RAW_ALPHA, curve_figure, judge_figure, judge_kl_figure,
-                             judged_plot_data, markdown_table, md_escape, plot_curves,
-                             smooth_ema, smoothing_span, write_report)
+from rlhf_jax.plots import (RAW_ALPHA, curve_figure, judge_figure, judge_kl_figure,
+                            judged_plot_data, plot_curves, smooth_ema, smoothing_span)
+from rlhf_jax.report import markdown_table, md_escape, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

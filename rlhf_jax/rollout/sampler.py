@@ -27,6 +27,9 @@ Typical use::
     out.logprobs                                     # [B, R] log pi(y_r | x, y_<r) at temperature
 
 or ``jax.jit(sample, static_argnames=("model", "cfg"))`` inside a larger jitted phase.
+
+Each token is drawn by ``rlhf_jax.rollout.filters.select_tokens`` (``suppress_eos``, temperature,
+top-k, top-p); those filters are importable from here too.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rlhf_jax.losses.logprobs import gather_logprobs
 from rlhf_jax.models.model import Model, Params
+from rlhf_jax.rollout.filters import select_tokens, suppress_eos, top_k_mask, top_p_mask
 from rlhf_jax.types import positions_from_mask
 
 
@@ -73,6 +76,9 @@ class SamplingConfig:
         ``<|endoftext|>``). The first one emitted is part of the response (its mask is True);
         every later slot gets ``pad_token_id`` and mask False.
       pad_token_id: id written into response slots after EOS (masked out; may equal an EOS id).
+        Both ids may be left ``None`` in a configuration and filled from a tokenizer with
+        ``with_token_ids`` (the pipeline does; an explicit id is kept); sampling with a
+        ``None`` id raises.
       stop_early: leave the decode loop as soon as every row has emitted EOS (a
         ``while_loop`` with a data-dependent trip count). ``False`` always runs ``R`` steps;
         the outputs are identical either way (per-step keys are ``fold_in(rng, step)``).
@@ -91,8 +97,8 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
-    eos_token_id: int | tuple[int, ...]
-    pad_token_id: int
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
     stop_early: bool = True
     min_new_tokens: int = 0
 
@@ -118,7 +124,9 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.greedy and stop_early must be bools, got "
                              f"greedy={self.greedy!r}, stop_early={self.stop_early!r}")
         eos = self.eos_token_id
-        if _is_int(eos) and eos >= 0:
+        if eos is None:
+            pass
+        elif _is_int(eos) and eos >= 0:
             object.__setattr__(self, "eos_token_id", int(eos))
         elif (isinstance(eos, (list, tuple)) and eos
               and all(_is_int(e) and e >= 0 for e in eos)):
@@ -126,13 +134,28 @@ class SamplingConfig:
         else:
             raise ValueError(f"SamplingConfig.eos_token_id must be a non-negative int or a "
                              f"non-empty tuple of them, got {eos!r}")
-        if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
+        if self.pad_token_id is not None and (not _is_int(self.pad_token_id)
+                                              or self.pad_token_id < 0):
             raise ValueError(f"SamplingConfig.pad_token_id must be an int >= 0, "
                              f"got {self.pad_token_id!r}")
 
+    def with_token_ids(self, eos_token_id, pad_token_id) -> "SamplingConfig":
+        """This config with the ids that are ``None`` set to the given ones (a tokenizer's);
+        ids set explicitly are kept."""
+        return dataclasses.replace(
+            self, eos_token_id=eos_token_id if self.eos_token_id is None else self.eos_token_id,
+            pad_token_id=pad_token_id if self.pad_token_id is None else self.pad_token_id)
+
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        """``eos_token_id`` as a tuple."""
+        """``eos_token_id`` as a tuple.
+
+        Raises:
+          ValueError: the EOS or pad id is unset (``None``): call ``with_token_ids`` first.
+        """
+        if self.eos_token_id is None or self.pad_token_id is None:
+            raise ValueError("SamplingConfig.eos_token_id / pad_token_id are unset (None): fill "
+                             "them from the tokenizer with SamplingConfig.with_token_ids(eos, pad)")
         e = self.eos_token_id
         return (e,) if isinstance(e, int) else e
 
@@ -202,93 +225,6 @@ class SampleOutput:
         return self.prompt_tokens.shape[-1]
 
 
-# ---- token selection ------------------------------------------------------------------------
-
-def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
-    """Set every logit below the ``k``-th largest of its row to ``-inf`` (ties kept).
-
-    Args:
-      logits: ``[..., V]`` float.
-      k: static int; ``0`` or ``>= V`` returns ``logits`` unchanged.
-    """
-    v = logits.shape[-1]
-    if k <= 0 or k >= v:
-        return logits
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits >= kth, logits, -jnp.inf)
-
-
-def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
-    """Nucleus filter (Holtzman et al. 2020, eq. 2): keep the fewest most likely tokens whose
-    mass under ``softmax(logits)`` reaches ``p``; the rest become ``-inf``.
-
-    A token (in descending order) is kept iff the mass strictly before it is ``< p``, which is
-    HF's ``TopPLogitsWarper`` rule; the argmax is always kept and ties with the last kept logit
-    are kept. Sort-based, ``O(V log V)`` per row.
-
-    Args:
-      logits: ``[..., V]`` float (may already hold ``-inf`` from top-k).
-      p: static float in ``(0, 1]``; ``1.0`` returns ``logits`` unchanged.
-    """
-    if p >= 1.0:
-        return logits
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < p
-    keep = keep.at[..., 0].set(True)
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
-
-
-def suppress_eos(logits: jax.Array, response_index: jax.Array | int, cfg: SamplingConfig
-                 ) -> jax.Array:
-    """``logits`` with every EOS id at ``-inf`` where ``response_index < cfg.min_new_tokens``.
-
-    Used by the sampler at each decode step and by the training forward over a whole response
-    (``rlhf_jax.train.ppo.policy_forward``), so both see the same constrained policy.
-
-    Args:
-      logits: ``[..., V]`` float, the logits that predict response slot ``response_index``.
-      response_index: int or int array broadcastable to ``logits.shape[:-1]``: the response
-        slot ``r`` (0-based) each row of logits predicts.
-      cfg: the sampling configuration (``min_new_tokens == 0`` returns ``logits`` unchanged).
-    """
-    if cfg.min_new_tokens == 0:
-        return logits
-    is_eos_column = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(cfg.eos_ids)].set(True)
-    early = jnp.asarray(response_index) < cfg.min_new_tokens
-    return jnp.where(early[..., None] & is_eos_column, -jnp.inf, logits)
-
-
-def select_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
-                  step: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
-    """Draw one token per row and its log-prob under the unfiltered tempered softmax.
-
-    Args:
-      logits: ``[B, V] float32`` next-token logits.
-      key: typed PRNG key (unused when ``cfg.greedy``).
-      cfg: the sampling configuration.
-      step: the response slot being drawn (for ``cfg.min_new_tokens``).
-
-    Returns:
-      ``(tokens [B] int32, logprobs [B] float32)`` with
-      ``logprobs = log softmax(logits / temperature)[tokens]`` (see ``SampleOutput.logprobs``),
-      ``logits`` after ``suppress_eos``.
-    """
-    logits = suppress_eos(logits, step, cfg)
-    scaled = logits.astype(jnp.float32) / cfg.temperature
-    if cfg.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
-    else:
-        filtered = top_p_mask(top_k_mask(scaled, cfg.top_k), cfg.top_p)
-        tokens = jax.random.categorical(key, filtered, axis=-1)
-    tokens = tokens.astype(jnp.int32)
-    # same arithmetic as the training side (losses.logprobs.sequence_logprobs)
-    logp = gather_logprobs(logits, tokens, temperature=cfg.temperature)
-    return tokens, logp
-
-
 def is_eos(tokens: jax.Array, eos_token_id: int | tuple[int, ...]) -> jax.Array:
     """``tokens == eos`` for one id or any of a tuple of ids (same shape, bool)."""
     ids = (eos_token_id,) if _is_int(eos_token_id) else tuple(eos_token_id)
@@ -351,7 +287,7 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
       all ``[B, R]`` / ``[B]``; ``tokens`` / ``attn_mask`` / ``positions`` ``[B, P+R]``).
 
     Raises:
-      ValueError: bad shapes, a scalar model, EOS/pad ids outside the vocabulary, or a cache
+      ValueError: bad shapes, a scalar model, EOS/pad ids unset or outside the vocabulary, or a cache
         longer than GPT-2's ``max_positions``.
       TypeError: ``rng`` is a raw ``uint32`` key, or ``cfg`` is not a ``SamplingConfig``.
     """
@@ -468,3 +404,7 @@ def make_sampler(model: Model, cfg: SamplingConfig, *, validate: bool = True
 
     sampler.jitted = jitted  # exposed for trace/lowering inspection
     return sampler
+
+
+__all__ = ["SampleOutput", "SamplingConfig", "check_prompt_mask", "is_eos", "make_sampler",
+           "sample", "select_tokens", "suppress_eos", "top_k_mask", "top_p_mask"]

@@ -15,6 +15,7 @@ import pytest
 
 from rlhf_jax.data import BatchConfig, load_preferences, load_prompts, load_sft
 from rlhf_jax.tasks.sentiment import ratings as S
+from rlhf_jax.tasks.sentiment import records as R
 
 
 @pytest.fixture(scope="module")
@@ -81,52 +82,52 @@ def test_splits_are_disjoint_deterministic_and_grouped(ratings, splits):
 
 
 def test_preference_pairs_satisfy_the_margin(splits):
-    pairs = S.sentiment_preference_records(splits["train"], margin=1.0)
+    pairs = R.sentiment_preference_records(splits["train"], margin=1.0)
     assert len(pairs) > 10_000
     by_id = {(r.domain, r.id): r for r in splits["train"]}
     for p in pairs:
         assert p["chosen_mean"] - p["rejected_mean"] >= 1.0
-        assert p["prompt"] == S.INSTRUCTIONS[p["domain"]] and p["chosen"] != p["rejected"]
+        assert p["prompt"] == R.INSTRUCTIONS[p["domain"]] and p["chosen"] != p["rejected"]
         for side in ("chosen", "rejected"):
             r = by_id[(p["domain"], p[f"{side}_id"])]
             assert (r.text, r.mean) == (p[side], p[f"{side}_mean"])
-    assert S.sentiment_preference_records(splits["train"], margin=1.0) == pairs
-    wide = S.sentiment_preference_records(splits["validation"], margin=2.5, seed=3)
+    assert R.sentiment_preference_records(splits["train"], margin=1.0) == pairs
+    wide = R.sentiment_preference_records(splits["validation"], margin=2.5, seed=3)
     assert wide and all(p["chosen_mean"] - p["rejected_mean"] >= 2.5 for p in wide)
 
 
 def test_rankings_prompts_and_sft(splits):
-    ranks = S.sentiment_ranking_records(splits["train"], k=4, margin=1.0)
+    ranks = R.sentiment_ranking_records(splits["train"], k=4, margin=1.0)
     assert len(ranks) > 1000
     for r in ranks:
         assert len(r["responses"]) == 4 == len(set(r["responses"]))
         assert all(a - b >= 1.0 for a, b in zip(r["means"], r["means"][1:]))
-    prompts = S.sentiment_prompt_records(splits["test"], opening_words=5)
+    prompts = R.sentiment_prompt_records(splits["test"], opening_words=5)
     texts = {(r.domain, r.id): r.text for r in splits["test"]}
     for p in prompts:
         assert len(p["opening"].split()) == 5
         assert texts[(p["domain"], p["id"])].startswith(p["opening"])
-        assert p["prompt"] == f"{S.CONTINUE[p['domain']]} {p['opening']}"
-    sft = S.sentiment_sft_records(splits["train"], min_words=4, max_words=40)
+        assert p["prompt"] == f"{R.CONTINUE[p['domain']]} {p['opening']}"
+    sft = R.sentiment_sft_records(splits["train"], min_words=4, max_words=40)
     assert sft and all(4 <= len(r["completion"].split()) <= 40 for r in sft)
-    assert all(r["mean"] >= 1 for r in S.sentiment_sft_records(splits["train"], min_mean=1.0))
+    assert all(r["mean"] >= 1 for r in R.sentiment_sft_records(splits["train"], min_mean=1.0))
 
 
 def test_tasks_feed_the_pipeline(splits, tok):
     cfg = BatchConfig(batch_size=8, buckets=(64, 128, 256, 512, 1024), skip_invalid=True)
     rng = np.random.default_rng(0)
-    pairs = S.sentiment_preference_records(splits["validation"])
+    pairs = R.sentiment_preference_records(splits["validation"])
     sample = [pairs[i] for i in rng.choice(len(pairs), 32, replace=False)]
     prefs = load_preferences(sample, tok, cfg, name="sentiment-pairs")
     assert prefs.stats.seen == 32 and prefs.stats.kept + prefs.stats.num_skipped == 32
     batch = next(prefs.batches(cfg))
     assert batch.tokens.shape[:2] == (8, 2) and batch.valid.all()
-    sft = load_sft(S.sentiment_sft_records(splits["validation"])[:16], tok, cfg)
+    sft = load_sft(R.sentiment_sft_records(splits["validation"])[:16], tok, cfg)
     assert len(sft) + sft.stats.num_skipped == 16
     raw_cfg = BatchConfig(batch_size=4, prompt_buckets=(32, 64, 128), use_chat_template=False,
                          field_map={"prompt": "opening"})
-    prompts = load_prompts(S.sentiment_prompt_records(splits["test"])[:8], tok, raw_cfg)
-    assert tok.decode(prompts.examples[0]) == S.sentiment_prompt_records(
+    prompts = load_prompts(R.sentiment_prompt_records(splits["test"])[:8], tok, raw_cfg)
+    assert tok.decode(prompts.examples[0]) == R.sentiment_prompt_records(
         splits["test"])[0]["opening"]
 
 

@@ -1,7 +1,8 @@
 """Checkpoint converters.
 
 * ``hf``: HF ``config.json`` + safetensors directories <-> parameter trees (Llama, Mistral,
-  Qwen2, SmolLM, GPT-2), incl. sharded loading into target shardings.
+  Qwen2, SmolLM, GPT-2), incl. sharded loading into target shardings; ``hf_config`` maps
+  the configs, ``hf_names`` the weight names.
 * ``gguf``: llama.cpp GGUF files -> parameters, config and an HF tokenizer directory.
 * ``smollm2``: real SmolLM2-135M-Instruct weights fetched through the package index.
 """

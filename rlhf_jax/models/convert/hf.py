@@ -1,14 +1,15 @@
 """Hugging Face checkpoints (``config.json`` + safetensors) <-> ``rlhf_jax`` parameter trees.
 
 Supported ``model_type`` values: ``llama``, ``mistral``, ``qwen2``, ``smollm`` (read as
-``llama``; SmolLM/SmolLM2 ship ``model_type: llama`` anyway) and ``gpt2``.
+``llama``; SmolLM/SmolLM2 ship ``model_type: llama`` anyway) and ``gpt2``. This module reads
+and writes the weights (``list_safetensors``, ``load_hf_checkpoint``, ``save_hf_checkpoint``);
+``hf_config`` maps ``config.json`` <-> ``ModelConfig`` (``read_hf_config``, ``config_from_hf``,
+``hf_config_dict``, importable from here too) and ``hf_names`` maps each HF tensor name and
+layout to our parameter leaves.
 
-Layouts. HF ``nn.Linear`` stores ``weight [out, in]``; ours are ``[in..., out...]`` kernels
-with heads split out (q ``[D, H, K]``, k/v ``[D, H_kv, K]``, o ``[H, K, D]``) and every block
-parameter stacked over layers on axis 0. GPT-2's ``Conv1D`` is already ``[in, out]`` and its
-fused ``c_attn [D, 3D]`` splits into q, k, v (in that order, HF ``GPT2Attention``). Tied
-embeddings have no ``lm_head`` tensor; untied ones store ``lm_head.weight [V, D]`` and our
-kernel is its transpose.
+Layouts (``hf_names``). HF ``nn.Linear`` weights ``[out, in]`` become our ``[in..., out...]``
+kernels with heads split out and every block parameter stacked over layers on axis 0;
+GPT-2's fused ``c_attn`` splits into q, k, v; tied embeddings have no ``lm_head`` tensor.
 
 Scalar head. Our reward/value head (``value_head``: kernel ``[D]``, bias ``[]``) is stored as
 ``score.weight [1, D]`` and ``score.bias [1]``, the names of HF's
@@ -34,9 +35,8 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +45,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from rlhf_jax.config import ModelConfig, RopeScaling
+from rlhf_jax.models.convert.hf_config import (CONFIG_FILE, LLAMA_MODEL_TYPES,
+                                               SUPPORTED_MODEL_TYPES, config_from_hf,
+                                               default_model_type, hf_config_dict,
+                                               read_hf_config)
+from rlhf_jax.models.convert.hf_names import (SCORE_BIAS, SCORE_WEIGHT, _expand, _ignorable,
+                                              _Spec, _specs)
 from rlhf_jax.models.model import Model, Params
 
 log = logging.getLogger(__name__)
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm")
-SUPPORTED_MODEL_TYPES = (*LLAMA_MODEL_TYPES, "gpt2")
-#: HF names of the scalar (reward / value) head: ``*ForSequenceClassification`` with one label.
-SCORE_WEIGHT, SCORE_BIAS = "score.weight", "score.bias"
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -62,336 +62,6 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json")
-
-# Per-type defaults of the HF config classes, used when a key is absent from config.json.
-_DEFAULTS = {
-    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, rope_theta=10000.0,
-                  tie_word_embeddings=False),
-    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=4096 * 32, rope_theta=10000.0,
-                    tie_word_embeddings=False),
-    "qwen2": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, rope_theta=10000.0,
-                  tie_word_embeddings=False),
-}
-_ARCHITECTURES = {
-    ("llama", "lm"): "LlamaForCausalLM", ("llama", "scalar"): "LlamaForSequenceClassification",
-    ("mistral", "lm"): "MistralForCausalLM",
-    ("mistral", "scalar"): "MistralForSequenceClassification",
-    ("qwen2", "lm"): "Qwen2ForCausalLM", ("qwen2", "scalar"): "Qwen2ForSequenceClassification",
-    ("gpt2", "lm"): "GPT2LMHeadModel", ("gpt2", "scalar"): "GPT2ForSequenceClassification",
-}
-
-
-# ----------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
-# ----------------------------------------------------------------------------------------
-def read_hf_config(src: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """The HF config as a dict, from a dict, a checkpoint directory or a ``config.json`` path.
-
-    Raises:
-      FileNotFoundError: no ``config.json`` at ``src``.
-    """
-    if isinstance(src, Mapping):
-        return dict(src)
-    p = Path(src)
-    if p.is_dir():
-        p = p / CONFIG_FILE
-    if not p.is_file():
-        raise FileNotFoundError(f"no HF config at {p} (expected a checkpoint directory with "
-                                f"{CONFIG_FILE} or the path of that file)")
-    with open(p) as f:
-        return json.load(f)
-
-
-def _rope_from_hf(d: Mapping[str, Any], where: str, default_theta: float):
-    """``(rope_theta, RopeScaling | None)`` from legacy (``rope_theta``/``rope_scaling``) or
-    transformers>=5 (``rope_parameters``) keys."""
-    params = d.get("rope_parameters") or {}
-    if params and not isinstance(params.get("rope_type", params.get("type", "")), str):
-        raise ValueError(f"{where}: per-layer-type rope_parameters {params} are not supported")
-    theta = float(params.get("rope_theta", d.get("rope_theta", default_theta)) or default_theta)
-    scaling = d.get("rope_scaling") or params
-    rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
-    if rope_type in (None, "default"):
-        return theta, None
-    if rope_type == "linear":
-        return theta, RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
-    if rope_type == "llama3":
-        return theta, RopeScaling(
-            rope_type="llama3", factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
-    raise ValueError(f"{where}: rope scaling type {rope_type!r} is not supported "
-                     "(supported: default, linear, llama3)")
-
-
-def config_from_hf(src: str | os.PathLike | Mapping[str, Any], **overrides) -> ModelConfig:
-    """A ``ModelConfig`` from an HF config (dict, checkpoint directory or ``config.json`` path).
-
-    Reads ``hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-    head_dim, intermediate_size, vocab_size, max_position_embeddings, rms_norm_eps,
-    rope_theta / rope_scaling`` (or transformers>=5 ``rope_parameters``) and
-    ``tie_word_embeddings`` for the Llama family (Qwen2 gets ``qkv_bias=True``), and GPT-2's
-    ``n_layer, n_embd, n_head, n_positions, vocab_size, layer_norm_epsilon, n_inner``.
-
-    Args:
-      src: the HF config.
-      **overrides: ``ModelConfig`` fields to set on top (``dtype``, ``remat``, ...).
-
-    Raises:
-      ValueError: unsupported ``model_type`` (naming it and the supported ones), rope
-        scaling type, activation, or attention/MLP biases that the architecture lacks.
-    """
-    d = read_hf_config(src)
-    where = f"HF config (model_type={d.get('model_type')!r})"
-    mt = d.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"HF model_type {mt!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if mt == "gpt2":
-        act = d.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise ValueError(f"{where}: activation_function {act!r} is not supported "
-                             "(GPT-2 uses the tanh GELU 'gelu_new')")
-        if d.get("scale_attn_by_inverse_layer_idx") or d.get("scale_attn_weights") is False:
-            raise ValueError(f"{where}: non-standard attention scaling "
-                             "(scale_attn_by_inverse_layer_idx / scale_attn_weights) is not supported")
-        n_embd = d.get("n_embd", 768)
-        kw = dict(arch="gpt2", vocab_size=d.get("vocab_size", 50257), d_model=n_embd,
-                  n_layers=d.get("n_layer", 12), n_heads=d.get("n_head", 12),
-                  mlp_dim=d.get("n_inner") or 4 * n_embd, max_positions=d.get("n_positions", 1024),
-                  norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
-                  tie_embeddings=bool(d.get("tie_word_embeddings", True)))
-    else:
-        base = "llama" if mt == "smollm" else mt
-        dflt = _DEFAULTS[base]
-        act = d.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ValueError(f"{where}: hidden_act {act!r} is not supported (SwiGLU needs 'silu')")
-        if base in ("llama", "mistral") and (d.get("attention_bias") or d.get("mlp_bias")):
-            raise ValueError(f"{where}: attention_bias/mlp_bias=True is not supported (no bias on "
-                             "the output projection / MLP in rlhf_jax's Llama)")
-        window = d.get("sliding_window")
-        if window is not None and (base == "mistral" or d.get("use_sliding_window")):
-            log.warning("%s: sliding_window=%s is ignored; rlhf_jax attends to the full causal "
-                        "context (identical for sequences up to %s tokens)", where, window, window)
-        theta, scaling = _rope_from_hf(d, where, dflt["rope_theta"])
-        hidden, n_heads = d["hidden_size"], d["num_attention_heads"]
-        head_dim = d.get("head_dim")
-        kw = dict(arch="llama", vocab_size=d["vocab_size"], d_model=hidden,
-                  n_layers=d["num_hidden_layers"], n_heads=n_heads,
-                  n_kv_heads=d.get("num_key_value_heads") or n_heads,
-                  head_dim=None if head_dim in (None, hidden // n_heads) else head_dim,
-                  mlp_dim=d["intermediate_size"],
-                  max_positions=d.get("max_position_embeddings") or dflt["max_position_embeddings"],
-                  rope_theta=theta, rope_scaling=scaling,
-                  norm_eps=float(d.get("rms_norm_eps", dflt["rms_norm_eps"])),
-                  tie_embeddings=bool(d.get("tie_word_embeddings", dflt["tie_word_embeddings"])),
-                  qkv_bias=base == "qwen2")
-    kw.update(overrides)
-    return ModelConfig(**kw)
-
-
-def default_model_type(cfg: ModelConfig) -> str:
-    """The HF ``model_type`` that reproduces ``cfg``: ``gpt2``, ``qwen2`` (q/k/v biases) or
-    ``llama``."""
-    if cfg.arch == "gpt2":
-        return "gpt2"
-    return "qwen2" if cfg.qkv_bias else "llama"
-
-
-def hf_config_dict(cfg: ModelConfig, *, kind: str = "lm", model_type: str | None = None,
-                   dtype: str | None = None, extra: Mapping[str, Any] | None = None) -> dict:
-    """The HF ``config.json`` dict for ``cfg`` (inverse of ``config_from_hf``).
-
-    Rope settings are written both as transformers>=5 ``rope_parameters`` and as the legacy
-    ``rope_theta``/``rope_scaling`` keys so older transformers read them too.
-
-    Args:
-      cfg: the architecture.
-      kind: ``"lm"``/``"lm_value"`` export ``*ForCausalLM``; ``"scalar"`` exports
-        ``*ForSequenceClassification`` with ``num_labels=1``.
-      model_type: HF model type; default ``default_model_type(cfg)``.
-      dtype: the stored tensor dtype name (default ``cfg.param_dtype``).
-      extra: keys merged in last (``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ...).
-
-    Raises:
-      ValueError: ``model_type`` cannot express ``cfg`` (q/k/v biases only exist in qwen2;
-        GPT-2 needs ``arch="gpt2"``).
-    """
-    mt = model_type or default_model_type(cfg)
-    if mt == "smollm":
-        mt = "llama"
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"HF model_type {mt!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if (mt == "gpt2") != (cfg.arch == "gpt2"):
-        raise ValueError(f"model_type {mt!r} cannot express arch={cfg.arch!r}")
-    if cfg.arch == "llama" and cfg.qkv_bias != (mt == "qwen2"):
-        raise ValueError(f"model_type {mt!r} cannot express qkv_bias={cfg.qkv_bias} "
-                         "(only qwen2 has q/k/v biases, and always)")
-    dtype = dtype or cfg.param_dtype
-    arch_name = _ARCHITECTURES[(mt, "scalar" if kind == "scalar" else "lm")]
-    d: dict[str, Any] = {"architectures": [arch_name], "model_type": mt, "dtype": dtype,
-                         "torch_dtype": dtype, "vocab_size": cfg.vocab_size,
-                         "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
-                         "initializer_range": 0.02}
-    if mt == "gpt2":
-        d.update(n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-                 n_positions=cfg.max_positions, n_ctx=cfg.max_positions, n_inner=cfg.mlp_dim,
-                 layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
-                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
-                 scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
-    else:
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        legacy = None
-        if cfg.rope_scaling is not None:
-            s = cfg.rope_scaling
-            legacy = {"rope_type": s.rope_type, "factor": s.factor}
-            if s.rope_type == "llama3":
-                legacy.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
-                              original_max_position_embeddings=s.original_max_position_embeddings)
-            rope = {**legacy, "rope_theta": cfg.rope_theta}
-        d.update(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-                 num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.num_kv_heads,
-                 head_dim=cfg.per_head_dim, intermediate_size=cfg.mlp_dim, hidden_act="silu",
-                 max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
-                 rope_theta=cfg.rope_theta, rope_scaling=legacy, rope_parameters=rope,
-                 attention_dropout=0.0)
-        if mt in ("llama", "mistral"):
-            d.update(attention_bias=False, mlp_bias=False)
-        if mt in ("mistral", "qwen2"):
-            d.update(sliding_window=None, use_sliding_window=False)
-    if kind == "scalar":
-        d.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    # Special-token ids are unknown unless given (HF's per-class defaults, e.g. Llama's 1/2,
-    # would be guesses); GPT-2's own vocabulary keeps its <|endoftext|> = 50256.
-    gpt2_eot = 50256 if mt == "gpt2" and cfg.vocab_size == 50257 else None
-    d.update(bos_token_id=gpt2_eot, eos_token_id=gpt2_eot, pad_token_id=None)
-    d.update(extra or {})
-    return d
-
-
-# ----------------------------------------------------------------------------------------
-# Tensor name/layout mapping
-# ----------------------------------------------------------------------------------------
-LeafPath = tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """One HF tensor and the per-layer slices of our leaves it maps to.
-
-    ``to_ours(hf) -> tuple`` (one array per ``ours`` path, without the layer axis) and
-    ``to_hf(*ours) -> hf`` are inverse layout maps.
-    """
-
-    hf: str  # name; per-layer names contain "{i}"
-    shape: tuple[int, ...]
-    ours: tuple[LeafPath, ...]
-    to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
-    to_hf: Callable[..., np.ndarray]
-    per_layer: bool
-
-
-def _linear(name, out_shape, in_shape, path, per_layer=True):
-    """HF ``nn.Linear`` ``weight [prod(out), prod(in)]`` <-> our kernel ``[*in, *out]``."""
-    n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
-    return _Spec(name, (n_out, n_in), (path,),
-                 lambda w: (w.T.reshape(*in_shape, *out_shape),),
-                 lambda k: k.reshape(n_in, n_out).T, per_layer)
-
-
-def _same(name, hf_shape, our_shape, path, per_layer=True):
-    """Same element order, possibly different shape (norm scales, biases, Conv1D kernels)."""
-    return _Spec(name, tuple(hf_shape), (path,), lambda w: (w.reshape(our_shape),),
-                 lambda k: k.reshape(hf_shape), per_layer)
-
-
-def _score_specs(d: int) -> list[_Spec]:
-    """``score.weight [1, D]`` / ``score.bias [1]`` <-> ``value_head`` kernel ``[D]`` / bias ``[]``."""
-    return [
-        _Spec(SCORE_WEIGHT, (1, d), (("value_head", "kernel"),), lambda w: (w[0],),
-              lambda k: k[None], False),
-        _Spec(SCORE_BIAS, (1,), (("value_head", "bias"),), lambda b: (b.reshape(()),),
-              lambda b: b.reshape(1), False),
-    ]
-
-
-def _specs(cfg: ModelConfig, prefix: str, *, lm_head: bool, score: bool) -> list[_Spec]:
-    """Every HF tensor of a checkpoint of ``cfg`` (``prefix``: ``"model."``/``"transformer."``
-    or ``""`` for a base-model checkpoint). Per-layer names carry ``{i}``."""
-    d, f, v = cfg.d_model, cfg.mlp_dim, cfg.vocab_size
-    h, hkv, k = cfg.n_heads, cfg.num_kv_heads, cfg.per_head_dim
-    B = ("trunk", "blocks")
-    out: list[_Spec] = []
-    if cfg.arch == "gpt2":
-        p = prefix + "h.{i}."
-        split = (h * k, hkv * k, hkv * k)
-        cuts = np.cumsum(split)[:-1]
-        qkv = tuple(B + ("attn", n, "kernel") for n in "qkv")
-        qkv_b = tuple(B + ("attn", n, "bias") for n in "qkv")
-        out += [
-            _same(p + "ln_1.weight", (d,), (d,), B + ("attn_norm", "scale")),
-            _same(p + "ln_1.bias", (d,), (d,), B + ("attn_norm", "bias")),
-            _Spec(p + "attn.c_attn.weight", (d, sum(split)), qkv,
-                  lambda w: tuple(x.reshape(d, -1, k) for x in np.split(w, cuts, axis=1)),
-                  lambda q, kk, vv: np.concatenate([x.reshape(d, -1) for x in (q, kk, vv)], 1),
-                  True),
-            _Spec(p + "attn.c_attn.bias", (sum(split),), qkv_b,
-                  lambda b: tuple(x.reshape(-1, k) for x in np.split(b, cuts)),
-                  lambda q, kk, vv: np.concatenate([x.reshape(-1) for x in (q, kk, vv)]), True),
-            _same(p + "attn.c_proj.weight", (h * k, d), (h, k, d), B + ("attn", "o", "kernel")),
-            _same(p + "attn.c_proj.bias", (d,), (d,), B + ("attn", "o", "bias")),
-            _same(p + "ln_2.weight", (d,), (d,), B + ("mlp_norm", "scale")),
-            _same(p + "ln_2.bias", (d,), (d,), B + ("mlp_norm", "bias")),
-            _same(p + "mlp.c_fc.weight", (d, f), (d, f), B + ("mlp", "up", "kernel")),
-            _same(p + "mlp.c_fc.bias", (f,), (f,), B + ("mlp", "up", "bias")),
-            _same(p + "mlp.c_proj.weight", (f, d), (f, d), B + ("mlp", "down", "kernel")),
-            _same(p + "mlp.c_proj.bias", (d,), (d,), B + ("mlp", "down", "bias")),
-            _same(prefix + "wte.weight", (v, d), (v, d), ("trunk", "embed"), False),
-            _same(prefix + "wpe.weight", (cfg.max_positions, d), (cfg.max_positions, d),
-                  ("trunk", "pos_embed"), False),
-            _same(prefix + "ln_f.weight", (d,), (d,), ("trunk", "final_norm", "scale"), False),
-            _same(prefix + "ln_f.bias", (d,), (d,), ("trunk", "final_norm", "bias"), False),
-        ]
-    else:
-        p = prefix + "layers.{i}."
-        A = B + ("attn",)
-        out += [
-            _linear(p + "self_attn.q_proj.weight", (h, k), (d,), A + ("q", "kernel")),
-            _linear(p + "self_attn.k_proj.weight", (hkv, k), (d,), A + ("k", "kernel")),
-            _linear(p + "self_attn.v_proj.weight", (hkv, k), (d,), A + ("v", "kernel")),
-        ]
-        if cfg.qkv_bias:
-            out += [_same(p + f"self_attn.{n}_proj.bias", (hh * k,), (hh, k), A + (n, "bias"))
-                    for n, hh in (("q", h), ("k", hkv), ("v", hkv))]
-        out += [
-            _linear(p + "self_attn.o_proj.weight", (d,), (h, k), A + ("o", "kernel")),
-            _linear(p + "mlp.gate_proj.weight", (f,), (d,), B + ("mlp", "gate", "kernel")),
-            _linear(p + "mlp.up_proj.weight", (f,), (d,), B + ("mlp", "up", "kernel")),
-            _linear(p + "mlp.down_proj.weight", (d,), (f,), B + ("mlp", "down", "kernel")),
-            _same(p + "input_layernorm.weight", (d,), (d,), B + ("attn_norm", "scale")),
-            _same(p + "post_attention_layernorm.weight", (d,), (d,), B + ("mlp_norm", "scale")),
-            _same(prefix + "embed_tokens.weight", (v, d), (v, d), ("trunk", "embed"), False),
-            _same(prefix + "norm.weight", (d,), (d,), ("trunk", "final_norm", "scale"), False),
-        ]
-    if lm_head:
-        out.append(_linear("lm_head.weight", (v,), (d,), ("lm_head", "kernel"), False))
-    if score:
-        out += _score_specs(d)
-    return out
-
-
-def _expand(spec: _Spec, n_layers: int) -> list[str]:
-    return [spec.hf.format(i=i) for i in range(n_layers)] if spec.per_layer else [spec.hf]
-
-
-def _ignorable(name: str, arch: str) -> bool:
-    """Buffers some checkpoints carry that are not parameters."""
-    if name.endswith("rotary_emb.inv_freq") or name.endswith("rotary_emb.original_inv_freq"):
-        return True
-    return arch == "gpt2" and re.search(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$", name) is not None
 
 
 # ----------------------------------------------------------------------------------------
@@ -764,3 +434,9 @@ def save_hf_checkpoint(model: Model, params: Params, path: str | os.PathLike, *,
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"save_hf_checkpoint:{out}")
     return out
+
+
+__all__ = ["CONFIG_FILE", "LLAMA_MODEL_TYPES", "SCORE_BIAS", "SCORE_WEIGHT",
+           "SUPPORTED_MODEL_TYPES", "TensorInfo", "config_from_hf", "default_model_type",
+           "hf_config_dict", "list_safetensors", "load_hf_checkpoint", "read_hf_config",
+           "save_hf_checkpoint"]
