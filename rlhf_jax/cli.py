@@ -1,12 +1,18 @@
 """Command line: ``rlhf-jax <command> [--field value ...]`` (tyro over frozen dataclasses).
 
 Commands:
-  pipeline  SFT -> RM -> PPO, and DPO from the same SFT model, judged evaluation and report
-            (``rlhf_jax.pipeline``), from a preset (``rlhf_jax.presets``) with any field
-            overridden: ``rlhf-jax pipeline --preset tiny --ppo.iterations 5``.
-  sft, rm, ppo, dpo, eval  one stage of the same configuration.
+  pipeline  every registered stage (SFT -> RM -> PPO, DPO from the same SFT model, judged
+            evaluation and report; ``rlhf_jax.pipeline``), from a preset
+            (``rlhf_jax.presets``) with any field overridden:
+            ``rlhf-jax pipeline --preset tiny --ppo.iterations 5``.
+  <stage>   one registered stage of the same configuration (``rlhf_jax.pipeline.registry``).
   chat      Fetch SmolLM2-135M-Instruct (or load ``--model-dir``), apply its chat template to
             a prompt and sample an answer with the jitted KV-cache sampler.
+
+Exit codes (``rlhf_jax.train.loop``): 0 done; 75 preempted (SIGTERM, checkpoint saved: run the
+same command again); 76 a non-finite loss or gradient norm stopped training; 77 training
+stalled; 1 any other error (a locked run directory, a changed configuration on resume, bad
+data); 2 bad command-line arguments.
 """
 
 from __future__ import annotations
@@ -76,17 +82,28 @@ def chat(args: ChatArgs) -> str:
 USAGE = """usage: rlhf-jax COMMAND [--preset NAME] [--FIELD VALUE ...]
 
 commands:
-  pipeline   SFT -> reward model -> PPO, DPO from the same SFT model, judged eval, report
-  sft | rm | ppo | dpo | eval   one stage (reads earlier stages' outputs from --out-dir)
+  pipeline   every stage below, in order
+{stages}
   chat       sample an answer from a chat model (default SmolLM2-135M-Instruct)
 
 presets: {presets} (default smollm2-sentiment); `rlhf-jax pipeline --help` lists every field.
+A stage reads earlier stages' outputs from --out-dir. Exit codes: 0 done, 75 preempted
+(rerun to continue), 76 non-finite training, 77 stalled training, 1 other errors.
 """
+
+
+def usage() -> str:
+    """The top-level help, with the registered stages and presets."""
+    from rlhf_jax.pipeline.registry import stages
+    from rlhf_jax.presets import PRESETS
+    lines = "\n".join(f"  {s.name:<10} {s.description}" for s in stages().values())
+    return USAGE.format(stages=lines, presets=", ".join(PRESETS))
 
 
 def parse_pipeline_args(command: str, argv: list[str]):
     """``PipelineConfig`` for ``command`` from ``--preset`` and field overrides (tyro)."""
-    from rlhf_jax.pipeline import STAGES, PipelineConfig
+    from rlhf_jax.pipeline.config import PipelineConfig
+    from rlhf_jax.pipeline.registry import stage_names
     from rlhf_jax.presets import get_preset, with_stages
 
     preset = "smollm2-sentiment"
@@ -103,33 +120,52 @@ def parse_pipeline_args(command: str, argv: list[str]):
         raise SystemExit(str(e)) from None
     if command != "pipeline":
         default = with_stages(default, command)
-    elif default.stages != STAGES:
-        default = with_stages(default, *STAGES)
+    elif default.stages != stage_names():
+        default = with_stages(default, *stage_names())
     return tyro.cli(PipelineConfig, default=default, args=rest,
                     prog=f"rlhf-jax {command}", description=f"preset {preset}")
 
 
+def run_command(cfg) -> int:
+    """Run the pipeline for ``cfg`` and return the process exit code (module docstring): a
+    preemption, a non-finite or a stalled stage are expected outcomes with their own codes,
+    logged in one line; anything else propagates (exit code 1 with its traceback)."""
+    import logging
+
+    from rlhf_jax.pipeline import StagePreempted, run_pipeline
+    from rlhf_jax.sharding import initialize_distributed
+    from rlhf_jax.train.guards import NonFiniteLossError, TrainingStalledError
+    from rlhf_jax.train.loop import exit_code
+
+    initialize_distributed()  # multi-host (env / TPU / SLURM) before any JAX call; else no-op
+    try:
+        run_pipeline(cfg)
+    except (StagePreempted, NonFiniteLossError, TrainingStalledError) as e:
+        logging.getLogger("rlhf_jax").error("%s", e)
+        return exit_code(e)
+    return exit_code(None)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``rlhf-jax``."""
+    """Entry point of ``rlhf-jax``; exits with the codes of the module docstring."""
     import sys
 
-    from rlhf_jax.presets import PRESETS
+    from rlhf_jax.pipeline.registry import stage_names
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE.format(presets=", ".join(PRESETS)))
+        print(usage())
         return
     command, rest = argv[0], argv[1:]
     if command == "chat":
         chat(tyro.cli(ChatArgs, args=rest, prog="rlhf-jax chat"))
-    elif command in ("pipeline", "sft", "rm", "ppo", "dpo", "eval"):
-        from rlhf_jax.pipeline import run_pipeline
-        from rlhf_jax.sharding import initialize_distributed
+    elif command == "pipeline" or command in stage_names():
         cfg = parse_pipeline_args(command, rest)  # pure Python: no JAX backend touched yet
-        initialize_distributed()  # multi-host (env / TPU / SLURM) before any JAX call; else no-op
-        run_pipeline(cfg)
+        code = run_command(cfg)
+        if code:
+            raise SystemExit(code)
     else:
-        raise SystemExit(f"unknown command {command!r}\n\n" + USAGE.format(presets=", ".join(PRESETS)))
+        raise SystemExit(f"unknown command {command!r}\n\n" + usage())
 
 
 if __name__ == "__main__":

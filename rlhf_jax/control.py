@@ -1,7 +1,7 @@
 """KL-coefficient controllers and running statistics as pure ``(init, update)`` pairs.
 
 States are ``NamedTuple`` pytrees of scalar arrays (never Python floats), so they live inside a
-jitted train state and changing values never trigger a recompile (DESIGN.md, Conventions).
+jitted train state and changing values never trigger a recompile.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.control import KLController
-from rlhf_jax.pipeline import (DataConfig, DPOStageConfig, EvalConfig, PipelineConfig, PolicyConfig,
-                               PPOStageConfig, RMStageConfig, SFTStageConfig)
+from rlhf_jax.pipeline.config import (DataConfig, DPOStageConfig, EvalConfig, PipelineConfig,
+                                      PolicyConfig, PPOStageConfig, RMStageConfig, SFTStageConfig)
 from rlhf_jax.rollout.sampler import SamplingConfig
 from rlhf_jax.train.dpo import DPOConfig
 from rlhf_jax.train.ppo import PPOConfig
@@ -30,9 +30,9 @@ from rlhf_jax.train.state import OptimizerConfig
 
 def _sampling(max_new_tokens: int, temperature: float = 1.0, min_new_tokens: int = 0
               ) -> SamplingConfig:
-    # EOS / pad ids are replaced by the tokenizer's at run time.
+    # EOS / pad ids unset: the pipeline takes the tokenizer's (set them to override).
     return SamplingConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                          temperature=temperature, eos_token_id=2, pad_token_id=2)
+                          temperature=temperature)
 
 
 def smollm2_sentiment() -> PipelineConfig:
@@ -58,7 +58,7 @@ def smollm2_sentiment() -> PipelineConfig:
                            ppo=PPOConfig(sampling=_sampling(20, temperature=0.7, min_new_tokens=10),
                                          num_ppo_epochs=4, num_minibatches=2, vf_coef=0.1,
                                          kl=KLController(kind="fixed", init_kl_coef=0.05))),
-        dpo=DPOStageConfig(steps=40, batch_size=8, dpo=DPOConfig(beta=0.1),
+        dpo=DPOStageConfig(steps=40, batch_size=8, dpo=DPOConfig(beta=0.1), eval_pairs=256,
                            optimizer=OptimizerConfig(lr=2e-4, warmup_steps=3, total_steps=40)),
         eval=EvalConfig(num_prompts=128, batch_size=32, max_new_tokens=20, min_new_tokens=10,
                         temperature=0.7),
@@ -68,7 +68,8 @@ def smollm2_sentiment() -> PipelineConfig:
 
 def tiny() -> PipelineConfig:
     """Random tiny Llama, same data and code path (lower block frozen, as in the main job), a
-    few steps per stage."""
+    few steps per stage; batches of 8 divide every mesh of 8 devices (``--mesh.fsdp 8``), and
+    every large tensor divides by 8."""
     model = ModelConfig(vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                         mlp_dim=128, max_positions=256, tie_embeddings=True)
     return PipelineConfig(
@@ -78,15 +79,16 @@ def tiny() -> PipelineConfig:
                             frozen_layers=1),
         data=DataConfig(domains=("movie_reviews",), min_words=6, max_words=16, buckets=(64,),
                         prompt_buckets=(32,)),
-        sft=SFTStageConfig(steps=4, batch_size=4,
+        sft=SFTStageConfig(steps=4, batch_size=8,
                            optimizer=OptimizerConfig(lr=1e-3, total_steps=4)),
-        rm=RMStageConfig(steps=4, batch_size=4, eval_pairs=16, normalize_prompts=8,
+        rm=RMStageConfig(steps=4, batch_size=8, eval_pairs=16, normalize_prompts=8,
                          optimizer=OptimizerConfig(lr=1e-3, total_steps=4)),
-        ppo=PPOStageConfig(iterations=2, batch_size=4,
+        ppo=PPOStageConfig(iterations=2, batch_size=8,
                            ppo=PPOConfig(sampling=_sampling(8, min_new_tokens=3), num_ppo_epochs=1,
                                          kl=KLController(kind="adaptive", init_kl_coef=0.1,
                                                          target=6.0, horizon=1000))),
-        dpo=DPOStageConfig(steps=3, batch_size=4, optimizer=OptimizerConfig(lr=1e-3, total_steps=3)),
+        dpo=DPOStageConfig(steps=3, batch_size=8, eval_pairs=16,
+                           optimizer=OptimizerConfig(lr=1e-3, total_steps=3)),
         eval=EvalConfig(num_prompts=8, batch_size=8, max_new_tokens=8, min_new_tokens=3,
                         samples_in_report=2),
         checkpoint_every=2,
@@ -119,7 +121,7 @@ def gpt2_sentiment() -> PipelineConfig:
                                          num_minibatches=4, vf_coef=0.1,
                                          kl=KLController(kind="adaptive", init_kl_coef=0.15,
                                                          target=6.0, horizon=10000))),
-        dpo=DPOStageConfig(steps=1000, batch_size=32, dpo=DPOConfig(beta=0.1),
+        dpo=DPOStageConfig(steps=1000, batch_size=32, dpo=DPOConfig(beta=0.1), eval_pairs=2048,
                            optimizer=OptimizerConfig(lr=5e-7, warmup_steps=50, total_steps=1000)),
         eval=EvalConfig(num_prompts=512, batch_size=64, max_new_tokens=24),
     )

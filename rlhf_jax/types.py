@@ -1,6 +1,6 @@
 """Batches and states that cross jit boundaries, as `flax.struct` dataclasses (pytrees).
 
-Shape glossary (see DESIGN.md): ``B`` batch, ``T`` tokens (prompt + response), ``P`` prompt,
+Shape glossary: ``B`` batch, ``T`` tokens (prompt + response), ``P`` prompt,
 ``R`` response, ``V`` vocab, ``D`` width, ``H`` heads, ``K`` head dim, ``L`` layers,
 ``N`` candidates per prompt (2 for a chosen/rejected pair, K for a ranking), ``M``
 microbatches.

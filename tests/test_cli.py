@@ -13,7 +13,7 @@ import pytest
 
 from rlhf_jax import cli
 from rlhf_jax.cli import ChatArgs, main, parse_pipeline_args
-from rlhf_jax.pipeline import STAGES
+from rlhf_jax.pipeline import stage_names
 from rlhf_jax.presets import PRESETS, tiny
 
 replace = dataclasses.replace
@@ -63,7 +63,8 @@ def test_stage_command_restricts_stages(command):
 
 
 def test_pipeline_command_runs_every_stage_and_default_preset():
-    assert parse_pipeline_args("pipeline", ["--preset", "tiny"]).stages == STAGES
+    assert parse_pipeline_args("pipeline", ["--preset", "tiny"]).stages == stage_names()
+    assert stage_names() == ("sft", "rm", "ppo", "dpo", "eval")
     cfg = parse_pipeline_args("pipeline", [])
     assert cfg == PRESETS["smollm2-sentiment"]()
 
@@ -91,8 +92,10 @@ def test_main_prints_usage(argv, capsys):
     main(argv)
     out = capsys.readouterr().out
     assert out.startswith("usage: rlhf-jax COMMAND")
-    for word in ("pipeline", "chat", "sft | rm | ppo | dpo | eval", *PRESETS):
+    for word in ("pipeline", "chat", *PRESETS):
         assert word in out
+    for stage in stage_names():  # the registry's stages, with their descriptions
+        assert re.search(rf"^  {stage} +\S", out, re.M), stage
 
 
 def test_main_unknown_command():
@@ -121,6 +124,21 @@ def test_main_dispatches_pipeline_and_stage_commands(monkeypatch):
     assert seen[1] == replace(tiny(), stages=("dpo",), out_dir=Path("/tmp/somewhere"))
 
 
+@pytest.mark.parametrize("error, code", [("preempted", 75), ("non_finite", 76), ("stalled", 77)])
+def test_main_exit_codes(monkeypatch, error, code):
+    import rlhf_jax.pipeline as pipeline
+    from rlhf_jax.train.guards import NonFiniteLossError, TrainingStalledError
+
+    def fail(cfg):
+        raise {"preempted": pipeline.StagePreempted("ppo: stopped by SIGTERM at step 3"),
+               "non_finite": NonFiniteLossError(2, "sft/loss", float("nan")),
+               "stalled": TrainingStalledError("sft: stalled")}[error]
+    monkeypatch.setattr(pipeline, "run_pipeline", fail)
+    with pytest.raises(SystemExit) as info:
+        main(["pipeline", "--preset", "tiny"])
+    assert info.value.code == code
+
+
 def test_chat_arguments(monkeypatch):
     seen = []
     monkeypatch.setattr(cli, "chat", seen.append)
@@ -135,7 +153,7 @@ def test_chat_arguments(monkeypatch):
 
 
 def _smollm2_cached() -> bool:
-    from rlhf_jax.models.convert.smollm2 import default_cache_dir
+    from rlhf_jax.assets import default_cache_dir
     return (default_cache_dir() / "SmolLM2-135M-Instruct" / ".rlhf_jax_complete").exists()
 
 

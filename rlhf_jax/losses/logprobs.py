@@ -14,7 +14,7 @@ Masks everywhere are bool or {0, 1}; masked entries are excluded with ``jnp.wher
 multiplied), so a NaN or inf sitting in a masked slot does not leak. Every denominator that
 counts mask entries is clamped at 1, so a fully masked row gives 0, not NaN.
 
-Metrics travel as ``name -> (sum, count)`` pairs of float32 scalars (DESIGN.md, Conventions):
+Metrics travel as ``name -> (sum, count)`` pairs of float32 scalars:
 add pairs across microbatches/devices, then call :func:`reduce_metrics` once.
 """
 

@@ -1,1 +1,154 @@
-"""Tasks: data, prompts and judges behind one interface."""
+"""Tasks: where a pipeline's records come from, and how its samples are judged.
+
+A ``Task`` gives the pipeline its data sources by role and, optionally, a judge of decoded
+text. The built-in tasks are registered by name (``sentiment``, ``files``); a user's task is a
+factory ``module:function`` taking the ``PipelineConfig``::
+
+    # my_task.py
+    from rlhf_jax.tasks import Task
+
+    def make(cfg):
+        return Task(name="arith", sources={"sft": "sft.jsonl", ...},
+                    judge=lambda prompts, responses: [float(r.strip() == "4") for r in responses])
+
+    # rlhf-jax pipeline --task my_task:make
+
+Sources are anything ``rlhf_jax.data.sources.iter_source`` reads: a list of record dicts, a
+JSONL / Parquet path, an HF data set. Roles: ``sft`` (demonstrations), ``preferences`` and
+``eval_preferences`` (comparisons), ``prompts`` and ``eval_prompts`` (RL and evaluation
+prompts; a prompt record may carry ``response_prefix``, text pre-filled at the start of the
+response, which the judge sees as part of the response).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+#: The data roles a task may provide, and which stages read them.
+ROLES = ("sft", "preferences", "eval_preferences", "prompts", "eval_prompts")
+
+Judge = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Task:
+    """A task: data sources by role and an optional judge.
+
+    Attributes:
+      name: short name (report title, logs).
+      sources: role -> source (see the module docstring); a value may also be a zero-argument
+        callable returning the source, called once when the role is first needed.
+      judge: ``judge(prompts, responses) -> scores [B]`` (higher is better) on decoded text,
+        run on the host by the evaluation: ``prompts`` are the decoded prompt texts and
+        ``responses`` the pre-filled prefix plus the sampled completion. ``None``: the
+        evaluation reports the reward model's score and KL only.
+      judge_name: what the judge is, for the report (e.g. "VADER compound score").
+      description: one paragraph for the report: where the data comes from, what is judged.
+    """
+
+    name: str
+    sources: Mapping[str, Any]
+    judge: Judge | None = None
+    judge_name: str = "judge"
+    description: str = ""
+
+    def __post_init__(self):
+        unknown = sorted(set(self.sources) - set(ROLES))
+        if unknown:
+            raise ValueError(f"Task {self.name!r}: unknown source roles {unknown}; expected some of {ROLES}")
+        object.__setattr__(self, "_resolved", {})
+
+    def source(self, role: str) -> Any:
+        """The source of ``role``.
+
+        Raises:
+          KeyError: the task has no source for ``role`` (names the task and the role).
+        """
+        if role not in self.sources or self.sources[role] is None:
+            raise KeyError(f"task {self.name!r} has no {role!r} source (it has "
+                           f"{sorted(k for k, v in self.sources.items() if v is not None)})")
+        cache = self._resolved  # type: ignore[attr-defined]
+        if role not in cache:
+            src = self.sources[role]
+            cache[role] = src() if callable(src) else src
+        return cache[role]
+
+    def has(self, role: str) -> bool:
+        """Whether the task provides ``role``."""
+        return self.sources.get(role) is not None
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """The judge's scores ``[B]`` float64.
+
+        Raises:
+          ValueError: no judge, or the judge returned the wrong number of scores or
+            non-finite values (names the task and the first bad sample).
+        """
+        if self.judge is None:
+            raise ValueError(f"task {self.name!r} has no judge")
+        scores = np.asarray(self.judge(list(prompts), list(responses)), np.float64)
+        if scores.shape != (len(responses),):
+            raise ValueError(f"task {self.name!r}: judge returned shape {scores.shape} for "
+                             f"{len(responses)} responses; expected ({len(responses)},)")
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"task {self.name!r}: judge returned {scores[i]} for sample {i} "
+                             f"(response {responses[i]!r})")
+        return scores
+
+
+TaskFactory = Callable[[Any], Task]
+TASKS: dict[str, TaskFactory] = {}
+
+
+def register_task(name: str):
+    """Decorator: register ``factory(cfg: PipelineConfig) -> Task`` under ``name``."""
+    def decorate(factory: TaskFactory) -> TaskFactory:
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        TASKS[name] = factory
+        return factory
+    return decorate
+
+
+def _builtin() -> None:
+    import rlhf_jax.tasks.files  # noqa: F401
+    import rlhf_jax.tasks.sentiment.task  # noqa: F401
+
+
+def load_task(spec: str, cfg: Any) -> Task:
+    """The task ``spec`` (a registered name or ``module:factory``) built for ``cfg``.
+
+    Raises:
+      ValueError: unknown name, a module or attribute that cannot be imported, or a factory
+        that does not return a ``Task`` (each names ``spec``).
+    """
+    _builtin()
+    if ":" not in spec:
+        if spec not in TASKS:
+            raise ValueError(f"unknown task {spec!r}: registered tasks are {sorted(TASKS)}, or "
+                             "give module:factory")
+        factory = TASKS[spec]
+    else:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"--task {spec}: cannot import module {module_name!r}: {e}") from e
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise ValueError(f"--task {spec}: module {module_name!r} has no callable {attr!r}")
+    task = factory(cfg)
+    if not isinstance(task, Task):
+        raise ValueError(f"--task {spec}: the factory returned {type(task).__name__}, expected "
+                         "rlhf_jax.tasks.Task")
+    return task
+
+
+__all__ = ["Task", "ROLES", "TASKS", "register_task", "load_task"]

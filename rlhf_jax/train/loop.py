@@ -293,19 +293,8 @@ def run_loop(*, stage: str, step_fn: Callable, state: Any, batches: Iterator,
     return LoopResult(state=state, step=step, preempted=preempted, records=records)
 
 
-def cycle(iterator_factory: Callable[[], Iterator]) -> Iterator:
-    """Restart ``iterator_factory()`` whenever it is exhausted (endless data)."""
-    while True:
-        yield from iterator_factory()
-
-
-def tree_size_bytes(tree) -> int:
-    """Bytes held by the arrays of a pytree."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 __all__ = [
-    "LoopConfig", "LoopResult", "run_loop", "cycle", "tree_size_bytes", "TrainingPreempted",
+    "LoopConfig", "LoopResult", "run_loop", "TrainingPreempted",
     "exit_code", "EXIT_OK", "EXIT_FAILURE", "EXIT_PREEMPTED", "EXIT_NON_FINITE", "EXIT_STALLED",
     "EXIT_INTERRUPTED",
     # raised by run_loop (defined in rlhf_jax.train.guards)

@@ -12,7 +12,7 @@ score is the head's output at each candidate's last real token. Loss selected by
 * ``"best_of_n"`` - softmax cross-entropy picking candidate 0 (Ziegler et al. 2019 §2).
 
 Each loss is a mean over the prompts that carry loss (``counted_prompts``: filler rows of
-``DataConfig.remainder="pad"`` and rankings with fewer than two valid responses do not), with
+``BatchConfig.remainder="pad"`` and rankings with fewer than two valid responses do not), with
 the count of the *whole* batch as denominator, so microbatching changes nothing.
 """
 

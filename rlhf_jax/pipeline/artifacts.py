@@ -1,0 +1,281 @@
+"""What a stage leaves on disk, and the checks that keep a resumed run honest.
+
+``<out_dir>/<stage>/`` holds:
+
+* ``stage.json`` - the configuration the stage runs with (only the ``PipelineConfig``
+  sections its result depends on) and the fingerprints of its inputs (upstream stages),
+  written before it trains. A resumed run whose values differ is refused, listing the
+  differing fields (``ConfigChangedError``), for a finished stage as for an interrupted one.
+* ``checkpoints/`` - full training states (``rlhf_jax.train.loop``).
+* ``final/params`` (orbax, saved from the sharded arrays: no host gathers them), then
+  ``hf/`` for policies (written to ``hf.partial/`` and moved into place when complete), then
+  ``final/model.json``, and last ``final/COMPLETE.json`` with the stage's fingerprint. Only ``COMPLETE.json`` means
+  "finished": a stage killed before it redoes its outputs from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from rlhf_jax.checkpoint import Checkpointer, model_fingerprint
+from rlhf_jax.config import ModelConfig, RopeScaling, config_to_dict
+from rlhf_jax.models.model import Model, Params
+from rlhf_jax.pipeline.config import PipelineConfig
+from rlhf_jax.pipeline.registry import Stage, get_stage
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+COMPLETE_FILE = "COMPLETE.json"
+
+
+class ConfigChangedError(ValueError):
+    """A resumed run's configuration (or an upstream stage's output) differs from what a stage
+    already ran with."""
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace`` (process 0
+    only: every process computes the same content)."""
+    if jax.process_index() != 0:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# ---- final parameters -------------------------------------------------------------------
+def save_params(directory: Path, model: Model, params: Params) -> None:
+    """Write a stage's trained parameters to ``directory/params`` (orbax; each process writes
+    its own shards, nothing is gathered on one host)."""
+    params_dir = Path(directory) / "params"
+    if jax.process_index() == 0:
+        if params_dir.exists():
+            shutil.rmtree(params_dir)  # a partial write of an interrupted earlier attempt
+        params_dir.mkdir(parents=True)
+    # Every process must see the directory before opening it, or their checkpoint managers
+    # take different (create vs open) paths and their barriers no longer match.
+    _barrier("save_params")
+    with Checkpointer(params_dir, max_to_keep=1) as ckpt:
+        ckpt.save(0, params, {"fingerprint": model_fingerprint(model)}, force=True)
+
+
+def write_model_json(directory: Path, model: Model, extra: dict | None = None) -> None:
+    """Write ``directory/model.json``: the model config, its kind and ``extra``."""
+    write_json_atomic(Path(directory) / "model.json",
+                      {"config": config_to_dict(model.cfg), "kind": model.kind, **(extra or {})})
+
+
+def save_final(directory: Path, model: Model, params: Params, extra: dict | None = None) -> None:
+    """``save_params`` then ``write_model_json``: what ``load_final`` reads."""
+    save_params(directory, model, params)
+    write_model_json(directory, model, extra)
+
+
+def _model_config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    if d.get("rope_scaling"):
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return ModelConfig(**d)
+
+
+def load_final(directory: Path, *, frozen_layers: int | None = None, mesh=None
+               ) -> tuple[Model, Params, dict]:
+    """Read what ``save_final`` wrote: ``(model, params, extras)``.
+
+    Args:
+      directory: a stage's ``final/``.
+      frozen_layers: override ``ModelConfig.frozen_layers`` (it changes execution only).
+      mesh: restore each parameter straight into its shards on this mesh (the model's rule
+        table); ``None``: the default device.
+
+    Raises:
+      FileNotFoundError: the stage has not finished (names the directory).
+    """
+    directory = Path(directory)
+    meta_path = directory / "model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: run the stage that writes {directory} first")
+    meta = json.loads(meta_path.read_text())
+    cfg = _model_config_from_dict(meta["config"])
+    if frozen_layers is not None:
+        cfg = dataclasses.replace(cfg, frozen_layers=frozen_layers)
+    model = Model(cfg, kind=meta["kind"])
+    abstract = model.abstract_params()
+    if mesh is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, model.param_shardings(mesh))
+    with Checkpointer(directory / "params", max_to_keep=1) as ckpt:
+        params, _ = ckpt.restore(abstract, expected_fingerprint=model_fingerprint(model))
+    return model, params, meta
+
+
+# ---- stage records ----------------------------------------------------------------------
+def _section(cfg_dict: dict, dotted: str) -> Any:
+    node: Any = cfg_dict
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: obj}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Dotted fields whose values differ, as ``"field: old -> new"`` lines (sorted)."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def fingerprint(record: dict) -> str:
+    """SHA-256 of a stage record's canonical JSON."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class StageFiles:
+    """The files of one stage under ``out_dir``."""
+
+    def __init__(self, out_dir: Path, stage: str):
+        self.stage = stage
+        self.dir = Path(out_dir) / stage
+        self.final = self.dir / "final"
+        self.hf = self.dir / "hf"
+        self.checkpoints = self.dir / "checkpoints"
+
+    @property
+    def complete(self) -> bool:
+        """Every artefact of the stage exists (the completion marker is written last)."""
+        return (self.final / COMPLETE_FILE).exists()
+
+    def recorded(self) -> dict | None:
+        """The stage record written when the stage started, or ``None``."""
+        path = self.dir / STAGE_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def completed_fingerprint(self) -> str:
+        """The fingerprint in ``COMPLETE.json``.
+
+        Raises:
+          FileNotFoundError: the stage has not finished (names the path).
+        """
+        path = self.final / COMPLETE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: stage {self.stage!r} has not finished in "
+                                    f"{self.dir}; run it first")
+        return json.loads(path.read_text())["fingerprint"]
+
+    def mark_complete(self, record: dict) -> None:
+        write_json_atomic(self.final / COMPLETE_FILE,
+                          {"fingerprint": fingerprint(record), "time": time.time()})
+
+
+def stage_record(cfg: PipelineConfig, stage: Stage, out_dir: Path) -> dict:
+    """What ``stage`` depends on: its config sections, the task and its inputs' fingerprints.
+
+    Raises:
+      FileNotFoundError: an input stage has not finished.
+    """
+    full = config_to_dict(cfg)
+    config = {s: _section(full, s) for s in stage.sections}
+    inputs = {s: StageFiles(out_dir, s).completed_fingerprint() for s in stage.inputs}
+    return {"stage": stage.name, "task": cfg.task_spec, "config": config, "inputs": inputs}
+
+
+def check_stage(cfg: PipelineConfig, stage: Stage, out_dir: Path) -> dict:
+    """The stage's record after checking it against what the stage ran with before.
+
+    Raises:
+      ConfigChangedError: the recorded config or inputs differ (lists the fields).
+      FileNotFoundError: an input stage has not finished.
+    """
+    record = stage_record(cfg, stage, out_dir)
+    files = StageFiles(out_dir, stage.name)
+    old = files.recorded()
+    if old is not None and (old.get("config"), old.get("inputs"), old.get("task")) != (
+            record["config"], record["inputs"], record["task"]):
+        lines = config_diff({"config": old.get("config"), "task": old.get("task")},
+                            {"config": record["config"], "task": record["task"]})
+        changed_inputs = [s for s in record["inputs"] if old.get("inputs", {}).get(s) != record["inputs"][s]]
+        if changed_inputs:
+            lines.append(f"inputs changed: {', '.join(changed_inputs)} (their configuration differs)")
+        raise ConfigChangedError(
+            f"stage {stage.name!r} in {files.dir} ran with a different configuration:\n  "
+            + "\n  ".join(lines)
+            + f"\nnothing was changed; pass --force-restart {stage.name} to run it (and what "
+              "depends on it) again, or choose another --out-dir")
+    return record
+
+
+def check_upstream(cfg: PipelineConfig, stage_names: tuple[str, ...], out_dir: Path) -> None:
+    """Check every finished stage that ``stage_names`` read (directly or not) against ``cfg``,
+    so that e.g. ``rlhf-jax ppo`` with a different model width refuses instead of training
+    on an SFT model of the old width.
+
+    Raises:
+      ConfigChangedError: as ``check_stage``.
+    """
+    seen: set[str] = set()
+    todo = [i for s in stage_names for i in (*get_stage(s).inputs, *get_stage(s).optional_inputs)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        st = get_stage(name)
+        if StageFiles(out_dir, name).recorded() is not None:
+            try:
+                check_stage(cfg, st, out_dir)
+            except FileNotFoundError:
+                pass  # its own inputs are gone: reported when it is needed
+        todo.extend((*st.inputs, *st.optional_inputs))
+
+
+def move_aside(out_dir: Path, stages: list[str]) -> list[Path]:
+    """Move the directories of ``stages`` to ``<out_dir>/replaced/<stage>-<UTC time>/`` (for
+    ``--force-restart``: nothing saved is deleted), with a copy of their rows of
+    ``metrics.jsonl`` (the rerun replaces them there). Process 0 moves; returns the new
+    paths."""
+    moved = []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for s in stages:
+        src = Path(out_dir) / s
+        if not src.exists():
+            continue
+        dst = Path(out_dir) / "replaced" / f"{s}-{stamp}"
+        if jax.process_index() == 0:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            metrics = Path(out_dir) / "metrics.jsonl"
+            if metrics.exists():
+                mine = (f'"stage": "{s}"', f'"stage": "{s}_eval"')
+                rows = [line for line in metrics.read_text().splitlines(keepends=True)
+                        if any(m in line for m in mine)]
+                (dst / "metrics.jsonl").write_text("".join(rows))
+            log.warning("%s: --force-restart moved its earlier outputs to %s", s, dst)
+        moved.append(dst)
+    return moved

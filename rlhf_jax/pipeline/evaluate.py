@@ -1,0 +1,184 @@
+"""The judged evaluation: every trained policy samples the same held-out prompts with the same
+key; the task's judge scores the decoded responses, the reward model scores them, and the
+KL to the SFT reference is measured; then the report.
+
+Prompts are split across processes: each process feeds its rows of every global batch,
+decodes and judges only those rows, and the per-row results are all-gathered (in global row
+order) before the summary. Sampling itself is one global computation on the mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import numpy as np
+
+from rlhf_jax import sharding
+from rlhf_jax.losses.kl import sequence_kl
+from rlhf_jax.metrics import progress, read_jsonl
+from rlhf_jax.pipeline.artifacts import write_json_atomic
+from rlhf_jax.pipeline.registry import register_stage
+from rlhf_jax.pipeline.run import Run, gather_rows, local_rows
+from rlhf_jax.pipeline.stages import prompt_batches
+from rlhf_jax.rollout.postprocess import decode
+from rlhf_jax.rollout.sampler import SamplingConfig, make_sampler
+from rlhf_jax.train.common import sequence_scores
+from rlhf_jax.train.ppo import policy_forward
+
+log = logging.getLogger(__name__)
+
+BASELINE = "sft"
+
+
+def mean_se(x) -> tuple[float, float]:
+    """Mean and standard error of the mean (``ddof=1``; 0 for a single value)."""
+    x = np.asarray(x, np.float64)
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def _local_row_range(mesh, batch_size: int) -> slice:
+    """The contiguous rows of a global batch that this process's devices hold."""
+    index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [batch_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    return slice(min(starts), max(stops))
+
+
+def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, sampling, sampler,
+                   logp_fn, score_fn):
+    """Per-row results of one policy on this process's rows, gathered across processes."""
+    ref_model, ref_params = ref
+    e = run.cfg.eval
+    rows = _local_row_range(run.mesh, e.batch_size)
+    cols: dict[str, list] = {"index": [], "kl": [], "rm": [], "length": [], "ended": []}
+    texts, prompts = [], []
+    with jax.set_mesh(run.mesh):
+        for i, host_batch in enumerate(batches):
+            b = run.place(host_batch)
+            s = sampler(params, b.tokens, b.attn_mask, jax.random.key(run.cfg.seed + 1000 + i))
+            p_len = b.tokens.shape[1]
+            lp = logp_fn(model, params, s.tokens, s.positions, s.attn_mask, prompt_len=p_len,
+                         sampling=sampling)[0]
+            lr = logp_fn(ref_model, ref_params, s.tokens, s.positions, s.attn_mask,
+                         prompt_len=p_len, sampling=sampling)[0]
+            mask = local_rows(s.response_mask)
+            texts += decode(run.tokenizer, local_rows(s.response), mask)
+            prompts += decode(run.tokenizer, np.asarray(host_batch.tokens),
+                              np.asarray(host_batch.attn_mask, bool))
+            cols["index"].append(np.arange(rows.start, rows.stop) + i * e.batch_size)
+            cols["kl"].append(local_rows(sequence_kl(lp, lr, s.response_mask)))
+            cols["length"].append(local_rows(s.lengths))
+            cols["ended"].append(local_rows(s.ended))
+            if rm is not None:
+                rm_model, rm_params, rm_meta = rm
+                sc = local_rows(score_fn(rm_model, rm_params, s.tokens, s.positions, s.attn_mask))
+                cols["rm"].append(sc * rm_meta.get("reward_gain", 1.0) + rm_meta.get("reward_bias", 0.0))
+    index = np.concatenate(cols["index"])
+    full = [prefixes[j] + t for j, t in zip(index, texts)]
+    local = {k: np.concatenate(v).astype(np.float64) for k, v in cols.items()
+             if v and k != "index"}
+    if run.task.judge is not None:
+        local["judge"] = run.task.score(prompts, full)
+    order = np.argsort(gather_rows(index), kind="stable")
+    result = {k: gather_rows(v)[order][: e.num_prompts] for k, v in local.items()}
+    # Report samples: keyed by the pre-filled prefix (or the prompt text when there is none).
+    return result, [(prefixes[j] or p, f) for j, p, f in zip(index, prompts, full)]
+
+
+@register_stage("eval", sections=("seed", "task", "data", "eval"), writes_final=False,
+                optional_inputs=("sft", "rm", "ppo", "dpo"),
+                description="judged evaluation of every trained policy, and the report")
+def run_eval(run: Run) -> dict:
+    """Sample every finished policy on the same held-out prompts with the same key; judge
+    (the task's judge), score (the reward model), measure KL to the SFT reference under the
+    sampled (tempered) distribution; write ``summary.json`` and the report."""
+    e = run.cfg.eval
+    names = [n for n in ("sft", "ppo", "dpo") if run.files(n).complete]
+    if BASELINE not in names:
+        raise FileNotFoundError(f"{run.files(BASELINE).final} is not complete: run the sft stage first")
+    policies = {n: run.load_final(n) for n in names}
+    rm = run.load_final("rm") if run.files("rm").complete else None
+    batches, prefixes = prompt_batches(run, "eval_prompts", e.num_prompts, e.batch_size)
+    ref_model, ref_params, _ = policies[BASELINE]
+    sampling = run.sampling(SamplingConfig(
+        max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
+        greedy=e.temperature == 0, temperature=e.temperature or 1.0))
+    # Response log-probs under the distribution sampled from (temperature, EOS constraint), so
+    # the mean of log pi - log ref over samples estimates KL(pi_tau || ref_tau).
+    logp_fn = jax.jit(policy_forward, static_argnames=("model", "prompt_len", "sampling"))
+    score_fn = jax.jit(sequence_scores, static_argnames=("model",))
+    results, samples, samplers = {}, {}, {}
+    for name, (model, params, _) in progress(list(policies.items()), desc="eval", unit="model"):
+        arch = (model.cfg, model.kind)  # one jitted sampler (one compile) per architecture
+        sampler = samplers.get(arch) or samplers.setdefault(arch, make_sampler(model, sampling))
+        results[name], texts = _sample_policy(run, model, params, (ref_model, ref_params), rm,
+                                              batches, prefixes, sampling, sampler, logp_fn,
+                                              score_fn)
+        samples[name] = texts
+    return _summarise(run, results, samples, rm)
+
+
+def _summarise(run: Run, results: dict, samples: dict, rm) -> dict:
+    e, task = run.cfg.eval, run.task
+    has_judge = task.judge is not None
+    base = results[BASELINE]
+    rows, judged, summary = [], {}, {}
+    for name, r in results.items():
+        kl, kl_se = mean_se(r["kl"])
+        entry = {"kl": kl, "kl_se": kl_se, "length": float(np.mean(r["length"])),
+                 "no_eos_share": float(1 - np.mean(r["ended"]))}
+        row = {"model": name.upper()}
+        if has_judge:
+            m, se = mean_se(r["judge"])
+            d, dse = mean_se(r["judge"] - base["judge"])
+            entry.update(judge_mean=m, judge_se=se, judge_delta_vs_sft=d, judge_delta_se=dse)
+            row[f"{task.judge_name} (mean ± s.e.)"] = f"{m:+.3f} ± {se:.3f}"
+            row["Δ vs SFT (paired)"] = ("-" if name == BASELINE else
+                                        f"{d:+.3f} ± {dse:.3f} (t={d / max(dse, 1e-12):.1f})")
+            judged[name.upper()] = {"judge_mean": m, "judge_se": se, "kl_mean": kl, "kl_se": kl_se,
+                                    **({} if name == BASELINE else
+                                       {"delta_mean": d, "delta_se": dse})}
+        if "rm" in r:
+            entry["rm_score"] = float(np.mean(r["rm"]))
+        row.update({"KL to SFT (nats/seq)": f"{kl:.2f}",
+                    "RM score": f"{entry['rm_score']:+.2f}" if "rm_score" in entry else "-",
+                    "length (tokens)": f"{entry['length']:.1f}",
+                    "no-EOS share": f"{entry['no_eos_share']:.2f}"})
+        rows.append(row)
+        summary[name] = entry
+        run.logger.log(0, {f"eval/{k}": v for k, v in entry.items()}, stage=f"eval_{name}")
+    rm_acc = rm[2].get("heldout_accuracy") if rm is not None else None
+    summary["rm_heldout_accuracy"] = rm_acc
+    summary["data"] = run.data_metrics()
+    run.logger.log(0, summary["data"], stage="data")  # kept / skipped records per source
+    write_json_atomic(run.out / "summary.json", summary)
+    if jax.process_index() == 0:
+        _write_report(run, rows, judged, samples, rm_acc)
+    return summary
+
+
+def _write_report(run: Run, rows, judged, samples, rm_acc) -> None:
+    from rlhf_jax.report import markdown_table, write_report
+    e, task = run.cfg.eval, run.task
+    n = len(next(iter(samples.values())))
+    notes = (f"Task: {task.name}. {task.description} Held-out prompts: {e.num_prompts} (same prompts "
+             f"and sampling key for every model, temperature {e.temperature}). Δ is the paired "
+             f"difference to SFT over prompts with its standard error. KL to SFT is measured under "
+             f"the sampled (tempered) distributions. Reward-model accuracy on held-out comparisons: "
+             f"{'-' if rm_acc is None else f'{rm_acc:.3f}'}. ({n} samples judged on process 0.)")
+    records: dict[str, list[dict]] = {}
+    path = run.out / "metrics.jsonl"
+    if path.exists():
+        for r in read_jsonl(path):
+            records.setdefault(str(r.get("stage", "")).replace("_eval", ""), []).append(r)
+    data_rows = [{"source": name, "kept": s.kept, "skipped": s.num_skipped,
+                  **{f"skipped: {k}": v for k, v in s.skipped.items() if v}}
+                 for name, s in run.data_stats.items()]
+    shown = {name.upper(): pairs[: e.samples_in_report] for name, pairs in samples.items()}
+    report = write_report(run.out, title=f"rlhf_jax report: {run.cfg.name}", stages=records,
+                          summary_rows=rows, samples=shown, notes=notes,
+                          judged=judged or None, baseline="SFT" if judged else None,
+                          data_rows=data_rows)
+    print(f"\n{markdown_table(rows)}\n\nreport: {report}")
