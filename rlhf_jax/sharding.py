@@ -11,14 +11,17 @@ layers``); the tables below map them to the axes of a ``(data, fsdp, tensor)`` m
 Parameters and activations use separate tables: a parameter's ``embed`` axis is sharded
 over ``fsdp`` while an activation's ``batch`` axis is; both cannot use the same mesh axis.
 Shardings are derived, never hand-placed: ``param_shardings`` reads the logical axes each
-parameter carries (see ``rlhf_jax.models``) and a parameter without one, or with a name the
-table does not cover, raises ``ValueError`` naming its path.
+parameter carries (see ``rlhf_jax.models``) and a parameter without one, with a name the
+table does not cover, or with a dimension its mesh axes do not divide, raises ``ValueError``
+naming its path. Activations are only hinted (``constrain``): a dimension that does not divide
+is left unconstrained with a ``ShardingWarning`` (an error when strict).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,7 +43,7 @@ PARAM_RULES: LogicalRules = {
     "kv": None,
     "mlp": "tensor",
     "layers": None,
-    "norm": None,
+    "norm": "fsdp",  # norm scales are split like the width they scale (FSDP shards every tensor)
     "positions": None,
     "scalar": None,
 }
@@ -245,21 +248,69 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(put, batch)
 
 
+class ShardingWarning(UserWarning):
+    """An activation sharding that could not be applied as the rule table asks (see
+    :func:`constrain`). Turn it into an error with ``warnings.simplefilter("error",
+    ShardingWarning)`` or ``constrain(..., strict=True)``."""
+
+
+#: (logical axes, shape, mesh axis sizes) already warned about by :func:`constrain`.
+_WARNED: set[tuple] = set()
+
+#: Environment variable that makes :func:`constrain` strict by default (``1``: raise).
+STRICT_ENV = "RLHF_JAX_STRICT_SHARDING"
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None],
-              rules: LogicalRules = ACTIVATION_RULES) -> jax.Array:
+              rules: LogicalRules = ACTIVATION_RULES, *, strict: bool | None = None) -> jax.Array:
     """``with_sharding_constraint`` by logical axes under the current mesh; no-op without one.
 
     Call inside jitted code run under ``jax.set_mesh(mesh)`` (the trainers do this).
+
+    A dimension whose size its mesh axes do not divide (a vocabulary of 50,257 over
+    ``tensor=2``, a batch of 6 over ``data x fsdp = 4``) would need padding; that dimension is
+    left ``PartitionSpec.UNCONSTRAINED`` (GSPMD chooses) while every other dimension keeps its
+    constraint, and a :class:`ShardingWarning` names the dimension, its logical axis, its size
+    and the mesh axes with their size - once per (logical axes, shape, mesh).
+
+    Args:
+      x: the array (traced or concrete), ``len(logical_axes)`` dimensions.
+      logical_axes: one logical name (or ``None``) per dimension of ``x``.
+      rules: logical -> mesh axis table (default ``ACTIVATION_RULES``).
+      strict: raise instead of warning; ``None`` reads ``RLHF_JAX_STRICT_SHARDING`` (``1`` is
+        strict).
+
+    Raises:
+      ValueError: a dimension does not divide and ``strict``; an unknown logical name or a mesh
+        axis used twice (from :func:`logical_to_spec`); a rank mismatch.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(logical_axes, rules, mesh=mesh)
-    # Only constrain dimensions that divide; GSPMD pads otherwise, which is legal but slow.
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} for "
+                         f"an array of shape {tuple(x.shape)}")
+    spec = list(logical_to_spec(logical_axes, rules, mesh=mesh))
+    bad = []
     for dim, axes in enumerate(spec):
-        if axes is not None and x.shape[dim] % _mesh_axis_size(mesh, axes):
-            return x
-    return jax.lax.with_sharding_constraint(x, spec)
+        size = _mesh_axis_size(mesh, axes)
+        if axes is not None and x.shape[dim] % size:
+            flat = (axes,) if isinstance(axes, str) else tuple(axes)
+            bad.append(f"dimension {dim} ({logical_axes[dim]!r}) has size {x.shape[dim]}, not "
+                       f"divisible by mesh axes {flat} of size {size}")
+            spec[dim] = P.UNCONSTRAINED
+    if bad:
+        if strict is None:
+            strict = os.environ.get(STRICT_ENV, "") == "1"
+        what = f"constrain{tuple(logical_axes)} on shape {tuple(x.shape)}: " + "; ".join(bad)
+        if strict:
+            raise ValueError(what)
+        key = (tuple(logical_axes), tuple(x.shape), tuple(mesh.shape.items()))
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"{what}; left unconstrained there (the other dimensions keep their "
+                          f"sharding)", ShardingWarning, stacklevel=2)
+    return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

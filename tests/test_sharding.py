@@ -6,6 +6,8 @@ Runs on the 8 fake CPU devices that ``conftest.py`` sets up
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,7 +232,62 @@ def test_constrain_applies_under_mesh():
         y = fn(x)
         assert "sharding_constraint" in str(jax.make_jaxpr(fn)(x))
     assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
-    # A dimension its mesh axes do not divide is left unconstrained rather than padded.
+
+
+def _constraint_specs(fn, x) -> list[str]:
+    """The ``sharding=`` of every sharding constraint in ``fn``'s jaxpr, as text."""
+    jaxpr = jax.make_jaxpr(fn)(x).jaxpr
+    return [str(e.params["sharding"].spec) for e in jaxpr.eqns
+            if e.primitive.name == "sharding_constraint"]
+
+
+def test_constrain_keeps_the_dimensions_that_divide_and_warns_once(monkeypatch):
+    monkeypatch.setattr(sharding, "_WARNED", set())
+    monkeypatch.delenv(sharding.STRICT_ENV, raising=False)
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    x = jnp.ones((6, 4, 32))  # batch 6 over data x fsdp = 4 would need padding; mlp 32 divides
+    fn = lambda x: sharding.constrain(x * 2, ("batch", "seq", "mlp"))
+    msg = (r"\('batch', 'seq', 'mlp'\) on shape \(6, 4, 32\): dimension 0 \('batch'\) has size 6, "
+           r"not divisible by mesh axes \('data', 'fsdp'\) of size 4")
     with jax.set_mesh(mesh):
-        z = jax.jit(lambda x: sharding.constrain(x, ("batch", "seq", "mlp")))(jnp.ones((6, 4, 32)))
-    np.testing.assert_array_equal(z, 1.0)
+        with pytest.warns(sharding.ShardingWarning, match=msg):
+            specs = _constraint_specs(fn, x)
+        # the batch dimension is left to GSPMD; the MLP dimension stays on the tensor axis
+        assert specs == [str(P(P.UNCONSTRAINED, None, "tensor"))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", sharding.ShardingWarning)  # once per shape: silent now
+            y = jax.jit(fn)(x)
+            _constraint_specs(fn, x)
+        assert y.sharding.spec[2] == "tensor"
+        np.testing.assert_array_equal(y, 2.0)
+        # Another shape that does not divide warns again; one that divides does not warn.
+        with pytest.warns(sharding.ShardingWarning, match=r"dimension 0 \('batch'\) has size 2,"):
+            _constraint_specs(fn, jnp.ones((2, 4, 32)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", sharding.ShardingWarning)
+            assert _constraint_specs(fn, jnp.ones((8, 4, 32))) == [
+                str(P(("data", "fsdp"), None, "tensor"))]
+        # Two dimensions that do not divide are both named.
+        with pytest.warns(sharding.ShardingWarning,
+                          match=r"dimension 0 .* size 6.*; dimension 2 \('mlp'\) has size 5, not "
+                                r"divisible by mesh axes \('tensor',\) of size 2"):
+            assert _constraint_specs(fn, jnp.ones((6, 4, 5))) == [
+                str(P(P.UNCONSTRAINED, None, P.UNCONSTRAINED))]
+
+
+def test_constrain_strict_raises(monkeypatch):
+    monkeypatch.setattr(sharding, "_WARNED", set())
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    x = jnp.ones((6, 4, 32))
+    with jax.set_mesh(mesh):
+        with pytest.raises(ValueError, match=r"dimension 0 \('batch'\) has size 6"):
+            jax.make_jaxpr(lambda x: sharding.constrain(x, ("batch", "seq", "mlp"), strict=True))(x)
+        monkeypatch.setenv(sharding.STRICT_ENV, "1")
+        with pytest.raises(ValueError, match=r"not divisible by mesh axes \('data', 'fsdp'\)"):
+            jax.make_jaxpr(lambda x: sharding.constrain(x, ("batch", "seq", "mlp")))(x)
+        # strict=False wins over the environment
+        with pytest.warns(sharding.ShardingWarning):
+            jax.make_jaxpr(lambda x: sharding.constrain(x, ("batch", "seq", "mlp"),
+                                                        strict=False))(x)
+        with pytest.raises(ValueError, match=r"2 logical axes"):
+            sharding.constrain(x, ("batch", "seq"))

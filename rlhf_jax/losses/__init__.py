@@ -14,7 +14,10 @@ from rlhf_jax.losses.advantages import (
     whiten_advantages,
 )
 from rlhf_jax.losses.dpo import (
+    DPO_LOSSES,
+    DPOLoss,
     dpo_loss,
+    get_dpo_loss,
     dpo_sigmoid_loss,
     hinge_loss,
     ipo_loss,
@@ -64,7 +67,10 @@ __all__ = [
     "broadcast_sequence_advantages",
     "clipped_policy_loss",
     "clipped_value_loss",
+    "DPO_LOSSES",
+    "DPOLoss",
     "dpo_loss",
+    "get_dpo_loss",
     "dpo_sigmoid_loss",
     "entropy_from_logits",
     "gae",

@@ -6,8 +6,12 @@ response to the same prompt, shape ``[B]``, in nats:
 :func:`~rlhf_jax.losses.logprobs.sequence_logprobs`), and the same under the frozen reference
 ``π_ref`` for ``ref_*``.
 
-Length-normalised losses (IPO, SimPO, ORPO) work on per-token *average* log-likelihoods
-``log π(y|x) / |y|``. They take optional ``chosen_lengths`` / ``rejected_lengths`` (``[B]``,
+The family is listed once, in :data:`DPO_LOSSES` (name -> :class:`DPOLoss`: the function,
+whether it needs the reference, whether it is length-normalised, its source), and
+:func:`dpo_loss` dispatches through it by name.
+
+Length-normalised losses work on per-token *average* log-likelihoods ``log π(y|x) / |y|``.
+They take optional ``chosen_lengths`` / ``rejected_lengths`` (``[B]``,
 number of response tokens): when given, the log-prob sums are divided by them; when None, the
 caller must already pass per-token averages.
 
@@ -20,13 +24,18 @@ tie counts 0.5), ``dpo/logps/chosen``, ``dpo/logps/rejected`` (policy inputs as 
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import types
+from collections.abc import Callable, Mapping
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.logprobs import Metrics, _float, metric
 
+#: The names of :data:`DPO_LOSSES`, as a ``Literal`` for command-line choices (tyro); an
+#: import-time check keeps it equal to the registry's keys.
 LossType = Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"]
 
 
@@ -344,6 +353,105 @@ def _check_lengths(name, chosen_lengths, rejected_lengths) -> None:
         raise ValueError(f"{name}: pass both chosen_lengths and rejected_lengths, or neither")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class DPOLoss:
+    """One member of the DPO family, as :data:`DPO_LOSSES` lists it.
+
+    Attributes:
+      fn: the pure loss, ``fn(policy_chosen_logps, policy_rejected_logps[, ref_chosen_logps,
+        ref_rejected_logps], **knobs) -> (loss, metrics)``; the reference log-probs are
+        positional arguments exactly when ``needs_reference``.
+      needs_reference: the loss uses the frozen reference's log-probs. When False a trainer
+        runs no reference forward at all.
+      length_normalised: the loss is defined on per-token *average* log-likelihoods
+        ``log π(y|x) / |y|``: ``fn`` takes ``chosen_lengths`` / ``rejected_lengths``.
+      knobs: the :func:`dpo_loss` hyperparameters this loss uses (``beta``,
+        ``label_smoothing``, ``gamma``), each mapped to ``fn``'s keyword for it (ORPO calls
+        ``beta`` its λ, ``lam``). Stored read-only.
+      description: one line: what the loss is.
+      source: the paper and equation it implements.
+    """
+
+    fn: Callable[..., tuple[jax.Array, Metrics]]
+    needs_reference: bool
+    length_normalised: bool
+    knobs: Mapping[str, str]
+    description: str
+    source: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "knobs", types.MappingProxyType(dict(self.knobs)))
+        unknown = set(self.knobs) - set(_KNOBS)
+        if unknown:
+            raise ValueError(f"DPOLoss({self.fn.__name__}): unknown knobs {sorted(unknown)}; "
+                             f"dpo_loss has {list(_KNOBS)}")
+
+    @property
+    def uses_label_smoothing(self) -> bool:
+        """Whether ``label_smoothing`` (a label-noise rate ε) means anything to this loss."""
+        return "label_smoothing" in self.knobs
+
+
+_KNOBS = ("beta", "label_smoothing", "gamma")
+
+#: Loss type name -> :class:`DPOLoss`. The one list of the DPO family: :func:`dpo_loss`
+#: dispatches through it and the trainer (``rlhf_jax.train.dpo``) reads ``needs_reference`` and
+#: ``length_normalised`` from it. Add a loss here and to :data:`LossType` (the command-line
+#: choices; an import-time check keeps the two equal).
+DPO_LOSSES: dict[str, DPOLoss] = {
+    "sigmoid": DPOLoss(
+        fn=dpo_sigmoid_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta", "label_smoothing": "label_smoothing"},
+        description="DPO: -log σ(β h) on the log-ratio difference h; cDPO when "
+                    "label_smoothing > 0",
+        source="Rafailov et al. 2023 eq. 7; cDPO: Mitchell 2023"),
+    "robust": DPOLoss(
+        fn=robust_dpo_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta", "label_smoothing": "label_smoothing"},
+        description="rDPO: unbiased DPO under label flips of rate label_smoothing",
+        source="Chowdhury et al. 2024 (Provably Robust DPO), the rDPO loss"),
+    "ipo": DPOLoss(
+        fn=ipo_loss, needs_reference=True, length_normalised=True,
+        knobs={"beta": "beta"},
+        description="IPO: (h - 1/(2β))² on per-token average log-ratios",
+        source="Azar et al. 2023 eq. 17"),
+    "hinge": DPOLoss(
+        fn=hinge_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta"},
+        description="SLiC hinge: max(0, 1 - β h)",
+        source="Zhao et al. 2023 (SLiC-HF), rank-calibration loss"),
+    "simpo": DPOLoss(
+        fn=simpo_loss, needs_reference=False, length_normalised=True,
+        knobs={"beta": "beta", "gamma": "gamma"},
+        description="SimPO: -log σ(β ℓ(y_w) - β ℓ(y_l) - γ), reference-free, on per-token "
+                    "averages ℓ",
+        source="Meng et al. 2024 (SimPO) eq. 6"),
+    "orpo": DPOLoss(
+        fn=orpo_loss, needs_reference=False, length_normalised=True,
+        knobs={"beta": "lam"},
+        description="ORPO: chosen NLL + β · -log σ(log-odds ratio), reference-free, per-token "
+                    "averages (beta is ORPO's λ)",
+        source="Hong et al. 2024 (ORPO) §3, eq. 6-7"),
+}
+
+if set(get_args(LossType)) != set(DPO_LOSSES):  # not ``assert``: it must hold under ``-O`` too
+    raise ImportError(f"rlhf_jax.losses.dpo: LossType {sorted(get_args(LossType))} differs from "
+                      f"DPO_LOSSES {sorted(DPO_LOSSES)}")
+
+
+def get_dpo_loss(loss_type: str) -> DPOLoss:
+    """The :class:`DPOLoss` named ``loss_type``.
+
+    Raises:
+      ValueError: ``loss_type`` is not a key of :data:`DPO_LOSSES` (the message lists them).
+    """
+    try:
+        return DPO_LOSSES[loss_type]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; known: "
+                         f"{sorted(DPO_LOSSES)}") from None
+
+
 def dpo_loss(
     policy_chosen_logps: jax.Array,
     policy_rejected_logps: jax.Array,
@@ -357,69 +465,53 @@ def dpo_loss(
     chosen_lengths: jax.Array | None = None,
     rejected_lengths: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Dispatch to one member of the DPO family by ``loss_type`` (selected at trace time).
-
-    ``loss_type``:
-      * ``"sigmoid"`` — DPO (Rafailov et al. 2023 eq. 7); cDPO when ``label_smoothing > 0``.
-      * ``"robust"`` — rDPO (Chowdhury et al. 2024), flip rate ``label_smoothing``.
-      * ``"ipo"`` — IPO (Azar et al. 2023 eq. 17) on per-token average log-probs.
-      * ``"hinge"`` — SLiC hinge (Zhao et al. 2023).
-      * ``"simpo"`` — SimPO (Meng et al. 2024 eq. 6), reference-free; uses ``gamma``.
-      * ``"orpo"`` — ORPO (Hong et al. 2024), reference-free; ``beta`` is ORPO's λ (as TRL's
-        ``ORPOConfig.beta``).
+    """Dispatch to the member of the DPO family named ``loss_type`` in :data:`DPO_LOSSES`
+    (selected at trace time).
 
     A trainer can pass everything it has (sums, lengths and reference log-probs) whatever the
-    loss type: each loss uses what its paper uses. Sum-based losses (sigmoid, robust, hinge)
-    do not use the lengths; reference-free ones (simpo, orpo) do not use ``ref_*_logps``.
-    Settings that change the maths (``label_smoothing``) raise if the loss has no such knob.
+    loss type: each loss uses what its paper uses. Losses that are not ``length_normalised``
+    ignore the lengths; those that do not ``need_reference`` ignore ``ref_*_logps``; ``gamma``
+    is only read by SimPO. A ``label_smoothing`` other than 0 raises for a loss without that
+    knob, since it would change the maths silently.
 
     Args:
       policy_chosen_logps: ``[B]`` float ``log π_θ(y_w|x)`` in nats (sum over response tokens;
-        per-token average for ipo/simpo/orpo when no lengths are given).
+        the per-token average for a length-normalised loss when no lengths are given).
       policy_rejected_logps: ``[B]`` float ``log π_θ(y_l|x)``.
-      ref_chosen_logps: ``[B]`` float ``log π_ref(y_w|x)``; required except for simpo/orpo.
-      ref_rejected_logps: ``[B]`` float ``log π_ref(y_l|x)``; required except for simpo/orpo.
-      beta: β > 0 (λ for orpo).
-      loss_type: see above.
-      label_smoothing: ε for sigmoid (cDPO) and robust; must be 0 for the others.
-      gamma: SimPO target margin γ; not used by the others.
-      chosen_lengths: optional ``[B]`` response token counts ``|y_w|``; used by ipo, simpo, orpo.
-      rejected_lengths: optional ``[B]`` response token counts ``|y_l|``; used by ipo, simpo, orpo.
+      ref_chosen_logps: ``[B]`` float ``log π_ref(y_w|x)``; required when the loss
+        ``needs_reference``.
+      ref_rejected_logps: ``[B]`` float ``log π_ref(y_l|x)``; same.
+      beta: β > 0 (ORPO's λ for ``"orpo"``, as TRL's ``ORPOConfig.beta``).
+      loss_type: a key of :data:`DPO_LOSSES`.
+      label_smoothing: ε for the losses with that knob (``sigmoid``: cDPO, ``robust``); must
+        be 0 for the others.
+      gamma: SimPO's target margin γ (reward units).
+      chosen_lengths: optional ``[B]`` response token counts ``|y_w|``, used by the
+        length-normalised losses (both lengths or neither).
+      rejected_lengths: optional ``[B]`` response token counts ``|y_l|``.
 
     Returns:
-      ``(loss, metrics)`` of the selected loss.
+      ``(loss, metrics)`` of the selected loss (mean over the B pairs).
 
     Raises:
-      ValueError: unknown ``loss_type``; missing reference log-probs for a reference-based
-        loss; ``label_smoothing != 0`` for a loss without label smoothing; only one of the two
-        lengths; plus the selected loss's own checks.
+      ValueError: unknown ``loss_type`` (listing ``sorted(DPO_LOSSES)``); missing reference
+        log-probs for a loss that needs them; ``label_smoothing != 0`` for a loss without
+        label smoothing; only one of the two lengths; plus the selected loss's own checks.
     """
-    reference_free = loss_type in ("simpo", "orpo")
-    if loss_type not in ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"):
-        raise ValueError(
-            "dpo_loss: loss_type must be one of sigmoid, robust, ipo, hinge, simpo, orpo; "
-            f"got {loss_type!r}"
-        )
-    if not reference_free and (ref_chosen_logps is None or ref_rejected_logps is None):
+    spec = get_dpo_loss(loss_type)
+    if spec.needs_reference and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"dpo_loss: loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
     _check_lengths("dpo_loss", chosen_lengths, rejected_lengths)
-    if loss_type not in ("sigmoid", "robust") and label_smoothing != 0.0:
-        raise ValueError(
-            f"dpo_loss: label_smoothing={label_smoothing} is only used by 'sigmoid' and 'robust', "
-            f"not {loss_type!r}"
-        )
+    if not spec.uses_label_smoothing and label_smoothing != 0.0:
+        with_it = sorted(k for k, v in DPO_LOSSES.items() if v.uses_label_smoothing)
+        raise ValueError(f"dpo_loss: label_smoothing={label_smoothing} is only used by {with_it}, "
+                         f"not {loss_type!r}")
+    _check_beta(f"dpo_loss({loss_type})", beta)
+    values = dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+    kwargs = {fn_name: values[knob] for knob, fn_name in spec.knobs.items()}
+    if spec.length_normalised:
+        kwargs.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     args = (policy_chosen_logps, policy_rejected_logps)
-    refs = (ref_chosen_logps, ref_rejected_logps)
-    lengths = dict(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    if loss_type == "sigmoid":
-        return dpo_sigmoid_loss(*args, *refs, beta=beta, label_smoothing=label_smoothing)
-    if loss_type == "robust":
-        return robust_dpo_loss(*args, *refs, beta=beta, label_smoothing=label_smoothing)
-    if loss_type == "ipo":
-        return ipo_loss(*args, *refs, beta=beta, **lengths)
-    if loss_type == "hinge":
-        return hinge_loss(*args, *refs, beta=beta)
-    if loss_type == "simpo":
-        return simpo_loss(*args, beta=beta, gamma=gamma, **lengths)
-    _check_beta("dpo_loss(orpo)", beta)
-    return orpo_loss(*args, lam=beta, **lengths)
+    if spec.needs_reference:
+        args += (ref_chosen_logps, ref_rejected_logps)
+    return spec.fn(*args, **kwargs)

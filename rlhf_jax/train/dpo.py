@@ -2,11 +2,14 @@
 
 Policy and frozen reference score the chosen and rejected responses of a ``PreferenceBatch``
 (``N = 2``) with summed response log-probs; the loss of ``DPOConfig.loss_type`` is applied by
-``rlhf_jax.losses.dpo.dpo_loss``. The reference log-probs come either from the reference
-parameters inside the step (``dpo_step``: an extra forward, no stored state) or precomputed
-once over the data set (``precompute_reference_logps`` + ``dpo_step_precomputed``: cheaper
-per step, as in TRL's ``precompute_ref_log_probs``). Reference parameters are an explicit
-argument, never captured by closure.
+``rlhf_jax.losses.dpo.dpo_loss``, and what the loss needs (the reference, per-token averages)
+is read from its entry in ``rlhf_jax.losses.dpo.DPO_LOSSES``. The reference log-probs come
+either from the reference parameters inside the step (``dpo_step``: an extra forward, no
+stored state) or precomputed once over the data set (``make_reference_logps`` +
+``dpo_step_precomputed``: cheaper per step, as in TRL's ``precompute_ref_log_probs``).
+Reference parameters are an explicit argument, never captured by closure. A reference-free
+loss (``needs_reference`` False: SimPO, ORPO) runs no reference forward at all; its step
+ignores the reference argument, which may be ``None``.
 
 With frozen lower layers (``ModelConfig.frozen_layers``) and a reference that equals the
 policy there (it is the policy's initialisation: ``DPOConfig.reference_shares_frozen_layers``),
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.losses.dpo import dpo_loss
+from rlhf_jax.losses.dpo import DPO_LOSSES, DPOLoss, LossType, dpo_loss, get_dpo_loss
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.train.common import flatten_candidates, rowwise_mean, sequence_logps
 from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
@@ -40,11 +43,11 @@ class DPOConfig:
 
     Attributes:
       beta: inverse temperature of the implicit reward ``beta * log(pi / pi_ref)``.
-      loss_type: a ``rlhf_jax.losses.dpo.dpo_loss`` loss type: ``"sigmoid"`` (DPO; cDPO when
-        ``label_smoothing > 0``), ``"robust"``, ``"ipo"``, ``"hinge"``, ``"simpo"``, ``"orpo"``
-        (for ORPO ``beta`` is the odds-ratio weight lambda, as in TRL).
-      label_smoothing: preference-noise rate for cDPO / robust DPO.
-      gamma: SimPO target reward margin.
+      loss_type: a key of ``rlhf_jax.losses.dpo.DPO_LOSSES`` (``"sigmoid"`` is DPO; for
+        ``"orpo"`` ``beta`` is the odds-ratio weight lambda, as in TRL).
+      label_smoothing: preference-noise rate ε, for the losses with that knob (cDPO as
+        ``"sigmoid"``, ``"robust"``); must be 0 for the others.
+      gamma: SimPO target reward margin (read only by ``"simpo"``).
       num_microbatches: gradient accumulation steps per update.
       reference_shares_frozen_layers: the reference equals the policy in the embeddings and the
         lowest ``model.cfg.frozen_layers`` blocks (check once with
@@ -53,7 +56,7 @@ class DPOConfig:
     """
 
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: LossType = "sigmoid"
     label_smoothing: float = 0.0
     gamma: float = 0.5
     num_microbatches: int = 1
@@ -62,16 +65,25 @@ class DPOConfig:
     def __post_init__(self):
         if self.beta <= 0:
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+        if self.loss_type not in DPO_LOSSES:
+            raise ValueError(f"DPOConfig.loss_type {self.loss_type!r} is not one of "
+                             f"{sorted(DPO_LOSSES)}")
+        if self.label_smoothing and not self.loss.uses_label_smoothing:
+            with_it = sorted(k for k, v in DPO_LOSSES.items() if v.uses_label_smoothing)
             raise ValueError(f"DPOConfig.label_smoothing={self.label_smoothing} only applies to "
-                             f"loss_type 'sigmoid' or 'robust', not {self.loss_type!r}")
+                             f"loss_type {with_it}, not {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
     @property
+    def loss(self) -> DPOLoss:
+        """The registry entry of ``loss_type``."""
+        return get_dpo_loss(self.loss_type)
+
+    @property
     def needs_reference(self) -> bool:
-        """SimPO and ORPO are reference-free."""
-        return self.loss_type not in ("simpo", "orpo")
+        """Whether the loss uses the reference (``DPOLoss.needs_reference``)."""
+        return self.loss.needs_reference
 
 
 def pair_logps(model: Model, params: Params, batch: PreferenceBatch,
@@ -104,22 +116,26 @@ def _shared_hidden(model: Model, params: Params, batch: PreferenceBatch, cfg: DP
 
 def _reference_logps(model: Model, ref_params: Params, batch: PreferenceBatch, hidden,
                      cfg: DPOConfig) -> jax.Array:
-    """``[B, 2]`` reference log-probs (zeros for the reference-free losses), no gradient."""
+    """``[B, 2]`` reference log-probs, no gradient. A reference-free loss (``needs_reference``
+    False) runs no forward: zeros, which its loss never reads; ``ref_params`` may be None."""
     if not cfg.needs_reference:
         return jnp.zeros(batch.tokens.shape[:2], jnp.float32)
+    if ref_params is None:
+        raise ValueError(f"DPO loss_type {cfg.loss_type!r} needs the reference parameters, "
+                         f"got None")
     return jax.lax.stop_gradient(pair_logps(model, ref_params, batch, hidden)[0])
 
 
 def _loss(policy_logps, lengths, ref_logps, cfg: DPOConfig):
-    """``dpo_loss`` with exactly the inputs ``cfg.loss_type`` is defined on (a mean over pairs)."""
-    kwargs = dict(beta=cfg.beta, loss_type=cfg.loss_type)
-    if cfg.loss_type in ("sigmoid", "robust"):
-        kwargs["label_smoothing"] = cfg.label_smoothing
-    if cfg.loss_type in ("ipo", "simpo", "orpo"):  # defined on per-token averages
+    """``dpo_loss`` with exactly the inputs ``cfg.loss_type`` is defined on (a mean over pairs):
+    lengths when the loss is ``length_normalised``, reference log-probs when it
+    ``needs_reference``."""
+    spec = cfg.loss
+    kwargs = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                  gamma=cfg.gamma)
+    if spec.length_normalised:  # defined on per-token averages
         kwargs.update(chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])
-    if cfg.loss_type == "simpo":
-        kwargs["gamma"] = cfg.gamma
-    refs = (ref_logps[:, 0], ref_logps[:, 1]) if cfg.needs_reference else (None, None)
+    refs = (ref_logps[:, 0], ref_logps[:, 1]) if spec.needs_reference else (None, None)
     return dpo_loss(policy_logps[:, 0], policy_logps[:, 1], *refs, **kwargs)
 
 
@@ -174,7 +190,8 @@ def dpo_step(state: TrainState, batch: PreferenceBatch, ref_params: Params, *, m
     Args:
       state: policy ``TrainState``.
       batch: ``PreferenceBatch`` with ``N = 2`` (chosen, rejected).
-      ref_params: frozen reference parameters (same architecture as the policy).
+      ref_params: frozen reference parameters (same architecture as the policy); unused, and
+        may be ``None``, for a reference-free loss (no reference forward runs).
     """
     hidden = _shared_hidden(model, state.params, batch, cfg)
     ref_logps = _reference_logps(model, ref_params, batch, hidden, cfg)
@@ -183,7 +200,12 @@ def dpo_step(state: TrainState, batch: PreferenceBatch, ref_params: Params, *, m
 
 def dpo_step_precomputed(state: TrainState, batch: PreferenceBatch, ref_logps: jax.Array, *,
                          model: Model, tx: optax.GradientTransformation, cfg: DPOConfig):
-    """One DPO update with reference log-probs ``[B, 2]`` precomputed over the data set."""
+    """One DPO update with reference log-probs ``[B, 2]`` precomputed over the data set
+    (``None`` for a reference-free loss)."""
+    if not cfg.needs_reference:
+        ref_logps = _reference_logps(model, None, batch, None, cfg)
+    elif ref_logps is None:
+        raise ValueError(f"DPO loss_type {cfg.loss_type!r} needs reference log-probs, got None")
     return _update(state, batch, ref_logps, model=model, tx=tx, cfg=cfg)
 
 
@@ -202,7 +224,8 @@ def make_reference_logps(model: Model):
 
 
 def make_dpo_eval(model: Model, cfg: DPOConfig = DPOConfig()):
-    """Jitted ``(params, ref_params, batch) -> metrics`` without an update."""
+    """Jitted ``(params, ref_params, batch) -> metrics`` without an update (``ref_params`` may
+    be ``None`` for a reference-free loss)."""
     def evaluate(params, ref_params, batch):
         hidden = _shared_hidden(model, params, batch, cfg)
         ref = _reference_logps(model, ref_params, batch, hidden, cfg)

@@ -1,5 +1,7 @@
 """dpo.py: every variant against its paper formula written in float64 NumPy."""
 import functools
+import re
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +49,9 @@ def test_sigmoid_dpo_eq7_and_metrics():
     np.testing.assert_allclose(
         _mean(m, "dpo/rewards/margins"), np.mean(beta * (PC - RC - PR + RR)), rtol=1e-4, atol=1e-6
     )
+    # An accuracy compared across float32 (the loss) and float64 (here): the inputs must be far
+    # from a tie, so that rounding cannot flip a pair.
+    assert np.min(np.abs((PC - RC) - (PR - RR))) > 1e-3
     np.testing.assert_allclose(_mean(m, "dpo/rewards/accuracies"), np.mean((PC - RC) > (PR - RR)))
     np.testing.assert_allclose(_mean(m, "dpo/logps/chosen"), PC.mean(), rtol=1e-6)
     np.testing.assert_allclose(_mean(m, "dpo/logps/rejected"), PR.mean(), rtol=1e-6)
@@ -143,23 +148,79 @@ def test_orpo_formula():
     assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(g)))
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"])
+# The direct call of each loss, written out by hand: a loss added to the registry without an
+# entry here fails ``test_dispatcher_routes_to_the_named_loss``.
+_DIRECT = {
+    "sigmoid": lambda pc, pr, rc, rr, beta, lengths: dpo.dpo_sigmoid_loss(pc, pr, rc, rr,
+                                                                          beta=beta),
+    "robust": lambda pc, pr, rc, rr, beta, lengths: dpo.robust_dpo_loss(pc, pr, rc, rr, beta=beta),
+    "ipo": lambda pc, pr, rc, rr, beta, lengths: dpo.ipo_loss(pc, pr, rc, rr, beta=beta, **lengths),
+    "hinge": lambda pc, pr, rc, rr, beta, lengths: dpo.hinge_loss(pc, pr, rc, rr, beta=beta),
+    "simpo": lambda pc, pr, rc, rr, beta, lengths: dpo.simpo_loss(pc, pr, beta=beta, **lengths),
+    "orpo": lambda pc, pr, rc, rr, beta, lengths: dpo.orpo_loss(pc, pr, lam=beta, **lengths),
+}
+
+
+def test_loss_type_literal_matches_the_registry():
+    assert sorted(typing.get_args(dpo.LossType)) == sorted(dpo.DPO_LOSSES)
+    assert sorted(_DIRECT) == sorted(dpo.DPO_LOSSES)
+    for name, spec in dpo.DPO_LOSSES.items():
+        assert spec.description and spec.source, name
+        assert spec.fn.__module__ == dpo.__name__, name
+
+
+@pytest.mark.parametrize("loss_type", sorted(dpo.DPO_LOSSES))
 def test_dispatcher_routes_to_the_named_loss(loss_type):
     pc, pr, rc, rr, lc, lr = _inputs(seed=8)
     beta = 0.25
-    ref_free = loss_type in ("simpo", "orpo")
-    refs = () if ref_free else (rc, rr)
-    lengths = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type in ("ipo", "simpo", "orpo") else {}
-    got, _ = dpo.dpo_loss(pc, pr, *refs, beta=beta, loss_type=loss_type, **lengths)
-    direct = {
-        "sigmoid": lambda: dpo.dpo_sigmoid_loss(pc, pr, rc, rr, beta=beta),
-        "robust": lambda: dpo.robust_dpo_loss(pc, pr, rc, rr, beta=beta),
-        "ipo": lambda: dpo.ipo_loss(pc, pr, rc, rr, beta=beta, **lengths),
-        "hinge": lambda: dpo.hinge_loss(pc, pr, rc, rr, beta=beta),
-        "simpo": lambda: dpo.simpo_loss(pc, pr, beta=beta, **lengths),
-        "orpo": lambda: dpo.orpo_loss(pc, pr, lam=beta, **lengths),
-    }[loss_type]()[0]
+    spec = dpo.DPO_LOSSES[loss_type]
+    refs = (rc, rr) if spec.needs_reference else ()
+    lengths = dict(chosen_lengths=lc, rejected_lengths=lr) if spec.length_normalised else {}
+    got, metrics = dpo.dpo_loss(pc, pr, *refs, beta=beta, loss_type=loss_type, **lengths)
+    direct, want = _DIRECT[loss_type](pc, pr, rc, rr, beta, lengths)
     np.testing.assert_allclose(got, direct, rtol=1e-6)
+    assert metrics.keys() == want.keys()
+
+
+@pytest.mark.parametrize("loss_type", sorted(dpo.DPO_LOSSES))
+def test_registry_flags_say_what_each_loss_reads(loss_type):
+    """``needs_reference``: the reference log-probs are required and change the loss;
+    ``length_normalised``: the lengths change the loss; ``uses_label_smoothing``: a non-zero
+    ε is accepted (and changes the loss) rather than rejected."""
+    pc, pr, rc, rr, lc, lr = _inputs(seed=10)
+    spec = dpo.DPO_LOSSES[loss_type]
+    lengths = dict(chosen_lengths=lc, rejected_lengths=lr)
+    loss = functools.partial(dpo.dpo_loss, beta=0.5, loss_type=loss_type)
+    base = float(loss(pc, pr, rc, rr, **lengths)[0])
+    assert np.isfinite(base)
+
+    other_ref = float(loss(pc, pr, rc + 20.0, rr, **lengths)[0])
+    assert (other_ref != pytest.approx(base, rel=1e-4)) == spec.needs_reference
+    if spec.needs_reference:
+        with pytest.raises(ValueError, match="needs ref"):
+            loss(pc, pr, **lengths)
+    else:
+        assert float(loss(pc, pr, **lengths)[0]) == pytest.approx(base, rel=1e-6)
+
+    other_len = float(loss(pc, pr, rc, rr, chosen_lengths=lc + 7.0, rejected_lengths=lr)[0])
+    assert (other_len != pytest.approx(base, rel=1e-4)) == spec.length_normalised
+    if not spec.length_normalised:  # lengths given or not, the sum-based loss is the same
+        assert float(loss(pc, pr, rc, rr)[0]) == pytest.approx(base, rel=1e-6)
+
+    if spec.uses_label_smoothing:
+        smoothed = float(loss(pc, pr, rc, rr, label_smoothing=0.2, **lengths)[0])
+        assert smoothed != pytest.approx(base, rel=1e-4)
+    else:
+        with pytest.raises(ValueError, match="label_smoothing"):
+            loss(pc, pr, rc, rr, label_smoothing=0.1, **lengths)
+
+
+def test_unknown_loss_type_lists_the_registry():
+    pc, pr, rc, rr, _, _ = _inputs()
+    with pytest.raises(ValueError, match=re.escape(str(sorted(dpo.DPO_LOSSES)))):
+        dpo.dpo_loss(pc, pr, rc, rr, loss_type="kto")
+    with pytest.raises(ValueError, match="known"):
+        dpo.get_dpo_loss("DPO")
 
 
 def test_dispatcher_accepts_everything_a_trainer_has():

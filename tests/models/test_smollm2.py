@@ -94,7 +94,12 @@ def test_logits_match_transformers(ours, theirs, prompts):
     print(f"SmolLM2 logits: max|d| = {diff.max():.2e}, mean|d| = {diff.mean():.2e}, "
           f"max|logit| = {scale:.1f}, relative {diff.max() / scale:.2e}")
     assert diff.max() <= 1e-4 * max(1.0, scale)
-    np.testing.assert_array_equal(got[mask].argmax(-1), ref[mask].argmax(-1))
+    # The argmaxes agree wherever a logit error of diff.max() cannot flip them (top-1 minus
+    # top-2 above twice it); a position nearer a tie is rounding's choice on each CPU.
+    top2 = np.sort(ref[mask], axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * diff.max()
+    assert clear.mean() > 0.9, clear.mean()
+    np.testing.assert_array_equal(got[mask].argmax(-1)[clear], ref[mask].argmax(-1)[clear])
 
 
 def _hf_greedy(theirs, tokens, mask):
@@ -116,7 +121,37 @@ def hf_greedy(theirs, prompts):
     return _hf_greedy(theirs, *prompts)
 
 
-def test_greedy_plain_loop_matches_generate(ours, prompts, hf_greedy, tokenizer):
+@pytest.fixture(scope="module")
+def hf_clear(theirs, prompts, hf_greedy):
+    """Per row, how many leading tokens of ``hf_greedy`` (through EOS) were clear decisions:
+    transformers' top-1 minus top-2 logit above twice the logit error that
+    ``test_logits_match_transformers`` allows (1e-4 of the largest logit). Another
+    implementation (or CPU) must agree on those; at the first near-tie the two greedy
+    continuations may part, legitimately."""
+    tokens, mask = prompts
+    b, p = tokens.shape
+    resp_mask = np.zeros(hf_greedy.shape, bool)
+    for i in range(b):
+        resp_mask[i, :len(_until_eos(hf_greedy[i]))] = True
+    seq, seq_mask = np.concatenate([tokens, hf_greedy], 1), np.concatenate([mask, resp_mask], 1)
+    with torch.no_grad():
+        logits = theirs(input_ids=torch.tensor(seq, dtype=torch.long),
+                        attention_mask=torch.tensor(seq_mask, dtype=torch.long),
+                        position_ids=torch.tensor(np.asarray(positions_from_mask(seq_mask)),
+                                                  dtype=torch.long)).logits.numpy()
+    r = hf_greedy.shape[1]  # generate stops when every row has ended
+    decide = logits[:, p - 1:p - 1 + r]  # the logits that chose each response token
+    top2 = np.sort(decide, axis=-1)[..., -2:]
+    bound = 2e-4 * max(1.0, float(np.abs(decide[resp_mask]).max()))
+    near_tie = (top2[..., 1] - top2[..., 0] <= bound) & resp_mask
+    clear = [int(np.argmax(row)) if row.any() else int(m.sum())
+             for row, m in zip(near_tie, resp_mask)]
+    print("SmolLM2 greedy: clear decisions per row", clear)
+    assert sum(clear) >= NEW_TOKENS, clear  # enough of a comparison to mean something
+    return clear
+
+
+def test_greedy_plain_loop_matches_generate(ours, prompts, hf_greedy, hf_clear, tokenizer):
     """Greedy decoding by full forwards (no cache) over a fixed-size buffer: one compile."""
     model, params = ours
     tokens, mask = prompts
@@ -137,15 +172,15 @@ def test_greedy_plain_loop_matches_generate(ours, prompts, hf_greedy, tokenizer)
         bmask[:, p + r] = ~done
         done |= nxt == 2
     got = buf[:, p:]
-    for i in range(b):
-        assert _until_eos(got[i]) == _until_eos(hf_greedy[i]), (
-            tokenizer.decode(got[i]), tokenizer.decode(hf_greedy[i]))
+    for i, n in enumerate(hf_clear):
+        assert _until_eos(got[i])[:n] == _until_eos(hf_greedy[i])[:n], (
+            n, tokenizer.decode(got[i]), tokenizer.decode(hf_greedy[i]))
     text = tokenizer.decode(_until_eos(got[0]), skip_special_tokens=True)
     print("SmolLM2 greedy:", [tokenizer.decode(_until_eos(g)) for g in got])
     assert "Paris" in text
 
 
-def test_greedy_sampler_matches_generate(ours, prompts, hf_greedy, tokenizer):
+def test_greedy_sampler_matches_generate(ours, prompts, hf_greedy, hf_clear, tokenizer):
     sampler = pytest.importorskip("rlhf_jax.rollout.sampler")
     model, params = ours
     tokens, mask = prompts
@@ -156,8 +191,9 @@ def test_greedy_sampler_matches_generate(ours, prompts, hf_greedy, tokenizer):
     resp, rmask = np.asarray(out.response), np.asarray(out.response_mask)
     for i in range(tokens.shape[0]):
         mine = [int(t) for t, m in zip(resp[i], rmask[i]) if m]
-        assert mine == _until_eos(hf_greedy[i]), (tokenizer.decode(resp[i]),
-                                                  tokenizer.decode(hf_greedy[i]))
+        n = hf_clear[i]
+        assert mine[:n] == _until_eos(hf_greedy[i])[:n], (n, tokenizer.decode(resp[i]),
+                                                          tokenizer.decode(hf_greedy[i]))
 
 
 # ---- tokenizer ------------------------------------------------------------------------

@@ -74,6 +74,27 @@ def _naive_greedy(model, params, tokens, mask, steps):
     return seq[:, p:]
 
 
+# Greedy decisions compared across two float paths (KV cache vs full forward, sharded vs not,
+# argmax vs top-k=1) must be far from ties: the logits of the two paths differ by ~2e-6 here,
+# so a top-1 / top-2 gap above 1e-4 cannot flip on any CPU.
+GAP = 1e-4
+
+
+def _min_greedy_gap(model, params, tokens, mask, response, response_mask=None) -> float:
+    """Smallest ``top1 - top2`` logit over the decisions that produced ``response [B, R]``
+    after the left-padded prompts ``tokens [B, P]`` (those under ``response_mask``), from one
+    full forward over prompt + response (the model is causal: the logits at ``P - 1 + r``
+    decide response token ``r``)."""
+    tokens, mask, response = np.asarray(tokens), np.asarray(mask), np.asarray(response)
+    resp_mask = (np.ones(response.shape, bool) if response_mask is None
+                 else np.asarray(response_mask))
+    p, r = tokens.shape[1], response.shape[1]
+    seq, seq_mask = np.concatenate([tokens, response], 1), np.concatenate([mask, resp_mask], 1)
+    logits = jax.jit(model.apply)(params, seq, positions_from_mask(seq_mask), seq_mask).logits
+    top2 = np.sort(np.asarray(logits, np.float64)[:, p - 1:p + r - 1], axis=-1)[..., -2:]
+    return float(np.min((top2[..., 1] - top2[..., 0])[resp_mask]))
+
+
 def _expected_truncation(gen, eos_ids, pad):
     """Reference EOS rule as a plain loop: keep through the first EOS, pad after."""
     toks, msk = gen.copy(), np.zeros(gen.shape, bool)
@@ -117,6 +138,7 @@ def test_greedy_equals_naive_full_forward_loop(name):
     tokens, mask = _prompts(b=5, p=6, seed=1)
     r = 10
     naive = _naive_greedy(model, params, tokens, mask, r)
+    assert _min_greedy_gap(model, params, tokens, mask, naive) > GAP
     # EOS ids never produced by this model: all R tokens compared
     unused = tuple(sorted(set(range(V)) - set(naive.ravel().tolist())))[:2]
     cfg = SamplingConfig(max_new_tokens=r, greedy=True, eos_token_id=unused, pad_token_id=PAD)
@@ -221,6 +243,8 @@ def test_greedy_equals_hf_generate(tmp_path):
     gen = hf_generate((V - 1,))
     unused = tuple(sorted(set(range(V)) - set(gen.ravel().tolist())))[:1]
     gen = hf_generate(unused)
+    # the two implementations' logits agree within 1e-4: their argmaxes must be further apart
+    assert _min_greedy_gap(model, params, tokens, mask, gen) > 1e-3
     cfg = SamplingConfig(max_new_tokens=r, greedy=True, eos_token_id=unused, pad_token_id=PAD)
     out = _jit_sample(model, params, tokens, mask, jax.random.key(0), cfg)
     np.testing.assert_array_equal(np.asarray(out.response), gen)
@@ -299,6 +323,7 @@ def test_eos_mid_response_mask_padding_ended_lengths():
     tokens, mask = _prompts(b=6, p=7, seed=3)
     r = 9
     naive = _naive_greedy(model, params, tokens, mask, r)
+    assert _min_greedy_gap(model, params, tokens, mask, naive) > GAP
     # EOS = a token row 0 emits at step 4 (and maybe others elsewhere)
     eos = int(naive[0, 4])
     cfg = SamplingConfig(max_new_tokens=r, greedy=True, eos_token_id=eos, pad_token_id=PAD)
@@ -333,8 +358,12 @@ def test_early_stop_gives_the_same_outputs_as_running_all_steps(name):
     assert bool(jnp.all(early.ended))
     assert int(early.num_steps) == int(early.lengths.max()) < 16
     assert int(full.num_steps) == 16
-    for f in ("response", "response_mask", "logprobs", "ended", "lengths"):
+    # Two compiled programs: the log-probs agree within rounding. The tokens are draws with
+    # Gumbel noise of scale 1 on near-uniform logits; a draw within rounding (~1e-6) of a
+    # tie has probability ~1e-6, so they are compared exactly.
+    for f in ("response", "response_mask", "ended", "lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(early, f)), np.asarray(getattr(full, f)))
+    np.testing.assert_allclose(np.asarray(early.logprobs), np.asarray(full.logprobs), atol=1e-6)
 
 
 # ---- filtering & frequencies ------------------------------------------------------------------
@@ -346,6 +375,8 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(name):
     base = dict(max_new_tokens=8, temperature=0.9, eos_token_id=(5, 9), pad_token_id=PAD)
     greedy = _jit_sample(model, params, tokens, mask, jax.random.key(0),
                          SamplingConfig(**base, greedy=True))
+    assert _min_greedy_gap(model, params, tokens, mask, greedy.response,
+                           greedy.response_mask) > GAP
     for extra in (dict(top_k=1), dict(top_p=1e-6)):
         for seed in (1, 2):
             out = _jit_sample(model, params, tokens, mask, jax.random.key(seed),
@@ -391,11 +422,15 @@ def test_first_token_frequencies_match_filtered_softmax(extra):
     probs /= probs.sum()
     order = np.argsort(-probs)
     keep = np.zeros(V, bool)
+    # The filters' boundaries are far from ties (float32 sampler vs this float64 reference).
     if "top_k" in extra:
         keep[order[: extra["top_k"]]] = True
+        k = extra["top_k"]
+        assert logits[order[k - 1]] - logits[order[k]] > 1e-3
     elif "top_p" in extra:
         before = np.cumsum(probs[order]) - probs[order]
         keep[order[before < extra["top_p"]]] = True
+        assert np.min(np.abs(before - extra["top_p"])) > 1e-3
     else:
         keep[:] = True
     target = np.where(keep, probs, 0.0)

@@ -98,7 +98,10 @@ def test_frozen_part_equal():
 def _dpo_run(cfg: dpo.DPOConfig, steps: int = 2):
     model = Model(FROZEN)
     params = host_params("lm")
-    tx = make_optimizer(OptimizerConfig(lr=1e-2), params, frozen_layers=1)
+    # Adam's eps well above the gradients' rounding: with the default 1e-8 the update of an
+    # element with a near-zero gradient is ~lr * sign(g), so rounding differences between the
+    # two paths move such parameters by up to lr (seen on another CPU: 1.4e-5 at lr 1e-2).
+    tx = make_optimizer(OptimizerConfig(lr=1e-2, eps=1e-3), params, frozen_layers=1)
     state = create_train_state(on_device(params), tx, jax.random.key(0))
     step = dpo.make_dpo_step(model, tx, cfg)
     ref = on_device(jax.tree.map(np.copy, params))
@@ -111,6 +114,12 @@ def _dpo_run(cfg: dpo.DPOConfig, steps: int = 2):
     return host(state.params), out, evaluated
 
 
+# A count of ``chosen > rejected``: at the first step the policy *is* the reference, every
+# implicit reward is 0 up to rounding, and the two paths round to different sides of the tie
+# on different CPUs. The margins (continuous) are compared instead.
+DISCONTINUOUS = {"dpo/rewards/accuracies"}
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_sharing_frozen_layers_with_the_reference_changes_nothing(loss_type):
     base = dpo.DPOConfig(loss_type=loss_type)
@@ -120,11 +129,10 @@ def test_dpo_sharing_frozen_layers_with_the_reference_changes_nothing(loss_type)
                                        num_microbatches=2)):
         p, m, e = _dpo_run(shared)
         assert_tree_close(p, params, atol=1e-5)
-        for a, b in zip(m, metrics):
-            assert a.keys() == b.keys()
-            for k in a:
-                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
-        assert e == pytest.approx(evaluated, rel=1e-4, abs=1e-5)
+        for got, want in zip(m + [e], metrics + [evaluated]):
+            assert got.keys() == want.keys()
+            for k in want.keys() - DISCONTINUOUS:
+                assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
     # the second step ran with a moved policy: the reference's log-probs came from the shared
     # frozen layers and its own upper block, not the policy's (its rewards are not zero)
     assert abs(metrics[1]["dpo/rewards/margins"]) > 0
@@ -157,7 +165,13 @@ def test_ppo_with_cached_frozen_layers_equals_a_run_that_recomputes_them():
     assert_tree_close(cached, expected, atol=2e-5)
     # the raw gradient norm includes the masked lower-layer gradients in the reference run
     skip = {"ppo/policy/grad_norm"}
+    # Fractions of tokens whose ratio (value) left the clip range: a fifth of them do with this
+    # learning rate, so one may sit within rounding of the boundary and flip between the two
+    # paths on another CPU (one token moves the fraction by ~0.01). Loose check only.
+    clipfracs = {"ppo/policy/clipfrac", "ppo/val/clipfrac"}
     for got, want in zip(metrics, expected_metrics):
-        for k in want.keys() - skip:
+        for k in want.keys() - skip - clipfracs:
             assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-4), k
+        for k in clipfracs:
+            assert got[k] == pytest.approx(want[k], abs=0.05), k
     assert metrics[1]["objective/kl"] > 0  # the second rollout's reference differs from the policy

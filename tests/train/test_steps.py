@@ -13,6 +13,10 @@
   for a new length bucket;
 * a few steps on a fixed tiny batch lower the loss.
 
+Paths that differ only in float rounding agree on continuous metrics within ``ATOL``; the
+discontinuous ones (token argmax accuracy, pair accuracies) are compared only after checking
+that the inputs are far from every tie the metric decides (``_tie_distance``).
+
 The optimizer is ``optax.inject_hyperparams(optax.sgd)``: linear in the gradient, and its
 learning rate is an array in the state, so the comparisons (lr 1) and the learning runs
 (small lr) share one compiled step.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 
 import jax
@@ -32,6 +37,7 @@ import pytest
 
 from rlhf_jax.models.model import Model
 from rlhf_jax.sharding import shard_batch
+from rlhf_jax.losses.dpo import DPO_LOSSES
 from rlhf_jax.train import dpo, reward, sft
 from rlhf_jax.train.state import create_train_state, state_shardings
 from rlhf_jax.types import SFTBatch
@@ -167,6 +173,7 @@ class _Baseline:
         new_state, metrics = _run(v, self.step, self.fresh(v), v.batch())
         self.params = host(new_state.params)
         self.metrics = reduced(metrics)
+        self.tie_distance = _tie_distance(v, v.batch())
         assert int(new_state.step) == 1
 
     @staticmethod
@@ -184,9 +191,55 @@ def baseline(name: str) -> _Baseline:
     return _BASELINES[name]
 
 
-def _assert_metrics_close(actual: dict, expected: dict, atol=ATOL):
+# Metrics that jump when one decision flips (argmax == target, chosen > rejected).
+DISCONTINUOUS = ("sft/accuracy", "rm/accuracy", "dpo/rewards/accuracies")
+# Far from a tie: the float32 drift between the compared paths (sharded, microbatched) is
+# ~1e-6 on these quantities (logits, scores, log-prob sums of ~10 tokens); 1e-4 is 100x that.
+TIE = 1e-4
+
+
+def _tie_distance(v: Variant, batch) -> float:
+    """How far the initial parameters are from a tie in the decisions behind the variant's
+    discontinuous metric, on ``batch``: SFT, the target token's logit minus the best other
+    logit; RM, the score differences of the compared candidates; DPO, the log-ratio difference
+    ``(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))`` (of per-token averages
+    for a length-normalised loss). The minimum of ``|.|`` over the counted decisions."""
+    model = MODELS[v.kind]
+    params = on_device(host_params(v.kind))
+    if v.algo == "sft":
+        logits = np.asarray(jax.jit(model.apply)(params, batch.tokens, batch.positions,
+                                                 batch.attn_mask).logits, np.float64)
+        pred_BxTxV, target_BxT = logits[:, :-1], np.asarray(batch.tokens)[:, 1:]
+        onehot = np.arange(pred_BxTxV.shape[-1]) == target_BxT[..., None]
+        gap = (np.sum(np.where(onehot, pred_BxTxV, 0.0), -1)
+               - np.max(np.where(onehot, -np.inf, pred_BxTxV), -1))
+        return float(np.min(np.abs(gap[np.asarray(batch.loss_mask)[:, 1:]])))
+    valid = np.asarray(batch.valid, bool)
+    if v.algo == "rm":
+        scores = np.asarray(jax.jit(functools.partial(reward.candidate_scores, model))(
+            params, batch), np.float64)
+        n = scores.shape[1]
+        pairs = [abs(scores[b, i] - scores[b, j]) for b in range(len(scores))
+                 for i in range(n) for j in range(i + 1, n) if valid[b, i] and valid[b, j]]
+        return float(min(pairs))
+    logps = jax.jit(functools.partial(dpo.pair_logps, model))
+    policy, lengths = (np.asarray(x, np.float64) for x in logps(params, batch))
+    ref = np.asarray(logps(on_device(_ref()), batch)[0], np.float64)
+    if v.cfg.loss.length_normalised:
+        policy, ref = policy / np.maximum(lengths, 1), ref / np.maximum(lengths, 1)
+    h = (policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1])
+    return float(np.min(np.abs(h[valid.all(axis=1)])))
+
+
+def _assert_metrics_close(actual: dict, expected: dict, tie_distance: float, atol=ATOL):
+    """Continuous metrics within ``atol``; discontinuous ones equal, after checking that the
+    inputs are far from ties (else the comparison would depend on the host's rounding)."""
     assert actual.keys() == expected.keys()
     for k in expected:
+        if k in DISCONTINUOUS:
+            assert tie_distance > TIE, (
+                f"{k}: the inputs are {tie_distance:.2g} from a tie, so the two paths may round "
+                f"to different sides on another CPU; build inputs further from ties")
         np.testing.assert_allclose(actual[k], expected[k], atol=atol, rtol=1e-5, err_msg=k)
 
 
@@ -200,7 +253,7 @@ def test_microbatched_step_equals_full_batch(name):
     new_state, metrics = _run(v, step, base.fresh(v), v.batch())
     # SGD with lr 1: params_M - params_1 = -(grad_M - grad_1).
     assert_tree_close(host(new_state.params), base.params, atol=ATOL)
-    _assert_metrics_close(reduced(metrics), base.metrics)
+    _assert_metrics_close(reduced(metrics), base.metrics, base.tie_distance)
     # The step really moved the parameters (the comparison is not vacuous).
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), base.params, base.params0)
     assert max(jax.tree.leaves(moved)) > 1e-3
@@ -227,8 +280,10 @@ def test_filler_rows_carry_no_loss(name):
     s_pad, m_pad = _run(v, base.step, base.fresh(v), padded)
     assert_tree_close(host(s_pad.params), host(s_dup.params), atol=ATOL)
     m_dup, m_pad = reduced(m_dup), reduced(m_pad)
+    tie_distance = _tie_distance(v, full)
     for k in m_dup:
         if k.endswith(("/loss", "/accuracy", "/accuracies", "/margin", "/margins", "grad_norm")):
+            assert k not in DISCONTINUOUS or tie_distance > TIE, (k, tie_distance)
             np.testing.assert_allclose(m_pad[k], m_dup[k], atol=ATOL, rtol=1e-5, err_msg=k)
     assert base.counter.count == 1  # same shapes: no new trace
 
@@ -258,7 +313,7 @@ def test_sharded_microbatched_step_equals_single_device_full_batch(name):
     assert q.sharding.spec == want.spec
     assert len({s.device for s in q.addressable_shards}) == 8
     assert_tree_close(host(new_state.params), base.params, atol=ATOL)
-    _assert_metrics_close(reduced(metrics), base.metrics)
+    _assert_metrics_close(reduced(metrics), base.metrics, base.tie_distance)
 
 
 # ---- traces and learning --------------------------------------------------------------------
@@ -283,3 +338,57 @@ def test_step_compiles_once_per_bucket_and_lowers_loss(name):
     for _ in range(2):
         base.step.lower(state, longer, *_frozen(v, longer))
     assert base.counter.count == 2
+
+
+# ---- the DPO loss registry in the trainer ---------------------------------------------------
+
+@pytest.mark.parametrize("loss_type", sorted(DPO_LOSSES))
+def test_dpo_trainer_gives_each_registered_loss_what_it_reads(loss_type):
+    """The trainer's loss (all pairs valid) equals ``dpo_loss`` given everything - sums,
+    lengths, reference log-probs - which uses what the registry entry says: a trainer that
+    dropped the lengths of a length-normalised loss, or the reference of one that needs it,
+    would differ."""
+    from rlhf_jax.losses.dpo import dpo_loss
+    spec = DPO_LOSSES[loss_type]
+    cfg = dpo.DPOConfig(loss_type=loss_type, beta=0.3, gamma=0.2,
+                        label_smoothing=0.1 if spec.uses_label_smoothing else 0.0)
+    rng = np.random.default_rng(0)
+    policy, ref = (-(rng.random((6, 2)) * 20 + 2).astype(np.float32) for _ in range(2))
+    lengths = rng.integers(2, 12, size=(6, 2)).astype(np.float32)
+    valid = np.ones((6, 2), bool)
+    got, metrics = dpo.masked_dpo_loss(policy, lengths, ref, valid, np.float32(6.0), cfg)
+    want, want_metrics = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
+                                  beta=cfg.beta, loss_type=loss_type, gamma=cfg.gamma,
+                                  label_smoothing=cfg.label_smoothing,
+                                  chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert metrics.keys() == want_metrics.keys()
+    assert cfg.needs_reference == spec.needs_reference
+
+
+def test_reference_free_dpo_runs_no_reference_forward():
+    """SimPO / ORPO steps take ``None`` for the reference (a reference forward would fail on
+    it); a loss that needs the reference says so."""
+    batch = _pair_batch()
+    for loss_type in ("simpo", "orpo"):
+        assert not DPO_LOSSES[loss_type].needs_reference
+    cfg = dpo.DPOConfig(loss_type="simpo", beta=2.0, reference_shares_frozen_layers=True)
+    state = _Baseline.fresh(VARIANTS["dpo-sigmoid"], lr=0.1)
+    new_state, metrics = dpo.make_dpo_step(MODELS["lm"], TX, cfg)(state, batch, None)
+    assert np.isfinite(reduced(metrics)["dpo/loss"])
+    assert int(new_state.step) == 1
+    # The precomputed path and the evaluation take None as well (traced only: no compile).
+    dpo.make_dpo_step(MODELS["lm"], TX, dpo.DPOConfig(loss_type="orpo"), precomputed=True).lower(
+        _Baseline.fresh(VARIANTS["dpo-sigmoid"]), batch, None)
+    dpo.make_dpo_eval(MODELS["lm"], cfg).lower(on_device(host_params("lm")), None, batch)
+    with pytest.raises(ValueError, match="'sigmoid' needs the reference parameters"):
+        dpo.make_dpo_step(MODELS["lm"], TX, dpo.DPOConfig()).lower(
+            _Baseline.fresh(VARIANTS["dpo-sigmoid"]), batch, None)
+
+
+def test_dpo_config_checks_the_loss_type_against_the_registry():
+    with pytest.raises(ValueError, match=re.escape(str(sorted(DPO_LOSSES)))):
+        dpo.DPOConfig(loss_type="kto")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo.DPOConfig(loss_type="ipo", label_smoothing=0.1)
+    assert dpo.DPOConfig(loss_type="robust", label_smoothing=0.1).loss is DPO_LOSSES["robust"]
