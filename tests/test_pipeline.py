@@ -433,11 +433,15 @@ def test_two_processes_give_the_one_process_results(tiny_run, tmp_path):
             assert two[name][key] == pytest.approx(one[name][key], rel=1e-3, abs=1e-4), (name, key)
     # an accuracy is a count: allow one of the 16 held-out pairs to flip on a near tie
     assert two["rm_heldout_accuracy"] == pytest.approx(one["rm_heldout_accuracy"], abs=1 / 16 + 1e-9)
+    # Adam (eps 1e-8, lr 1e-3) moves a parameter whose gradient is ~0 by about +-lr, with the
+    # sign set by rounding: a handful of elements may differ by up to a few lr; the rest agree
+    # to float rounding.
     for stage in TRAINED:
         a = jax.tree.leaves(jax.device_get(load_final(tiny_run.out / stage / "final")[1]))
         b = jax.tree.leaves(jax.device_get(load_final(out / stage / "final")[1]))
-        for x, y in zip(a, b):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5,
-                                       err_msg=stage)
+        diff = np.concatenate([np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).ravel()
+                               for x, y in zip(a, b)])
+        assert diff.max() < 1e-2, (stage, diff.max())
+        assert np.mean(diff > 1e-5) < 1e-4, (stage, np.sort(diff)[-10:])
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["stage"] == "sft"]
     assert [r["step"] for r in rows] == list(range(1, tiny_run.cfg.sft.steps + 1))  # process 0 writes

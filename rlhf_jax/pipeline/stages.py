@@ -214,7 +214,8 @@ def run_dpo(run: Run) -> None:
     c = run.cfg.dpo
     run.begin(get_stage("dpo"))
     model, sft_params, _ = run.load_final("sft", frozen_layers=run.cfg.policy.frozen_layers)
-    ref_params = jax.tree.map(jnp.copy, sft_params)
+    # SimPO / ORPO use no reference: no second copy of the model then.
+    ref_params = jax.tree.map(jnp.copy, sft_params) if c.dpo.needs_reference else None
     data = run.preference_dataset("preferences", 2)
     tx, state, shardings = run.train_state(model, sft_params, c.optimizer, c.steps, 4)
     dpo_cfg = _share_frozen(c.dpo, model)
@@ -229,7 +230,7 @@ def run_dpo(run: Run) -> None:
 
     step = make_dpo_step(model, tx, dpo_cfg, state_sharding=shardings,
                          batch_sharding=run.batch_sharding(),
-                         frozen_sharding=model.param_shardings(run.mesh))
+                         frozen_sharding=None if ref_params is None else model.param_shardings(run.mesh))
     bcfg = run.batch_config(c.batch_size, seed_offset=4, num_candidates=2)
     result = run.loop("dpo", step, state, run.batches(data, bcfg), c.steps, model,
                       frozen=(ref_params,), loss_key="dpo/loss", eval_fn=eval_fn)
