@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint
+.PHONY: install demo test test-portable bench lint
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 # The test suite (CPU; tests/conftest.py fakes 8 devices).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
+# The suite on another CPU code path (no AVX): catches tests that depend on the host's
+# float rounding. Slower; not part of `make test`.
+test-portable: $(STAMP)
+	HF_HUB_OFFLINE=1 XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=SSE4_2" \
+		$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m bench.model_step --workload all
