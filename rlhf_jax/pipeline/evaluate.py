@@ -121,7 +121,7 @@ def run_eval(run: Run) -> dict:
 
 
 def _summarise(run: Run, results: dict, samples: dict, rm) -> dict:
-    e, task = run.cfg.eval, run.task
+    task = run.task
     has_judge = task.judge is not None
     base = results[BASELINE]
     rows, judged, summary = [], {}, {}

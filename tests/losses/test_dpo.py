@@ -166,7 +166,8 @@ def test_loss_type_literal_matches_the_registry():
     assert sorted(_DIRECT) == sorted(dpo.DPO_LOSSES)
     for name, spec in dpo.DPO_LOSSES.items():
         assert spec.description and spec.source, name
-        assert spec.fn.__module__ == dpo.__name__, name
+        assert spec.fn.__module__ in (dpo.__name__, "rlhf_jax.losses.reference_free"), name
+        assert spec.needs_reference == (spec.fn.__module__ == dpo.__name__), name
 
 
 @pytest.mark.parametrize("loss_type", sorted(dpo.DPO_LOSSES))
