@@ -17,8 +17,11 @@ built-in human sentiment ratings), shrunk further, run once for the module:
   and its HF export redoes the export; ``--force-restart`` reruns a stage and moves the old
   outputs aside; a locked directory is refused; PPO with a separate value model runs.
 
-Under tests/conftest.py's 8 fake CPU devices the run uses a ``(data=2, fsdp=2, tensor=2)``
-mesh, so every stage's sharded code path (frozen copies on the mesh, sharded batches) runs.
+Under tests/conftest.py's 8 fake CPU devices the run uses an FSDP-8 mesh (``--mesh.fsdp 8``):
+every parameter and optimizer tensor of every trained stage is split 8 ways (each device
+holds 1/8; the tiny model's large tensors divide by 8), final parameters load back into the
+same shardings and a checkpoint round trip keeps them. The same pipeline as two processes x
+4 devices gives the same results.
 Assets come from ``$RLHF_JAX_CACHE`` (default ``~/.cache/rlhf_jax``), fetched through the
 package index at most once.
 """
@@ -39,11 +42,13 @@ import pytest
 
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.checkpoint import abstract_like
 from rlhf_jax.pipeline import (ConfigChangedError, PipelineConfig, StagePreempted, load_final,
                                run_pipeline, stages)
+from rlhf_jax.pipeline import run as run_module
 from rlhf_jax.pipeline.lock import RunLock, RunLockedError
 from rlhf_jax.presets import tiny
-from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.sharding import MeshConfig, make_mesh
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 POLICIES = ("sft", "ppo", "dpo")
@@ -59,7 +64,7 @@ def tiny_config(out_dir: Path) -> PipelineConfig:
     """The tiny preset, shrunk: shorter snippets, one eval batch, on the test mesh."""
     cfg = tiny()
     if jax.device_count() == 8:
-        mesh = MeshConfig(data=2, fsdp=2, tensor=2)  # batch 8 divides data x fsdp = 4
+        mesh = MeshConfig(data=1, fsdp=8, tensor=1)  # batch 8 divides data x fsdp = 8
     elif jax.device_count() in (1, 2, 4):
         mesh = MeshConfig()
     else:
@@ -100,6 +105,7 @@ class TinyRun:
     log: list[str]
     records: list[dict]
     preempted: dict  # what the first, SIGTERM-ed invocation returned and left on disk
+    states: dict  # stage -> its train state at the end of its loop
 
 
 def _sigterm_after_first_dpo_step(make_dpo_step):
@@ -124,7 +130,16 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     from its checkpoint and runs the evaluation."""
     cfg = tiny_config(tmp_path_factory.mktemp("pipeline") / "run")
     out = Path(cfg.out_dir)
+    states = {}
+    original = run_module.run_loop
+
+    def capture(**kwargs):
+        result = original(**kwargs)
+        states[kwargs["stage"]] = result.state
+        return result
+
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "run_loop", capture)
         mp.setattr(stages, "make_dpo_step", _sigterm_after_first_dpo_step(stages.make_dpo_step))
         first, first_log = _run_logged(cfg)
     with Checkpointer(out / "dpo" / "checkpoints") as ckpt:
@@ -132,9 +147,11 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     preempted = {"result": first, "log": first_log, "dpo_checkpoints": dpo_steps,
                  "finals": {s: (out / s / "final" / "model.json").exists() for s in TRAINED},
                  "report": (out / "report.md").exists(), "summary": (out / "summary.json").exists()}
-    summary, messages = _run_logged(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "run_loop", capture)
+        summary, messages = _run_logged(cfg)
     return TinyRun(cfg=cfg, out=out, summary=summary, log=messages,
-                   records=read_jsonl(out / "metrics.jsonl"), preempted=preempted)
+                   records=read_jsonl(out / "metrics.jsonl"), preempted=preempted, states=states)
 
 
 def _stage(records, stage):
@@ -402,7 +419,7 @@ def test_ppo_with_a_separate_value_model(tiny_run, tmp_path):
 
 # ---- the same pipeline as two processes ------------------------------------------------------
 def test_two_processes_give_the_one_process_results(tiny_run, tmp_path):
-    """The tiny pipeline as 2 processes x 4 devices on the same (2, 2, 2) mesh: each process
+    """The tiny pipeline as 2 processes x 4 devices on the same FSDP-8 mesh: each process
     feeds its rows of every batch and judges its rows of the evaluation. Final parameters of
     every stage and the evaluation's continuous results equal the one-process run's (the
     collectives differ, so within float tolerance; sampled tokens would only differ if a
@@ -445,3 +462,46 @@ def test_two_processes_give_the_one_process_results(tiny_run, tmp_path):
         assert np.mean(diff > 1e-5) < 1e-4, (stage, np.sort(diff)[-10:])
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["stage"] == "sft"]
     assert [r["step"] for r in rows] == list(range(1, tiny_run.cfg.sft.steps + 1))  # process 0 writes
+
+
+# ---- sharding on the FSDP-8 mesh ----------------------------------------------------------------
+def _arrays(tree):
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+
+
+def test_every_parameter_and_optimizer_tensor_is_split_8_ways(tiny_run):
+    if tiny_run.cfg.mesh.fsdp != 8:
+        pytest.skip("needs the 8 fake devices of tests/conftest.py")
+    assert set(tiny_run.states) == set(TRAINED)
+    for stage, state in tiny_run.states.items():
+        train = state.policy if stage == "ppo" else state
+        checked, whole = 0, []
+        for where, x in _arrays((train.params, train.opt_state)):
+            if x.ndim == 0:
+                continue  # optimizer step counts
+            assert len(x.addressable_shards) == 8, (stage, where)
+            if any(sh.data.size * 8 != x.size for sh in x.addressable_shards):
+                whole.append((where, x.shape, x.addressable_shards[0].data.shape))
+            checked += 1
+        assert not whole, (stage, whole)
+        assert checked > 10, stage
+
+
+def test_final_params_load_into_the_mesh_shardings(tiny_run):
+    mesh = make_mesh(tiny_run.cfg.mesh)
+    for stage in TRAINED:
+        model, params, _ = load_final(tiny_run.out / stage / "final", mesh=mesh)
+        expected = model.param_shardings(mesh)
+        for (where, x), s in zip(_arrays(params), jax.tree.leaves(expected)):
+            assert x.sharding.is_equivalent_to(s, x.ndim), (stage, where)
+
+
+def test_checkpoint_round_trip_keeps_the_shardings(tiny_run):
+    for stage in ("sft", "dpo"):
+        state = tiny_run.states[stage]
+        with Checkpointer(tiny_run.out / stage / "checkpoints") as ckpt:
+            restored, _ = ckpt.restore(abstract_like(state))
+        for (where, a), (_, b) in zip(_arrays(state), _arrays(restored)):
+            assert b.sharding.is_equivalent_to(a.sharding, a.ndim), (stage, where)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)

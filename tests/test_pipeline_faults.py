@@ -28,9 +28,18 @@ from rlhf_jax.train.loop import EXIT_PREEMPTED
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict:
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> Path:
+    """A persistent XLA compilation cache shared by this module's processes: they compile the
+    same tiny SFT programs, so only the first one pays for it."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _env(cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT),
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
@@ -47,26 +56,26 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.2)
 
 
-def test_sigterm_exits_75_and_the_same_command_continues(tmp_path):
+def test_sigterm_exits_75_and_the_same_command_continues(tmp_path, compile_cache):
     out = tmp_path / "run"
-    args = ("--sft.steps", "400", "--checkpoint-every", "1000")
+    args = ("--sft.steps", "60", "--checkpoint-every", "1000")
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_cli(out, *args), cwd=REPO_ROOT, env=_env(), stdout=log,
+    proc = subprocess.Popen(_cli(out, *args), cwd=REPO_ROOT, env=_env(compile_cache), stdout=log,
                             stderr=subprocess.STDOUT)
     metrics = out / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]
     steps = sorted(int(p.name) for p in (out / "sft" / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and 2 <= steps[-1] < 400
+    assert steps and 2 <= steps[-1] < 60
     assert not (out / "sft" / "final" / "COMPLETE.json").exists()
     # the same command, fewer steps left: continues from the checkpoint and finishes
-    done = subprocess.run(_cli(out, "--sft.steps", "400", "--checkpoint-every", "1000"),
-                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_cli(out, *args),
+                          cwd=REPO_ROOT, env=_env(compile_cache), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"sft: resumed from step {steps[-1]}" in done.stderr
     rows = [r["step"] for r in read_jsonl(metrics) if r["stage"] == "sft"]
-    assert rows == list(range(1, 401))  # one row per step across the two processes
+    assert rows == list(range(1, 61))  # one row per step across the two processes
     assert (out / "sft" / "final" / "COMPLETE.json").exists()
 
 
@@ -83,15 +92,15 @@ main(sys.argv[1:])
 """
 
 
-def test_sigkill_during_the_hf_export_then_the_export_is_redone(tmp_path):
+def test_sigkill_during_the_hf_export_then_the_export_is_redone(tmp_path, compile_cache):
     out = tmp_path / "run"
     args = ["sft", "--preset", "tiny", "--out-dir", str(out), "--no-tensorboard"]
     killed = subprocess.run([sys.executable, "-c", _KILL_DURING_EXPORT, *args], cwd=REPO_ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=900)
+                            env=_env(compile_cache), capture_output=True, text=True, timeout=900)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / "sft" / "final" / "COMPLETE.json").exists()
     assert not (out / "sft" / "hf").exists()
-    done = subprocess.run(_cli(out), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_cli(out), cwd=REPO_ROOT, env=_env(compile_cache), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already finished" not in done.stderr

@@ -15,11 +15,11 @@ from rlhf_jax.tasks import Task, load_task
 def test_external_task_runs_through_the_cli(tmp_path):
     out = tmp_path / "run"
     cli.main(["pipeline", "--preset", "tiny", "--task", "_arith_task:make", "--out-dir", str(out),
-              "--stages", "sft", "dpo", "eval", "--sft.steps", "2", "--dpo.steps", "2",
+              "--stages", "sft", "eval", "--sft.steps", "2",
               "--no-tensorboard"])
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) >= {"sft", "dpo"}
-    for name in ("sft", "dpo"):
+    assert "sft" in summary
+    for name in ("sft",):
         assert 0.0 <= summary[name]["judge_mean"] <= 1.0  # the task's own exact-sum judge
     assert summary["rm_heldout_accuracy"] is None  # no reward model in this run
     record = json.loads((out / "sft" / "stage.json").read_text())

@@ -38,12 +38,14 @@ def mean_se(x) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def _local_row_range(mesh, batch_size: int) -> slice:
-    """The contiguous rows of a global batch that this process's devices hold."""
+def _local_row_indices(mesh, batch_size: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, ascending (the order of
+    ``run.local_rows``)."""
     index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [batch_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-    return slice(min(starts), max(stops))
+    rows = set()
+    for idx in index_map.values():
+        rows.update(range(*idx[0].indices(batch_size)))
+    return np.asarray(sorted(rows))
 
 
 def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, sampling, sampler,
@@ -51,7 +53,7 @@ def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, sampling
     """Per-row results of one policy on this process's rows, gathered across processes."""
     ref_model, ref_params = ref
     e = run.cfg.eval
-    rows = _local_row_range(run.mesh, e.batch_size)
+    rows = _local_row_indices(run.mesh, e.batch_size)
     cols: dict[str, list] = {"index": [], "kl": [], "rm": [], "length": [], "ended": []}
     texts, prompts = [], []
     with jax.set_mesh(run.mesh):
@@ -67,7 +69,7 @@ def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, sampling
             texts += decode(run.tokenizer, local_rows(s.response), mask)
             prompts += decode(run.tokenizer, np.asarray(host_batch.tokens),
                               np.asarray(host_batch.attn_mask, bool))
-            cols["index"].append(np.arange(rows.start, rows.stop) + i * e.batch_size)
+            cols["index"].append(rows + i * e.batch_size)
             cols["kl"].append(local_rows(sequence_kl(lp, lr, s.response_mask)))
             cols["length"].append(local_rows(s.lengths))
             cols["ended"].append(local_rows(s.ended))
