@@ -44,7 +44,9 @@ class ConfigChangedError(ValueError):
     already ran with."""
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """Wait for every process (a no-op with one): after process 0 changed files that the
+    others read next."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
@@ -73,7 +75,7 @@ def save_params(directory: Path, model: Model, params: Params) -> None:
         params_dir.mkdir(parents=True)
     # Every process must see the directory before opening it, or their checkpoint managers
     # take different (create vs open) paths and their barriers no longer match.
-    _barrier("save_params")
+    barrier("save_params")
     with Checkpointer(params_dir, max_to_keep=1) as ckpt:
         ckpt.save(0, params, {"fingerprint": model_fingerprint(model)}, force=True)
 

@@ -30,7 +30,6 @@ from rlhf_jax.checkpoint import model_fingerprint
 from rlhf_jax.config import config_to_dict
 from rlhf_jax.data.config import BatchConfig
 from rlhf_jax.data.datasets import load_preferences, load_prompts, load_sft
-from rlhf_jax.data.tokenize import ChatTokenizer
 from rlhf_jax.metrics import MetricsLogger
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.pipeline import artifacts
@@ -50,15 +49,9 @@ class StagePreempted(TrainingPreempted):
     (exit code ``EXIT_PREEMPTED`` = 75)."""
 
 
-#: data role -> (loader, stages that read it)
+#: data role -> the stages that read it
 _ROLE_STAGES = {"sft": ("sft",), "preferences": ("rm", "dpo"), "eval_preferences": ("rm", "dpo"),
                 "prompts": ("rm", "ppo"), "eval_prompts": ("eval",)}
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 @dataclasses.dataclass
@@ -69,12 +62,12 @@ class Run:
     out: Path
     mesh: Any
     tokenizer: Any
-    chat: ChatTokenizer
     task: Task
     logger: MetricsLogger
     lock: RunLock
     data_stats: dict = dataclasses.field(default_factory=dict)  # source name -> DataStats
     records: dict = dataclasses.field(default_factory=dict)  # stage -> its record
+    _datasets: dict = dataclasses.field(default_factory=dict, repr=False)  # loaded once
 
     @classmethod
     def create(cls, cfg: PipelineConfig) -> "Run":
@@ -97,8 +90,8 @@ class Run:
             tokenizer = _load_tokenizer(cfg)
             task = load_task(cfg.task_spec, cfg)
             logger = MetricsLogger(out, tensorboard=cfg.tensorboard, config=config_to_dict(cfg))
-            run = cls(cfg=cfg, out=out, mesh=mesh, tokenizer=tokenizer,
-                      chat=ChatTokenizer(tokenizer), task=task, logger=logger, lock=lock)
+            run = cls(cfg=cfg, out=out, mesh=mesh, tokenizer=tokenizer, task=task, logger=logger,
+                      lock=lock)
             run._validate_sources()
         except BaseException:
             lock.release()
@@ -109,7 +102,7 @@ class Run:
     def _prepare_dir(cfg: PipelineConfig, out: Path) -> None:
         if cfg.force_restart:
             artifacts.move_aside(out, downstream(cfg.force_restart))
-            _barrier("force_restart")
+            artifacts.barrier("force_restart")
         trained = [s for s in cfg.stages if get_stage(s).writes_final]
         if not cfg.resume:
             earlier = [out / s for s in trained if (out / s).exists()]
@@ -156,7 +149,7 @@ class Run:
                            remainder="wrap", num_candidates=num_candidates)
 
     def _loaded(self, key, load):
-        cache = self.__dict__.setdefault("_datasets", {})
+        cache = self._datasets
         if key not in cache:
             cache[key] = load()  # the loader logs skipped records
             self.data_stats[key[0]] = cache[key].stats
@@ -293,9 +286,9 @@ class Run:
                     shutil.rmtree(files.hf)
                 os.replace(partial, files.hf)
         artifacts.write_model_json(files.final, model, extra)
-        _barrier(f"{stage}_outputs")
+        artifacts.barrier(f"{stage}_outputs")
         files.mark_complete(self.records[stage])
-        _barrier(f"{stage}_complete")
+        artifacts.barrier(f"{stage}_complete")
 
     def finish_policy(self, stage: str, model: Model, params: Params, extra=None) -> None:
         """``finish`` for a policy: the LM part only (a value head is dropped), with an HF
