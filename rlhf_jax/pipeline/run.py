@@ -135,6 +135,7 @@ class Run:
                 self.preference_dataset(role, 2)
 
     def close(self) -> None:
+        """Close the metrics writers and release the run directory's lock."""
         self.logger.close()
         self.lock.release()
 
@@ -186,9 +187,11 @@ class Run:
 
     # ---- stages ----------------------------------------------------------------------
     def files(self, stage: str) -> artifacts.StageFiles:
+        """The paths of ``stage``'s outputs under the run directory."""
         return artifacts.StageFiles(self.out, stage)
 
     def done(self, stage: str) -> bool:
+        """Whether ``stage`` finished (``COMPLETE.json``) and ``resume`` lets it be skipped."""
         return self.cfg.resume and self.files(stage).complete
 
     def begin(self, stage: Stage) -> dict:
