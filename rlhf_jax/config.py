@@ -82,11 +82,15 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A decoder-only transformer: the Llama family (Llama 2/3, SmolLM2, Qwen2, Mistral) or GPT-2.
+    """A decoder-only transformer of one of the registered architecture families.
 
     Attributes:
-      arch: ``"llama"`` (RMSNorm, RoPE, GQA, SwiGLU; Touvron et al. 2023) or ``"gpt2"``
-        (learned positions, LayerNorm, GELU-tanh, biases everywhere; Radford et al. 2019).
+      arch: the family (``rlhf_jax.models.families``), which fixes the block's structure
+        (norms, attention variant, MLP, residual layout): ``"llama"`` (Llama 2/3, SmolLM2,
+        Qwen2, Mistral: RMSNorm, RoPE, GQA, SwiGLU; Touvron et al. 2023), ``"gpt2"``
+        (learned positions, LayerNorm, GELU-tanh, biases everywhere; Radford et al. 2019),
+        and the other families listed in the README. The numeric options below are only
+        accepted by the families whose HF configs can express them.
       vocab_size: number of token ids ``V``.
       d_model: residual width ``D``.
       n_layers: number of blocks ``L``.
@@ -112,9 +116,27 @@ class ModelConfig:
         ``rlhf_jax.train.state.make_optimizer`` gives them zero updates: fine-tune only the
         top blocks, final norm and heads. Inference is unaffected.
       scan_unroll: unroll factor of the ``lax.scan`` over stacked layers (1 = no unroll).
+      sliding_window: ``W``: a query at slot ``s`` attends to key slots ``s - W < j <= s``
+        on sliding layers (Beltagy et al. 2020; Mistral, Jiang et al. 2023), the mask of HF
+        transformers. ``None``: full causal attention everywhere.
+      layer_types: per layer ``"full"`` or ``"sliding"`` (local/global interleaving, Gemma
+        2/3); ``None`` with a ``sliding_window`` means every layer is sliding. Needs
+        ``sliding_window``; length ``n_layers``.
+      rope_local_theta: RoPE base of the sliding layers (Gemma 3's ``rope_local_base_freq``;
+        those layers get no ``rope_scaling``); ``None``: every layer uses ``rope_theta``.
+      rotary_dim: rotate only the first ``rotary_dim`` features of each head (partial
+        rotary, GPT-NeoX / Phi); ``None``: the whole head.
+      attn_scale: attention score scale; ``None``: ``1 / sqrt(head_dim)`` (Gemma 2/3 use
+        ``query_pre_attn_scalar ** -0.5``).
+      attn_softcap: attention logits become ``c * tanh(s / c)`` (Gemma 2); ``None``: off.
+      final_softcap: LM logits become ``c * tanh(z / c)`` (Gemma 2); ``None``: off.
+      activation: MLP activation (``"silu"``, ``"gelu_tanh"`` or ``"gelu"`` (erf));
+        ``None``: the family's own.
+      parallel_residual: ``x + attn(norm1 x) + mlp(norm2 x)`` (GPT-J / GPT-NeoX) instead of
+        two sequential residual updates.
     """
 
-    arch: Literal["llama", "gpt2"] = "llama"
+    arch: str = "llama"
     vocab_size: int
     d_model: int
     n_layers: int
@@ -133,10 +155,25 @@ class ModelConfig:
     remat: bool = False
     frozen_layers: int = 0
     scan_unroll: int = 1
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
+    rotary_dim: int | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    activation: str | None = None
+    parallel_residual: bool = False
 
     def __post_init__(self):
-        if self.arch not in ("llama", "gpt2"):
-            raise ValueError(f"ModelConfig.arch must be 'llama' or 'gpt2', got {self.arch!r}")
+        if self.layer_types is not None:  # JSON gives a list; keep the config hashable
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        from rlhf_jax.models.families import validate  # the registry (pure Python)
+
+        for name, value in validate(self).items():
+            object.__setattr__(self, name, value)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_positions"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -148,14 +185,51 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.n_heads={self.n_heads} must be a multiple of "
                 f"n_kv_heads={self.num_kv_heads}")
-        if self.arch == "gpt2" and self.num_kv_heads != self.n_heads:
-            raise ValueError(f"GPT-2 has no grouped-query attention: n_kv_heads={self.n_kv_heads} "
-                             f"!= n_heads={self.n_heads}")
         if not 0 <= self.frozen_layers <= self.n_layers:
             raise ValueError(f"ModelConfig.frozen_layers={self.frozen_layers} must be in "
                              f"[0, n_layers={self.n_layers}]")
-        if self.per_head_dim % 2 and self.arch == "llama":
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.per_head_dim
+                                                and self.rotary_dim % 2 == 0):
+            raise ValueError(f"ModelConfig.rotary_dim={self.rotary_dim} must be even and in "
+                             f"(0, head_dim={self.per_head_dim}]")
+        if self.rope_dim % 2 and self.family.block.positions == "rope":
             raise ValueError(f"RoPE needs an even head_dim, got {self.per_head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be positive, got "
+                             f"{self.sliding_window}")
+        if self.layer_types is not None:
+            if self.sliding_window is None:
+                raise ValueError(f"ModelConfig.layer_types={self.layer_types} needs a "
+                                 "sliding_window")
+            if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= {
+                    "full", "sliding"}:
+                raise ValueError(f"ModelConfig.layer_types must hold n_layers={self.n_layers} "
+                                 f"entries 'full'/'sliding', got {self.layer_types}")
+        for name in ("attn_softcap", "final_softcap", "attn_scale", "rope_local_theta"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.activation not in (None, "silu", "gelu_tanh", "gelu"):
+            raise ValueError(f"ModelConfig.activation must be 'silu', 'gelu_tanh', 'gelu' or None, "
+                             f"got {self.activation!r}")
+
+    @property
+    def family(self):
+        """The ``rlhf_jax.models.families.base.Family`` named by ``arch``."""
+        from rlhf_jax.models.families import get_family
+
+        return get_family(self.arch)
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated features per head (``rotary_dim`` or the whole head)."""
+        return self.per_head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """``"full"`` or ``"sliding"`` for each layer."""
+        if self.layer_types is not None:
+            return self.layer_types
+        return ("full" if self.sliding_window is None else "sliding",) * self.n_layers
 
     @property
     def num_kv_heads(self) -> int:
@@ -169,18 +243,12 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        """Parameter count of the trunk + LM head (no scalar head)."""
-        d, f, v, l = self.d_model, self.mlp_dim, self.vocab_size, self.n_layers
-        hk, kvk = self.n_heads * self.per_head_dim, self.num_kv_heads * self.per_head_dim
-        attn = d * hk + 2 * d * kvk + hk * d
-        if self.arch == "gpt2":
-            block = attn + (hk + 2 * kvk + d) + 2 * d * f + f + d + 4 * d
-            extra = self.max_positions * d + 2 * d
-        else:
-            block = attn + 3 * d * f + 2 * d + (hk + 2 * kvk if self.qkv_bias else 0)
-            extra = d
-        head = 0 if self.tie_embeddings else d * v
-        return v * d + l * block + extra + head
+        """Parameter count of the trunk + LM head (no scalar head): the sizes of the tensors of
+        the family's HF checkpoint."""
+        fam = self.family
+        specs = fam.tensors(self, "")
+        n = sum(int(np.prod(s.shape)) * (self.n_layers if s.per_layer else 1) for s in specs)
+        return n + (0 if self.tie_embeddings else self.d_model * self.vocab_size)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward matmul FLOPs per token at context ``seq_len`` (2 x MACs, incl. attention scores).
@@ -190,7 +258,7 @@ class ModelConfig:
         """
         d, f, v, l = self.d_model, self.mlp_dim, self.vocab_size, self.n_layers
         hk, kvk = self.n_heads * self.per_head_dim, self.num_kv_heads * self.per_head_dim
-        n_mlp = (3 if self.arch == "llama" else 2) * d * f
+        n_mlp = (3 if self.family.block.mlp == "gated" else 2) * d * f
         matmul_params = l * (d * hk + 2 * d * kvk + hk * d + n_mlp) + d * v
         return 2 * matmul_params + 2 * l * seq_len * hk
 

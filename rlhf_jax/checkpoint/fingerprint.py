@@ -46,15 +46,20 @@ def model_fingerprint(model_cfg: Any) -> dict:
 
 
 def _fingerprint_diff(expected: Any, found: Any, where: str = "") -> list[str]:
-    """Human-readable differences between two JSON values (first-level keys named)."""
+    """Human-readable differences between two JSON values (first-level keys named). A key
+    that one side lacks and the other has as ``None`` / ``False`` (an option that did not exist
+    when the checkpoint was written, and is off) is no difference."""
     if isinstance(expected, dict) and isinstance(found, dict):
         out = []
         for k in list(expected) + [k for k in found if k not in expected]:
             sub = f"{where}.{k}" if where else str(k)
+            # an option added later is off (None / False) where a checkpoint lacks it
             if k not in found:
-                out.append(f"{sub}: expected {expected[k]!r}, missing in checkpoint")
+                if expected[k] is not None and expected[k] is not False:
+                    out.append(f"{sub}: expected {expected[k]!r}, missing in checkpoint")
             elif k not in expected:
-                out.append(f"{sub}: not expected, checkpoint has {found[k]!r}")
+                if found[k] is not None and found[k] is not False:
+                    out.append(f"{sub}: not expected, checkpoint has {found[k]!r}")
             else:
                 out.extend(_fingerprint_diff(expected[k], found[k], sub))
         return out

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.models.transformer import Dense, KVCache, Transformer
+from rlhf_jax.models.transformer import Dense, KVCache, Transformer, softcap
 from rlhf_jax.sharding import PARAM_RULES, LogicalRules, constrain, tree_shardings
 
 Kind = Literal["lm", "lm_value", "scalar"]
@@ -183,7 +183,8 @@ class Model:
         return self._merge(params).trunk(tokens, positions, attn_mask, stop_after_frozen=True)[0]
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
-        """LM head: ``hidden [..., D] -> logits [..., V]`` float32 (tied: ``hidden @ embed.T``)."""
+        """LM head: ``hidden [..., D] -> logits [..., V]`` float32 (tied: ``hidden @ embed.T``),
+        soft-capped ``c tanh(z / c)`` when ``cfg.final_softcap`` is set (Gemma 2)."""
         dt = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
             w = params["trunk"]["embed"].astype(dt)
@@ -193,13 +194,18 @@ class Model:
             logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w)
         if logits.ndim == 3:
             logits = constrain(logits, ("batch", "seq", "vocab"))
-        return logits.astype(jnp.float32)
+        return softcap(logits.astype(jnp.float32), self.cfg.final_softcap)
 
     def init_cache(self, batch: int, length: int) -> KVCache:
-        """Empty ``KVCache`` with ``length`` slots (raises if beyond ``max_positions`` for GPT-2)."""
-        if self.cfg.arch == "gpt2" and length > self.cfg.max_positions:
-            raise ValueError(f"cache length {length} exceeds GPT-2 max_positions "
-                             f"{self.cfg.max_positions}")
+        """Empty ``KVCache`` with ``length`` slots (a masked full cache: sliding layers keep
+        every slot too; see ``rlhf_jax.models.transformer``).
+
+        Raises:
+          ValueError: ``length`` beyond ``max_positions`` for a learned position table (GPT-2).
+        """
+        if self.cfg.family.block.positions == "learned" and length > self.cfg.max_positions:
+            raise ValueError(f"cache length {length} exceeds {self.cfg.arch} max_positions "
+                             f"{self.cfg.max_positions} (its learned position table)")
         return KVCache.zeros(self.cfg, batch, length)
 
 

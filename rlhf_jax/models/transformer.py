@@ -1,20 +1,38 @@
-"""Decoder-only transformer trunk (Flax NNX): the Llama family and GPT-2 in one code path.
+"""Decoder-only transformer trunk (Flax NNX): the shared core of every architecture family.
 
-* Llama / SmolLM2 / Qwen2 / Mistral (Touvron et al. 2023): pre-RMSNorm, rotary position
-  embeddings (Su et al. 2021) in the rotate-half convention of HF transformers, grouped-query
-  attention (Ainslie et al. 2023), SwiGLU MLP (Shazeer 2020), optional q/k/v biases (Qwen2).
-* GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm with bias, GELU (tanh
-  approximation, "gelu_new"), biases on every projection.
+A family (``rlhf_jax.models.families``, named by ``ModelConfig.arch``) declares a
+``BlockSpec``; this module implements every variant it can ask for:
+
+* norms: RMSNorm (Zhang & Sennrich 2019), Gemma's ``(1 + w)`` RMSNorm, LayerNorm with bias
+  (Ba et al. 2016), always computed in float32; optional q/k norms per head (Qwen3, Gemma 3)
+  or over the projected width (OLMo 2);
+* positions: rotary embeddings (Su et al. 2021) in the rotate-half convention of HF
+  transformers, full or partial (``rotary_dim``, GPT-NeoX/Phi), with linear / llama3
+  scaling and a separate base for sliding layers (Gemma 3); or a learned table (GPT-2);
+* attention: multi-head / grouped-query (Ainslie et al. 2023), a score scale, tanh
+  soft-capping of the scores (Gemma 2), a sliding window per layer with local/global
+  interleaving (``layer_types``);
+* MLP: gated (SwiGLU / GeGLU, Shazeer 2020) or plain, with SiLU, tanh-GELU or erf-GELU;
+* residual layouts: pre-norm, parallel (GPT-NeoX), sandwich (pre- and post-norms, Gemma
+  2/3) and post-norm (OLMo 2); embedding scaling by ``sqrt(D)`` (Gemma).
 
 The ``L`` blocks are *stacked* (each block parameter has a leading ``layers`` axis, created
 with ``nnx.vmap``) and run with one ``jax.lax.scan``: one block is traced and compiled, never
-a Python loop over layers. Optional ``jax.checkpoint`` per block (``ModelConfig.remat``).
+a Python loop over layers. Per-layer settings (window, RoPE base) are looked up by the layer
+index inside the scan. Optional ``jax.checkpoint`` per block (``ModelConfig.remat``).
 
 Attention masks are built from *cache slots*: token ``t`` of a call sits in slot
-``cache_index + t`` and attends to every valid slot ``<=`` its own. Without a cache the slots
+``cache_index + t`` and attends to every valid slot ``<=`` its own (and, on a sliding layer,
+``> slot - W``: the window counts slots, as transformers' mask does, which for the contiguous
+real tokens of a left-padded batch is the window over positions). Without a cache the slots
 are the tokens themselves, so the training forward and the sampler's cached forward are the
 same function (rollout log-probs equal training log-probs by construction). Padding may be
 on either side: positions are explicit and padded slots are never attended to.
+
+The KV cache is a *masked full cache*: every layer keeps all ``S`` slots, sliding layers
+included, and the window is a mask. Memory is ``2 L B S H_kv K`` values whatever the window
+(a ring buffer of ``W`` slots would bound sliding layers by ``W``; at RLHF lengths the full
+cache is simpler and the same computation as training).
 
 Every parameter carries logical axis names (``out_sharding`` metadata) that
 ``rlhf_jax.sharding`` maps to the mesh.
@@ -70,42 +88,54 @@ class Dense(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """RMSNorm (Zhang & Sennrich 2019) for Llama, LayerNorm (Ba et al. 2016) for GPT-2.
+    """RMSNorm, Gemma's ``(1 + w)`` RMSNorm or LayerNorm over the trailing ``len(shape)`` axes.
 
-    Always computed in float32, result cast to the compute dtype.
+    ``rms``: ``x / sqrt(mean(x^2) + eps) * w`` (Zhang & Sennrich 2019); ``rms1p``: the same
+    times ``(1 + w)`` with ``w`` initialised to 0 (Gemma); ``layer``: ``(x - mean) /
+    sqrt(var + eps) * w + b`` (Ba et al. 2016). Always computed in float32, result cast to the
+    compute dtype.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kind: str, shape: tuple[int, ...] | None = None,
+                 axes: tuple[str | None, ...] = ("norm",)):
         pdt = _dtype(cfg.param_dtype)
-        self.rms = cfg.arch == "llama"
+        shape = (cfg.d_model,) if shape is None else tuple(shape)
+        self.kind = kind
         self.eps = cfg.norm_eps
-        self.scale = _param(jnp.ones((cfg.d_model,), pdt), ("norm",))
-        self.bias = nnx.data(None if self.rms else _param(jnp.zeros((cfg.d_model,), pdt), ("norm",)))
+        self.n_axes = len(shape)
+        init = jnp.zeros if kind == "rms1p" else jnp.ones
+        self.scale = _param(init(shape, pdt), axes)
+        self.bias = nnx.data(_param(jnp.zeros(shape, pdt), axes) if kind == "layer" else None)
         self.dtype = _dtype(cfg.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        if self.rms:
-            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-            y = y * self.scale[...].astype(jnp.float32)
-        else:
-            mean = jnp.mean(x32, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        red = tuple(range(-self.n_axes, 0))
+        w = self.scale[...].astype(jnp.float32)
+        if self.kind == "layer":
+            mean = jnp.mean(x32, axis=red, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axis=red, keepdims=True)
             y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            y = y * w + self.bias[...].astype(jnp.float32)
+        else:
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=red, keepdims=True) + self.eps)
+            y = y * (1.0 + w if self.kind == "rms1p" else w)
         return y.astype(self.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies ``[K/2] float32`` of RoPE, with the config's scaling.
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies ``[R/2] float32`` of RoPE (``R = cfg.rope_dim``), with the config's
+    scaling.
 
-    ``inv_freq[i] = theta^(-2i/K)`` (Su et al. 2021 eq. 15); ``linear`` divides by the factor
-    (Chen et al. 2023); ``llama3`` follows Llama 3.1's wavelength bands.
+    ``inv_freq[i] = theta^(-2i/R)`` (Su et al. 2021 eq. 15); ``linear`` divides by the factor
+    (Chen et al. 2023); ``llama3`` follows Llama 3.1's wavelength bands. ``local=True``: the
+    sliding layers' frequencies when ``cfg.rope_local_theta`` is set (that base, no scaling).
     """
-    k = cfg.per_head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+    k = cfg.rope_dim
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
     s = cfg.rope_scaling
-    if s is None:
+    if s is None or local:
         return inv
     if s.rope_type == "linear":
         return inv / s.factor
@@ -122,13 +152,37 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate ``x [B, T, H, K]`` by ``positions [B, T]`` (rotate-half convention of HF)."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, K]
+    """Rotate the first ``R = 2 len(inv_freq)`` features of ``x [B, T, H, K]`` by
+    ``positions [B, T]`` (rotate-half convention of HF); features ``R..K-1`` pass through."""
+    r = 2 * inv_freq.shape[-1]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, R]
     x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    rot, rest = x32[..., :r], x32[..., r:]
+    half = r // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = rot * jnp.cos(angles) + rotated * jnp.sin(angles)
+    if rest.shape[-1]:
+        out = jnp.concatenate([out, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+#: Window of a full-attention layer in the per-layer window table (larger than any cache).
+_NO_WINDOW = 2**30
+
+
+def layer_windows(cfg: ModelConfig):
+    """``[L] int32`` attention window of each layer (``_NO_WINDOW`` on full layers), or
+    ``None`` when no layer has a window."""
+    if cfg.sliding_window is None:
+        return None
+    return jnp.asarray([cfg.sliding_window if t == "sliding" else _NO_WINDOW
+                        for t in cfg.layer_kinds], jnp.int32)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping), identity for ``cap=None``."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 @struct.dataclass
@@ -155,17 +209,25 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query causal self-attention with RoPE (Llama) or without (GPT-2)."""
+    """Multi-head / grouped-query causal self-attention in the family's variant (q/k norms,
+    RoPE or none, score scale and soft-cap, per-layer sliding window)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        spec = cfg.family.block
         d, h, hkv, k = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.per_head_dim
-        gpt2 = cfg.arch == "gpt2"
-        qkv_bias = gpt2 or cfg.qkv_bias
+        qkv_bias = spec.bias or cfg.qkv_bias
         self.q = Dense((d,), (h, k), ("embed", "heads", "kv"), bias=qkv_bias, cfg=cfg, rngs=rngs)
         self.k = Dense((d,), (hkv, k), ("embed", "kv_heads", "kv"), bias=qkv_bias, cfg=cfg, rngs=rngs)
         self.v = Dense((d,), (hkv, k), ("embed", "kv_heads", "kv"), bias=qkv_bias, cfg=cfg, rngs=rngs)
-        self.o = Dense((h, k), (d,), ("heads", "kv", "embed"), bias=gpt2, cfg=cfg, rngs=rngs)
-        self.use_rope = not gpt2
+        self.o = Dense((h, k), (d,), ("heads", "kv", "embed"), bias=spec.bias, cfg=cfg, rngs=rngs)
+        self.q_norm = self.k_norm = nnx.data(None)
+        if spec.qk_norm == "head":
+            self.q_norm = Norm(cfg, spec.norm, (k,), ("kv",))
+            self.k_norm = Norm(cfg, spec.norm, (k,), ("kv",))
+        elif spec.qk_norm == "width":
+            self.q_norm = Norm(cfg, spec.norm, (h, k), ("heads", "kv"))
+            self.k_norm = Norm(cfg, spec.norm, (hkv, k), ("kv_heads", "kv"))
+        self.use_rope = spec.positions == "rope"
         self.n_rep = h // hkv
         self.cfg = cfg
 
@@ -181,14 +243,21 @@ class Attention(nnx.Module):
             in-place update of the layer scan's carry), never a whole layer.
           valid: ``[B, S] bool`` valid slots, already including this call's tokens.
           cache_index: scalar int32, the slot of ``x[:, 0]``.
-          layer: scalar int32, this block's index into the cache.
+          layer: scalar int32, this block's index into the cache and per-layer tables.
 
         Returns:
           ``(y [B, T, D], k_cache, v_cache)`` with the cache updated (``None`` if not given).
         """
+        cfg = self.cfg
         q, k, v = self.q(x), self.k(x), self.v(x)  # [B, T, H(kv), K]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        windows = layer_windows(cfg)
         if self.use_rope:
-            inv_freq = rope_inv_freq(self.cfg)
+            inv_freq = rope_inv_freq(cfg)
+            if cfg.rope_local_theta is not None and windows is not None:
+                local = jnp.asarray([t == "sliding" for t in cfg.layer_kinds])[layer]
+                inv_freq = jnp.where(local, rope_inv_freq(cfg, local=True), inv_freq)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         if k_cache is not None:
@@ -200,48 +269,83 @@ class Attention(nnx.Module):
         b, t, h, kd = q.shape
         s, hkv = k.shape[1], k.shape[2]
         q = q.reshape(b, t, hkv, self.n_rep, kd)
-        scores = jnp.einsum("btgrk,bsgk->bgrts", q, k).astype(jnp.float32) / math.sqrt(kd)
-        allowed = (jnp.arange(s)[None, :] <= q_slots[:, None])[None] & valid[:, None, :]  # [B,T,S]
+        scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(kd)
+        scores = jnp.einsum("btgrk,bsgk->bgrts", q, k).astype(jnp.float32) * scale
+        scores = softcap(scores, cfg.attn_softcap)
+        k_slots = jnp.arange(s)[None, :]
+        allowed = k_slots <= q_slots[:, None]  # [T, S]
+        if windows is not None:
+            allowed &= k_slots > q_slots[:, None] - windows[layer]
+        allowed = allowed[None] & valid[:, None, :]  # [B, T, S]
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bgrts,bsgk->btgrk", probs, v).reshape(b, t, h, kd)
         return self.o(out), k_cache, v_cache
 
 
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
 class MLP(nnx.Module):
-    """SwiGLU ``down(silu(gate x) * up x)`` (Llama) or ``down(gelu_tanh(up x))`` (GPT-2)."""
+    """Gated ``down(act(gate x) * up x)`` (SwiGLU / GeGLU) or plain ``down(act(up x))``."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        spec = cfg.family.block
         d, f = cfg.d_model, cfg.mlp_dim
-        gpt2 = cfg.arch == "gpt2"
-        self.gate = nnx.data(None if gpt2 else Dense((d,), (f,), ("embed", "mlp"), bias=False,
-                                                     cfg=cfg, rngs=rngs))
-        self.up = Dense((d,), (f,), ("embed", "mlp"), bias=gpt2, cfg=cfg, rngs=rngs)
-        self.down = Dense((f,), (d,), ("mlp", "embed"), bias=gpt2, cfg=cfg, rngs=rngs)
+        self.gate = nnx.data(Dense((d,), (f,), ("embed", "mlp"), bias=spec.bias, cfg=cfg,
+                                   rngs=rngs) if spec.mlp == "gated" else None)
+        self.up = Dense((d,), (f,), ("embed", "mlp"), bias=spec.bias, cfg=cfg, rngs=rngs)
+        self.down = Dense((f,), (d,), ("mlp", "embed"), bias=spec.bias, cfg=cfg, rngs=rngs)
+        self.act = cfg.activation or spec.activation
 
     def __call__(self, x):
+        act = _ACTIVATIONS[self.act]
         if self.gate is None:
-            h = jax.nn.gelu(self.up(x), approximate=True)
+            h = act(self.up(x))
         else:
-            h = jax.nn.silu(self.gate(x)) * self.up(x)
+            h = act(self.gate(x)) * self.up(x)
         h = constrain(h, ("batch", "seq", "mlp"))
         return self.down(h)
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: ``x + attn(norm x)`` then ``x + mlp(norm x)``."""
+    """One residual block in the family's layout.
+
+    * ``pre``: ``x + attn(attn_norm x)`` then ``x + mlp(mlp_norm x)``; with
+      ``parallel_residual`` ``x + attn(attn_norm x) + mlp(mlp_norm x)``;
+    * ``sandwich``: ``x + post_attn_norm(attn(attn_norm x))`` then
+      ``x + post_mlp_norm(mlp(mlp_norm x))``;
+    * ``post``: ``x + post_attn_norm(attn x)`` then ``x + post_mlp_norm(mlp x)``.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg)
+        spec = cfg.family.block
+        self.layout = spec.residual
+        self.parallel = cfg.parallel_residual
+        pre = spec.residual in ("pre", "sandwich")
+        post = spec.residual in ("sandwich", "post")
+        self.attn_norm = nnx.data(Norm(cfg, spec.norm) if pre else None)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg)
+        self.mlp_norm = nnx.data(Norm(cfg, spec.norm) if pre else None)
         self.mlp = MLP(cfg, rngs)
+        self.post_attn_norm = nnx.data(Norm(cfg, spec.norm) if post else None)
+        self.post_mlp_norm = nnx.data(Norm(cfg, spec.norm) if post else None)
 
     def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index, layer):
-        y, k_cache, v_cache = self.attn(self.attn_norm(x), positions, q_slots, k_cache, v_cache,
-                                        valid, cache_index, layer)
-        x = x + y
-        x = x + self.mlp(self.mlp_norm(x))
+        def norm(n, y):
+            return y if n is None else n(y)
+
+        y, k_cache, v_cache = self.attn(norm(self.attn_norm, x), positions, q_slots, k_cache,
+                                        v_cache, valid, cache_index, layer)
+        if self.parallel:
+            x = x + y + self.mlp(norm(self.mlp_norm, x))
+        else:
+            x = x + norm(self.post_attn_norm, y)
+            x = x + norm(self.post_mlp_norm, self.mlp(norm(self.mlp_norm, x)))
         return constrain(x, ("batch", "seq", "embed")), k_cache, v_cache
 
 
@@ -253,8 +357,10 @@ class Transformer(nnx.Module):
         pdt = _dtype(cfg.param_dtype)
         self.embed = _param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
                             ("vocab", "embed"))
+        spec = cfg.family.block
+        self.embed_scale = spec.embed_scale
         self.pos_embed = nnx.data(None)
-        if cfg.arch == "gpt2":
+        if spec.positions == "learned":
             self.pos_embed = _param(
                 0.01 * jax.random.normal(rngs.params(), (cfg.max_positions, cfg.d_model), pdt),
                 ("positions", "embed"))
@@ -265,7 +371,7 @@ class Transformer(nnx.Module):
             return Block(cfg, rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = Norm(cfg)
+        self.final_norm = Norm(cfg, spec.norm)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
                  cache: KVCache | None = None, cache_index: jax.Array | int = 0, *,
@@ -299,7 +405,10 @@ class Transformer(nnx.Module):
             raise ValueError("frozen_hidden / stop_after_frozen need ModelConfig.frozen_layers > 0 "
                              f"(got {f}) and no KV cache")
         if frozen_hidden is None:
-            x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+            x = jnp.take(self.embed[...], tokens, axis=0)
+            if self.embed_scale:  # Gemma: sqrt(D), rounded to the parameter dtype as in HF
+                x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+            x = x.astype(dt)
             if self.pos_embed is not None:
                 x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
             if f:

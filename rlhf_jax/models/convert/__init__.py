@@ -1,8 +1,10 @@
 """Checkpoint converters.
 
-* ``hf``: HF ``config.json`` + safetensors directories <-> parameter trees (Llama, Mistral,
-  Qwen2, SmolLM, GPT-2), incl. sharded loading into target shardings; ``hf_config`` maps
-  the configs, ``hf_names`` the weight names.
+* ``hf``: HF ``config.json`` + safetensors directories <-> parameter trees (every family of
+  ``rlhf_jax.models.families``: Llama/SmolLM/Mistral/Qwen2, GPT-2, Qwen3, Gemma 1-3,
+  GPT-NeoX/Pythia, Phi-3, OLMo 2), incl. sharded loading into target shardings;
+  ``hf_config`` maps the configs and ``hf_names`` the weight names, each through the
+  family's own tables.
 * ``gguf``: llama.cpp GGUF files -> parameters, config and an HF tokenizer directory.
 * ``smollm2``: real SmolLM2-135M-Instruct weights fetched through the package index.
 """

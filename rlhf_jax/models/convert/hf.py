@@ -1,20 +1,23 @@
 """Hugging Face checkpoints (``config.json`` + safetensors) <-> ``rlhf_jax`` parameter trees.
 
-Supported ``model_type`` values: ``llama``, ``mistral``, ``qwen2``, ``smollm`` (read as
-``llama``; SmolLM/SmolLM2 ship ``model_type: llama`` anyway) and ``gpt2``. This module reads
+Supported ``model_type`` values: those of the registered families
+(``rlhf_jax.models.families``; ``SUPPORTED_MODEL_TYPES``; ``smollm`` reads as ``llama``,
+SmolLM/SmolLM2 ship ``model_type: llama`` anyway). This module reads
 and writes the weights (``list_safetensors``, ``load_hf_checkpoint``, ``save_hf_checkpoint``);
 ``hf_config`` maps ``config.json`` <-> ``ModelConfig`` (``read_hf_config``, ``config_from_hf``,
 ``hf_config_dict``, importable from here too) and ``hf_names`` maps each HF tensor name and
 layout to our parameter leaves.
 
-Layouts (``hf_names``). HF ``nn.Linear`` weights ``[out, in]`` become our ``[in..., out...]``
-kernels with heads split out and every block parameter stacked over layers on axis 0;
-GPT-2's fused ``c_attn`` splits into q, k, v; tied embeddings have no ``lm_head`` tensor.
+Layouts (each family's ``tensors``, ``hf_names``). HF ``nn.Linear`` weights ``[out, in]``
+become our ``[in..., out...]`` kernels with heads split out and every block parameter stacked
+over layers on axis 0; fused projections (GPT-2's ``c_attn``, GPT-NeoX's
+``query_key_value``, Phi-3's ``qkv_proj``/``gate_up_proj``) split into ours; tied
+embeddings have no LM-head tensor.
 
 Scalar head. Our reward/value head (``value_head``: kernel ``[D]``, bias ``[]``) is stored as
 ``score.weight [1, D]`` and ``score.bias [1]``, the names of HF's
 ``*ForSequenceClassification`` with ``num_labels=1``. A ``kind="scalar"`` export writes
-``architectures: [LlamaForSequenceClassification]`` (Qwen2/GPT-2 likewise), which HF loads
+``architectures: [LlamaForSequenceClassification]`` (each family its own class), which HF loads
 with the score weight; HF's classifier has no bias, so it ignores ``score.bias`` (logged as an
 unexpected key) and its reward differs from ours by that constant, which a Bradley-Terry
 reward is invariant to. Our own reload is lossless. A ``kind="lm_value"`` export is a
@@ -121,7 +124,9 @@ def list_safetensors(path: str | os.PathLike) -> dict[str, TensorInfo]:
 
 
 def _detect_prefix(names: Sequence[str], arch: str) -> str:
-    base = "transformer." if arch == "gpt2" else "model."
+    from rlhf_jax.models.families import get_family
+
+    base = get_family(arch).prefix
     return base if any(n.startswith(base) for n in names) else ""
 
 
@@ -202,7 +207,9 @@ def load_hf_checkpoint(path: str | os.PathLike, *, kind: str = "lm", dtype=None,
         overrides["param_dtype"] = _dtype_name(dtype)
     cfg = config_from_hf(root, **overrides)
     model = Model(cfg, kind)
-    infos = list_safetensors(root)
+    raw = list_safetensors(root)
+    stored = {cfg.family.legacy_names.get(n, n): n for n in raw}  # current name -> stored name
+    infos = {n: raw[o] for n, o in stored.items()}
     prefix = _detect_prefix(list(infos), cfg.arch)
     has_score = SCORE_WEIGHT in infos
     want_score = kind != "lm"
@@ -232,7 +239,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, kind: str = "lm", dtype=None,
             continue
         if name in (SCORE_WEIGHT, SCORE_BIAS) and not want_score:
             dropped.append(name)
-        elif name == "lm_head.weight" and (kind == "scalar" or cfg.tie_embeddings):
+        elif name == cfg.family.lm_head_name and (kind == "scalar" or cfg.tie_embeddings):
             dropped.append(name)
         else:
             raise ValueError(f"unexpected tensor {name!r} (shape {info.shape}) in {info.file}: "
@@ -250,7 +257,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, kind: str = "lm", dtype=None,
                    for f in sorted({i.file for i in infos.values()})}
 
         def read(name):
-            return handles[infos[name].file].get_tensor(name)
+            return handles[infos[name].file].get_tensor(stored[name])
 
         for s in specs:
             for j, leaf in enumerate(s.ours):
@@ -264,11 +271,11 @@ def load_hf_checkpoint(path: str | os.PathLike, *, kind: str = "lm", dtype=None,
                     raise AssertionError(f"{leaf}: built {host.shape}, model wants {want.shape}")
                 sharding = None if target is None else _get_path(target, leaf)
                 _set_path(params, leaf, _place(host, sharding))
-        if cfg.tie_embeddings and "lm_head.weight" in infos and kind != "scalar":
-            if not np.array_equal(read("lm_head.weight"), read(prefix + (
-                    "wte.weight" if cfg.arch == "gpt2" else "embed_tokens.weight"))):
+        head = cfg.family.lm_head_name
+        if cfg.tie_embeddings and head in infos and kind != "scalar":
+            if not np.array_equal(read(head), read(prefix + cfg.family.embed_name)):
                 raise ValueError(f"{root / CONFIG_FILE} says tie_word_embeddings=True but "
-                                 f"lm_head.weight in {infos['lm_head.weight'].file} differs from "
+                                 f"{head} in {infos[head].file} differs from "
                                  "the input embedding")
 
     if want_score and not has_score:
@@ -373,7 +380,7 @@ def save_hf_checkpoint(model: Model, params: Params, path: str | os.PathLike, *,
     config = hf_config_dict(cfg, kind=model.kind, model_type=model_type, dtype=dtype,
                             extra=extra)
     _check_tree(model, params)
-    prefix = "transformer." if cfg.arch == "gpt2" else "model."
+    prefix = cfg.family.prefix
     specs = _specs(cfg, prefix, lm_head=model.kind != "scalar" and not cfg.tie_embeddings,
                    score=model.kind != "lm")
     writer = jax.process_index() == 0
