@@ -87,6 +87,8 @@ commands:
   chat       sample an answer from a chat model (default SmolLM2-135M-Instruct)
 
 presets: {presets} (default smollm2-sentiment); `rlhf-jax pipeline --help` lists every field.
+`pipeline` runs the preset's stages; `--reward module:function[=weight]` (repeatable) adds a
+host reward function to the RL stage.
 A stage reads earlier stages' outputs from --out-dir. Exit codes: 0 done, 75 preempted
 (rerun to continue), 76 non-finite training, 77 stalled training, 1 other errors.
 """
@@ -103,7 +105,6 @@ def usage() -> str:
 def parse_pipeline_args(command: str, argv: list[str]):
     """``PipelineConfig`` for ``command`` from ``--preset`` and field overrides (tyro)."""
     from rlhf_jax.pipeline.config import PipelineConfig
-    from rlhf_jax.pipeline.registry import stage_names
     from rlhf_jax.presets import get_preset, with_stages
 
     preset = "smollm2-sentiment"
@@ -114,14 +115,21 @@ def parse_pipeline_args(command: str, argv: list[str]):
             raise SystemExit("--preset needs a name")
         preset = rest[i + 1]
         del rest[i:i + 2]
+    rewards = []
+    while "--reward" in rest:  # repeatable alias of --ppo.rewards
+        i = rest.index("--reward")
+        if i + 1 >= len(rest):
+            raise SystemExit("--reward needs module:function[=weight]")
+        rewards.append(rest[i + 1])
+        del rest[i:i + 2]
+    if rewards:
+        rest += ["--ppo.rewards", *rewards]
     try:
         default = get_preset(preset)
     except KeyError as e:
         raise SystemExit(str(e)) from None
     if command != "pipeline":
         default = with_stages(default, command)
-    elif default.stages != stage_names():
-        default = with_stages(default, *stage_names())
     return tyro.cli(PipelineConfig, default=default, args=rest,
                     prog=f"rlhf-jax {command}", description=f"preset {preset}")
 

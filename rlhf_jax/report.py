@@ -37,24 +37,28 @@ from rlhf_jax.plots import _is_number, judge_figure, judge_kl_figure, judged_plo
 DEFAULT_PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("reward", "Reward", ("objective/score", "objective/rlhf_reward",
                           "objective/non_score_reward")),
+    ("reward_sources", "Reward sources", ("reward/*/mean",)),
     ("kl", "KL to the reference policy", ("objective/kl", "objective/kl_coef")),
     ("rm", "Reward model", ("rm/accuracy", "rm/loss", "rm/margin", "eval/rm/*")),
     ("dpo", "DPO", ("dpo/rewards/margins", "dpo/rewards/accuracies", "dpo/loss")),
     ("sft", "SFT", ("sft/loss", "sft/accuracy")),
     ("ppo", "PPO", ("ppo/policy/clipfrac", "ppo/policy/approxkl", "ppo/val/error",
                     "objective/entropy")),
-    ("rollout", "Rollouts", ("rollout/response_length", "rollout/no_eos_share")),
+    ("rollout", "Rollouts", ("rollout/response_length", "rollout/no_eos_share",
+                             "rollout/equal_reward_groups", "rollout/overlong_penalty")),
 )
 
 #: The question each default curve group answers (its caption).
 CURVE_QUESTIONS: dict[str, str] = {
     "reward": "Did the policy's reward rise during RL, net of the KL penalty?",
+    "reward_sources": "Did each reward source (reward model, functions, verifiers) rise?",
     "kl": "How far did the policy drift from the reference, and how did the KL coefficient react?",
     "rm": "Did the reward model learn to rank the preferred completion higher?",
     "dpo": "Did DPO widen the implicit-reward margin between chosen and rejected completions?",
     "sft": "Did supervised fine-tuning converge?",
     "ppo": "Were the PPO updates stable (clipping, approximate KL, value error, entropy)?",
-    "rollout": "Did the responses change length or stop ending with EOS?",
+    "rollout": ("Did the responses change length or stop ending with EOS, and how many "
+                "prompts' samples all got the same reward (no signal for group estimators)?"),
 }
 
 #: File stems of the judged-comparison plots; a curve group may not reuse them.

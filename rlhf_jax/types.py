@@ -75,13 +75,49 @@ class PreferenceBatch:
 
 
 @struct.dataclass
+class UnpairedBatch:
+    """Single completions labelled desirable or undesirable (KTO, Ethayarajh et al. 2024), with
+    the mismatched pairs that estimate KTO's KL reference point.
+
+    Row ``i`` is prompt ``x_i`` + completion ``y_i``. KL row ``i`` is the same prompt ``x_i``
+    followed by the completion ``y_{(i+1) mod B}`` of the *next* row of the batch (of this
+    process's rows, when several processes each collate their own), as in §4 of the paper;
+    with ``B = 1`` it is the row itself. Both use the same padded length ``T``.
+
+    Attributes:
+      tokens: ``[B, T] int32`` prompt + completion ids.
+      attn_mask: ``[B, T] bool``.
+      positions: ``[B, T] int32``.
+      loss_mask: ``[B, T] bool`` True on the completion's tokens (EOS included).
+      label: ``[B] bool`` True for a desirable completion.
+      valid: ``[B] bool`` False for filler rows (``remainder="pad"``), which carry no loss.
+      kl_tokens, kl_attn_mask, kl_positions, kl_loss_mask: ``[B, T]``, the same for the
+        mismatched pairs ``(x_i, y_{(i+1) mod B})``.
+    """
+
+    tokens: jax.Array
+    attn_mask: jax.Array
+    positions: jax.Array
+    loss_mask: jax.Array
+    label: jax.Array
+    valid: jax.Array
+    kl_tokens: jax.Array
+    kl_attn_mask: jax.Array
+    kl_positions: jax.Array
+    kl_loss_mask: jax.Array
+
+
+@struct.dataclass
 class PromptBatch:
     """Left-padded prompts for sampling (RL).
 
     Attributes:
       tokens: ``[B, P] int32`` left-padded prompt ids.
       attn_mask: ``[B, P] bool``.
+      index: ``[B] int32`` the prompts' rows in their data set (to look up response prefixes
+        and the record columns a reward function reads), or ``None``.
     """
 
     tokens: jax.Array
     attn_mask: jax.Array
+    index: jax.Array | None = None

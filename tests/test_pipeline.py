@@ -249,8 +249,8 @@ def test_summary_json_has_judge_means(tiny_run):
         evals = _stage(tiny_run.records, f"eval_{name}")
         assert len(evals) == 1 and evals[0]["eval/judge_mean"] == pytest.approx(s["judge_mean"])
         sft_mean = summary["sft"]["judge_mean"]
-        assert s["judge_delta_vs_sft"] == pytest.approx(s["judge_mean"] - sft_mean)
-    assert summary["sft"]["judge_delta_vs_sft"] == 0.0
+        assert s["judge_delta"] == pytest.approx(s["judge_mean"] - sft_mean)
+    assert summary["sft"]["judge_delta"] == 0.0
     assert summary["sft"]["kl"] == pytest.approx(0, abs=1e-5)
     rm_meta = json.loads((tiny_run.out / "rm" / "final" / "model.json").read_text())
     assert summary["rm_heldout_accuracy"] == rm_meta["heldout_accuracy"]
@@ -415,6 +415,42 @@ def test_ppo_with_a_separate_value_model(tiny_run, tmp_path):
     assert [r["step"] for r in ppo] == [1, 2]
     assert all(np.isfinite(r["ppo/val/error"]) for r in ppo)
     assert json.loads((cfg.out_dir / "ppo" / "final" / "model.json").read_text())["kind"] == "lm"
+
+
+def test_grpo_with_host_rewards_and_dynamic_sampling(tiny_run, tmp_path):
+    """The staged RL path: GRPO (2 samples per prompt, no reference model), the reward model
+    at weight 0.5 plus two host functions, dynamic sampling; then a reward function that
+    returns NaN stops the run with an error naming it and the sample, and the checkpoint of
+    the last finished iteration is kept."""
+    from tests import _pipeline_rewards
+    from rlhf_jax.rewards import RewardFunctionError
+    cfg = _copy(tiny_run, tmp_path, stages=("ppo",), force_restart=("ppo",), checkpoint_every=1)
+    grpo = dataclasses.replace(cfg.ppo.ppo, advantage="grpo", num_samples=2, kl_penalty="none",
+                               loss_aggregation="sequence_mean")
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(
+        cfg.ppo, ppo=grpo, reward_model_weight=0.5, dynamic_sampling=True,
+        rewards=("rlhf_jax.tasks.sentiment.rewards:vader_positive",
+                 "tests._pipeline_rewards:length_bonus=2")))
+    run_pipeline(cfg)
+    ppo = _stage(read_jsonl(cfg.out_dir / "metrics.jsonl"), "ppo")
+    assert [r["step"] for r in ppo] == [1, 2]
+    for r in ppo:
+        for source in ("reward_model", "vader_positive", "length_bonus"):
+            assert np.isfinite(r[f"reward/{source}/mean"])
+        assert 0 <= r["reward/vader_positive/mean"] <= 1
+        assert r["reward/length_bonus/seconds"] >= 0
+        assert r["rollout/dynamic_sampling/kept_groups"] + \
+            r["rollout/dynamic_sampling/filler_groups"] == cfg.ppo.batch_size
+        assert "objective/kl" not in r and "ppo/val/error" not in r  # no reference, no critic
+    assert json.loads((cfg.out_dir / "ppo" / "final" / "model.json").read_text())["kind"] == "lm"
+
+    _pipeline_rewards.CALLS["n"] = 0
+    bad = dataclasses.replace(cfg, force_restart=("ppo",), ppo=dataclasses.replace(
+        cfg.ppo, dynamic_sampling=False, rewards=("tests._pipeline_rewards:fails_on_second_call",)))
+    with pytest.raises(RewardFunctionError,
+                       match=r"reward 'fails_on_second_call' .* returned nan for sample 3"):
+        run_pipeline(bad)
+    assert Checkpointer(bad.out_dir / "ppo" / "checkpoints").latest_step() == 1
 
 
 # ---- the same pipeline as two processes ------------------------------------------------------

@@ -16,7 +16,7 @@ Data sets are tokenised eagerly and held in host memory (ids are ``int32``; a mi
 512-token examples is 2 GB). Every process loads the whole set and
 :class:`~rlhf_jax.data.batching.BatchIterator` hands each its slice of the global batch.
 
-Kinds. :data:`KINDS` names the three record formats; :func:`load_dataset` and
+Kinds. :data:`KINDS` names the four record formats; :func:`load_dataset` and
 :func:`validate_source` dispatch on it, so a caller can open and check every source of a
 multi-stage run before the first stage trains.
 """
@@ -46,8 +46,10 @@ from rlhf_jax.data.records import (
     parse_preference,
     parse_prompt,
     parse_sft,
+    parse_unpaired,
 )
 from rlhf_jax.data.sources import iter_source, source_name
+from rlhf_jax.data.unpaired import UnpairedExample, collate_unpaired, tokenize_unpaired
 from rlhf_jax.data.tokenize import (
     ChatTokenizer,
     PreferenceExample,
@@ -59,9 +61,9 @@ from rlhf_jax.data.tokenize import (
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["sft", "preferences", "prompts"]
+Kind = Literal["sft", "preferences", "prompts", "unpaired"]
 #: The record formats a source can hold (``records`` module docstring).
-KINDS: tuple[str, ...] = ("sft", "preferences", "prompts")
+KINDS: tuple[str, ...] = ("sft", "preferences", "prompts", "unpaired")
 
 
 class _Dataset:
@@ -128,6 +130,37 @@ class PreferenceDataset(_Dataset):
                                    self.num_candidates, self.pad_id)
 
 
+class UnpairedDataset(_Dataset):
+    """Tokenised unpaired examples (KTO); ``collate`` gives ``UnpairedBatch`` es whose KL rows
+    pair each prompt with the next row's completion (``rlhf_jax.data.unpaired``).
+
+    Attributes:
+      labels: ``[n] bool``, True for the desirable examples.
+    """
+
+    examples: list[UnpairedExample]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.labels = np.asarray([e.label for e in self.examples], dtype=bool)
+
+    @property
+    def num_desirable(self) -> int:
+        """``n_D``, the desirable examples."""
+        return int(self.labels.sum())
+
+    @property
+    def num_undesirable(self) -> int:
+        """``n_U``, the undesirable examples."""
+        return len(self.labels) - self.num_desirable
+
+    def collate(self, indices: np.ndarray, valid: np.ndarray, length: int):
+        """``UnpairedBatch`` ``[B, T]`` of the examples at ``indices`` (``T`` at least
+        ``length``, raised to the bucket that fits the mismatched pairs)."""
+        return collate_unpaired([self.examples[i] for i in indices], valid, length, self.pad_id,
+                                self.buckets)
+
+
 class PromptDataset(_Dataset):
     """Tokenised RL prompts; ``collate`` gives left-padded ``PromptBatch`` es.
 
@@ -139,14 +172,20 @@ class PromptDataset(_Dataset):
         the start of the assistant's response, whose ids end ``examples[i]``), ``""`` when
         none. A sampled response continues it: the full response text is
         ``prefixes[i] + decode(response)``.
+      columns: ``columns[name][i]``, the other fields of example ``i``'s record (``None``
+        where a record lacks one), for host reward functions (``rlhf_jax.rewards``).
     """
 
     examples: list[np.ndarray]
     supports_invalid_rows = False
 
     def __init__(self, examples: list, locations: list[str], stats: DataStats,
-                 buckets: tuple[int, ...], pad_id: int, prefixes: list[str] | None = None):
+                 buckets: tuple[int, ...], pad_id: int, prefixes: list[str] | None = None,
+                 columns: list[Mapping[str, Any]] | None = None):
         super().__init__(examples, locations, stats, buckets, pad_id)
+        rows = list(columns) if columns is not None else [{}] * len(examples)
+        names = sorted({k for r in rows for k in r})
+        self.columns: dict[str, list[Any]] = {k: [r.get(k) for r in rows] for k in names}
         self.prefixes: list[str] = list(prefixes) if prefixes is not None else \
             [""] * len(examples)
         if len(self.prefixes) != len(examples):
@@ -154,8 +193,10 @@ class PromptDataset(_Dataset):
                              "expected one per prompt")
 
     def collate(self, indices: np.ndarray, valid: np.ndarray, length: int):
-        """``PromptBatch`` ``[B, P]`` (left-padded) of the prompts at ``indices``."""
-        return collate_prompts([self.examples[i] for i in indices], length, self.pad_id)
+        """``PromptBatch`` ``[B, P]`` (left-padded) of the prompts at ``indices`` (their rows
+        in ``PromptBatch.index``)."""
+        batch = collate_prompts([self.examples[i] for i in indices], length, self.pad_id)
+        return batch.replace(index=np.asarray(indices, np.int32))
 
     def batches(self, cfg: BatchConfig, **kwargs) -> BatchIterator:
         """As :meth:`_Dataset.batches`; ``remainder="pad"`` is read as ``"wrap"`` for prompts."""
@@ -187,6 +228,9 @@ def _spec(kind: str, tok: ChatTokenizer, cfg: BatchConfig):
     if kind == "prompts":
         return (parse_prompt, lambda r, m: tokenize_prompt(r, tok, m), cfg.max_prompt_length,
                 "prompts")
+    if kind == "unpaired":
+        return (parse_unpaired, lambda r, m: tokenize_unpaired(r, tok, m), cfg.max_length,
+                "unpaired")
     raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
 
 
@@ -319,14 +363,43 @@ def load_prompts(source: Any, tokenizer: Any, cfg: BatchConfig, *, name: str | N
     """
     tok = _encoder(tokenizer, cfg)
     prefixes: list[str] = []
-    ex, locs, stats = _load(source, "prompts", tok, cfg, name, progress,
-                            on_keep=lambda r: prefixes.append(r.response_prefix))
-    return PromptDataset(ex, locs, stats, cfg.prompt_buckets, tok.pad_id, prefixes=prefixes)
+    columns: list[Mapping[str, Any]] = []
+
+    def keep(record):
+        prefixes.append(record.response_prefix)
+        columns.append(record.columns)
+
+    ex, locs, stats = _load(source, "prompts", tok, cfg, name, progress, on_keep=keep)
+    return PromptDataset(ex, locs, stats, cfg.prompt_buckets, tok.pad_id, prefixes=prefixes,
+                         columns=columns)
 
 
-#: kind -> loader (``load_sft`` / ``load_preferences`` / ``load_prompts``).
+def load_unpaired(source: Any, tokenizer: Any, cfg: BatchConfig, *, name: str | None = None,
+                  progress: bool | None = None) -> UnpairedDataset:
+    """Read, validate and tokenise unpaired records ``{"prompt", "completion", "label"}``
+    (KTO's desirable / undesirable examples).
+
+    Args: as :func:`load_sft`.
+
+    Returns:
+      An :class:`UnpairedDataset` (``num_desirable`` / ``num_undesirable`` count the labels).
+
+    Raises:
+      RecordError: an invalid record (file and line in the message; e.g. a ``label`` that is
+        not ``true`` / ``false``), unless ``cfg.skip_invalid``.
+      FileNotFoundError: a missing file.
+      SourceError: (a ``ValueError``) an unreadable, corrupt or empty file, or no record
+        survived; the message names the file.
+    """
+    tok = _encoder(tokenizer, cfg)
+    ex, locs, stats = _load(source, "unpaired", tok, cfg, name, progress)
+    return UnpairedDataset(ex, locs, stats, cfg.buckets, tok.pad_id)
+
+
+#: kind -> loader (``load_sft`` / ``load_preferences`` / ``load_prompts`` / ``load_unpaired``).
 LOADERS: dict[str, Callable[..., _Dataset]] = {
     "sft": load_sft, "preferences": load_preferences, "prompts": load_prompts,
+    "unpaired": load_unpaired,
 }
 
 
@@ -337,7 +410,8 @@ def _check_kind(kind: str) -> None:
 
 def load_dataset(source: Any, kind: Kind, tokenizer: Any, cfg: BatchConfig, *,
                  name: str | None = None, progress: bool | None = None) -> _Dataset:
-    """``load_sft`` / ``load_preferences`` / ``load_prompts`` of ``source``, chosen by ``kind``.
+    """``load_sft`` / ``load_preferences`` / ``load_prompts`` / ``load_unpaired`` of
+    ``source``, chosen by ``kind``.
 
     Raises:
       ValueError: an unknown ``kind``; otherwise what the loader raises.
@@ -359,7 +433,7 @@ def validate_source(source: Any, kind: Kind, tokenizer: Any, cfg: BatchConfig, *
 
     Args:
       source: as :func:`load_sft`.
-      kind: ``"sft"``, ``"preferences"`` or ``"prompts"`` (:data:`KINDS`).
+      kind: ``"sft"``, ``"preferences"``, ``"prompts"`` or ``"unpaired"`` (:data:`KINDS`).
       tokenizer, cfg, name, progress: as :func:`load_sft`.
 
     Returns:

@@ -12,6 +12,11 @@ Formats (one JSON object per record; other fields are ignored):
   response is a string, or a conversation whose last message is the assistant response (the
   "conversational" layout of UltraFeedback-binarized / TRL): its earlier messages are the
   prompt and must agree between responses and with ``prompt`` when that is given.
+* **Unpaired** (KTO) — ``{"prompt", "completion", "label": true | false}``: one completion
+  labelled desirable (``true``) or undesirable (``false``), as in Ethayarajh et al. 2024 / TRL's
+  unpaired preference format. ``prompt`` and ``completion`` as for a preference pair (a
+  completion may be a conversation ending in the assistant's response); ``label`` must be a
+  JSON boolean.
 * **Prompts** (RL) — ``{"prompt": str | list of messages}``, optionally with
   ``"response_prefix": str``: text pre-filled as the start of the assistant's response (the
   model continues it; e.g. the opening words of a review to be continued).
@@ -204,11 +209,31 @@ class PromptRecord:
       prompt: one user turn (a string) or a chat context.
       response_prefix: text pre-filled as the beginning of the assistant's response (the
         model continues it); ``""`` for none.
+      columns: the record's other fields (e.g. a reference ``answer``), passed to host reward
+        functions as keyword arguments (``rlhf_jax.rewards``).
     """
 
     location: str
     prompt: str | tuple[Message, ...]
     response_prefix: str = ""
+    columns: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpairedRecord:
+    """A validated unpaired example: a prompt, one completion and its binary label.
+
+    Attributes:
+      location: where it came from.
+      prompt: one user turn (a string) or a chat context.
+      completion: the assistant's response text.
+      label: True for a desirable completion, False for an undesirable one.
+    """
+
+    location: str
+    prompt: str | tuple[Message, ...]
+    completion: str
+    label: bool
 
 
 # --------------------------------------------------------------------------- field helpers
@@ -445,8 +470,51 @@ def parse_prompt(raw: Any, location: str,
         raise RecordError(location, "wrong_type",
                           f"field {xkey!r} is {_typename(prefix)}, expected a string (the start "
                           "of the assistant's response)")
+    columns = {k: v for k, v in raw.items() if k not in (pkey, xkey)}
     return PromptRecord(location=location, prompt=_prompt(value, pkey, location),
-                        response_prefix=prefix)
+                        response_prefix=prefix, columns=columns)
+
+
+def parse_unpaired(raw: Any, location: str,
+                   field_map: Mapping[str, str] | None = None) -> UnpairedRecord:
+    """Validate one unpaired record ``{"prompt", "completion", "label"}``.
+
+    Args:
+      raw: the decoded record; ``completion`` is a string or a conversation whose last message
+        is the assistant's response (its earlier messages are the prompt and must agree with
+        ``prompt`` when that is given); ``label`` is ``true`` (desirable) or ``false``.
+      location: where it came from, for error messages.
+      field_map: optional renaming ``canonical -> source field``.
+
+    Returns:
+      An :class:`UnpairedRecord`.
+
+    Raises:
+      RecordError: missing / mistyped / empty fields; a ``label`` that is not a boolean
+        (``1`` or ``"yes"`` are refused rather than guessed); a conversational completion
+        whose context differs from ``prompt``.
+    """
+    raw = _check_object(raw, location)
+    ckey, lkey, pkey = (_key(k, field_map) for k in ("completion", "label", "prompt"))
+    label = _get(raw, "label", location, field_map, "true (desirable) or false (undesirable)")
+    if not isinstance(label, bool):
+        raise RecordError(location, "wrong_type",
+                          f"field {lkey!r} is {_typename(label)} {label!r}, expected true "
+                          "(desirable) or false (undesirable)")
+    completion, context = _response(
+        _get(raw, "completion", location, field_map, "the completion (a string or a "
+             "conversation ending with the assistant's response)"), ckey, location)
+    prompt = None if raw.get(pkey) is None else _prompt(raw[pkey], pkey, location)
+    if context:
+        as_msgs = ({"role": "user", "content": prompt},) if isinstance(prompt, str) else prompt
+        if prompt is not None and tuple(as_msgs) != tuple(context):
+            raise RecordError(location, "bad_value",
+                              f"field {pkey!r} differs from the messages before the "
+                              "completion; expected them to be the same conversation")
+        prompt = tuple(context) if prompt is None else prompt
+    if prompt is None:
+        _get(raw, "prompt", location, field_map, "a string or a list of messages")
+    return UnpairedRecord(location=location, prompt=prompt, completion=completion, label=label)
 
 
 def as_messages(prompt: str | Sequence[Message]) -> list[Message]:

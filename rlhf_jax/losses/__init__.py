@@ -25,6 +25,17 @@ from rlhf_jax.losses.dpo import (
     robust_dpo_loss,
     simpo_loss,
 )
+from rlhf_jax.losses.dpo_variants import (
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    bco_reward_shift,
+    dpop_loss,
+    exo_pair_loss,
+    nca_pair_loss,
+    sppo_hard_loss,
+)
+from rlhf_jax.losses.kto import kto_loss, kto_reference_point
 from rlhf_jax.losses.kl import kl_estimate, kl_from_logits, sequence_kl
 from rlhf_jax.losses.logprobs import (
     Metric,
@@ -62,6 +73,10 @@ __all__ = [
     "Metrics",
     "add_metrics",
     "aggregate_loss",
+    "apo_down_loss",
+    "apo_zero_loss",
+    "bco_pair_loss",
+    "bco_reward_shift",
     "best_of_n_loss",
     "bradley_terry_loss",
     "broadcast_sequence_advantages",
@@ -72,7 +87,9 @@ __all__ = [
     "dpo_loss",
     "get_dpo_loss",
     "dpo_sigmoid_loss",
+    "dpop_loss",
     "entropy_from_logits",
+    "exo_pair_loss",
     "gae",
     "gather_logprobs",
     "grpo_advantages",
@@ -81,12 +98,15 @@ __all__ = [
     "kl_estimate",
     "kl_from_logits",
     "kl_shaped_rewards",
+    "kto_loss",
+    "kto_reference_point",
     "masked_count",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "metric",
     "missing_eos_penalty",
+    "nca_pair_loss",
     "normalization_gain_bias",
     "orpo_loss",
     "ppo_loss",
@@ -99,6 +119,7 @@ __all__ = [
     "sequence_logprobs",
     "sft_loss",
     "simpo_loss",
+    "sppo_hard_loss",
     "whiten",
     "whiten_advantages",
 ]

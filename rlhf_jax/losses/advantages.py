@@ -1,4 +1,5 @@
-"""Advantage estimators: GAE for PPO, and critic-free per-sequence baselines (REINFORCE, RLOO, GRPO).
+"""Advantage estimators: GAE for PPO, and critic-free baselines (REINFORCE, RLOO, GRPO, Dr. GRPO,
+REINFORCE++), registered by name for the on-policy trainer (``estimate_advantages``).
 
 Token-level arrays are ``[B, R]`` aligned with the response tokens: ``x[b, r]`` belongs to the
 action "emit response token r". Responses are right-padded (valid tokens first, padding after
@@ -6,6 +7,9 @@ EOS), but :func:`gae` treats masked positions as absent wherever they sit.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -196,3 +200,171 @@ def broadcast_sequence_advantages(advantages: jax.Array, mask: jax.Array) -> jax
             f"{advantages.shape} + (R,)"
         )
     return jnp.where(_bool(mask), _float(advantages)[..., None], 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of estimators the on-policy trainer uses (``PPOConfig.advantage``)
+# --------------------------------------------------------------------------------------------
+
+
+def _sequence_returns(rewards: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[B]`` undiscounted return of each response: ``Σ_t mask · rewards`` (the score plus
+    the KL penalty when the KL is in the reward)."""
+    return jnp.sum(jnp.where(_bool(mask), _float(rewards), 0.0), axis=-1)
+
+
+def _groups(x_B: jax.Array, group_size: int, name: str) -> jax.Array:
+    if group_size < 1 or x_B.shape[0] % group_size:
+        raise ValueError(f"{name}: batch {x_B.shape[0]} is not a whole number of groups of "
+                         f"group_size={group_size} (rows g*k .. g*k+k-1 are the samples of "
+                         "prompt g)")
+    return x_B.reshape(-1, group_size)
+
+
+def _need_groups(name: str, group_size: int) -> None:
+    if group_size < 2:
+        raise ValueError(f"{name} needs at least 2 samples per prompt (PPOConfig.num_samples), "
+                         f"got {group_size}: with one sample the group baseline is the sample "
+                         "itself and every advantage is 0")
+
+
+def _gae_estimator(rewards, mask, values, group_size, gamma, lam):
+    return gae(rewards, values, mask, gamma=gamma, lam=lam)
+
+
+def _rloo_estimator(rewards, mask, values, group_size, gamma, lam):
+    _need_groups("rloo", group_size)
+    seq = _groups(_sequence_returns(rewards, mask), group_size, "rloo")
+    return broadcast_sequence_advantages(rloo_advantages(seq).reshape(-1), mask), None
+
+
+def _grpo_estimator(scale_std: bool, name: str):
+    def estimate(rewards, mask, values, group_size, gamma, lam):
+        _need_groups(name, group_size)
+        seq = _groups(_sequence_returns(rewards, mask), group_size, name)
+        adv = grpo_advantages(seq, scale_std=scale_std).reshape(-1)
+        return broadcast_sequence_advantages(adv, mask), None
+    return estimate
+
+
+def _reinforce_estimator(rewards, mask, values, group_size, gamma, lam):
+    seq = _sequence_returns(rewards, mask)
+    adv = reinforce_baseline_advantages(seq, jnp.mean(seq))
+    return broadcast_sequence_advantages(adv, mask), None
+
+
+def _reinforce_pp_estimator(rewards, mask, values, group_size, gamma, lam):
+    returns, _ = gae(rewards, jnp.zeros_like(_float(rewards)), mask, gamma=gamma, lam=1.0)
+    return returns, None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered advantage estimator.
+
+    Attributes:
+      name: the config name (``PPOConfig.advantage``).
+      estimate: ``(rewards [B, R], mask [B, R], values [B, R] | None, group_size, gamma, lam)
+        -> (advantages [B, R], returns [B, R] | None)``.
+      needs_critic: uses ``values`` (and returns value targets); the trainer builds a value
+        model only for these.
+      whiten: whether the trainer whitens its advantages over the batch by default.
+      source: the paper and equation.
+    """
+
+    name: str
+    estimate: Callable
+    needs_critic: bool
+    whiten: bool
+    source: str
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    e.name: e for e in (
+        AdvantageEstimator("gae", _gae_estimator, True, True,
+                           "Schulman et al. 2016 eq. 16 (GAE)"),
+        AdvantageEstimator("rloo", _rloo_estimator, False, False,
+                           "Ahmadian et al. 2024 eq. 7 (RLOO); Kool et al. 2019"),
+        AdvantageEstimator("grpo", _grpo_estimator(True, "grpo"), False, False,
+                           "Shao et al. 2024 §4.1.2 (GRPO outcome supervision)"),
+        AdvantageEstimator("dr_grpo", _grpo_estimator(False, "dr_grpo"), False, False,
+                           "Liu et al. 2025 §3.1 (Dr. GRPO: no std division)"),
+        AdvantageEstimator("reinforce", _reinforce_estimator, False, False,
+                           "Williams 1992, with the batch-mean baseline"),
+        AdvantageEstimator("reinforce_pp", _reinforce_pp_estimator, False, True,
+                           "Hu 2025 (REINFORCE++) §3: token-level KL-shaped returns, batch "
+                           "whitening"),
+    )
+}
+
+
+def get_advantage_estimator(name: str) -> AdvantageEstimator:
+    """The estimator called ``name``.
+
+    Raises:
+      ValueError: unknown name (lists the registered ones).
+    """
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; expected one of "
+                         f"{sorted(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[name]
+
+
+def estimate_advantages(
+    name: str,
+    rewards: jax.Array,
+    mask: jax.Array,
+    *,
+    values: jax.Array | None = None,
+    group_size: int = 1,
+    gamma: float | jax.Array = 1.0,
+    lam: float | jax.Array = 0.95,
+    whiten_advantages: bool | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Advantages of a rollout with the estimator ``name``.
+
+    Estimators (``ADVANTAGE_ESTIMATORS``):
+
+    * ``gae``: GAE over the per-token rewards with the critic's ``values`` (Schulman et al.
+      2016 eq. 16); returns the value targets.
+    * ``rloo``: ``A_i = R_i - mean_{j≠i} R_j`` within each prompt's group (Ahmadian et al.
+      2024 eq. 7).
+    * ``grpo``: ``A_i = (R_i - mean_g R) / (std_g R + 1e-4)`` (Shao et al. 2024 §4.1.2).
+    * ``dr_grpo``: ``A_i = R_i - mean_g R`` (Liu et al. 2025 §3.1).
+    * ``reinforce``: ``A_i = R_i - mean_batch R`` (Williams 1992; the batch-mean baseline).
+    * ``reinforce_pp``: ``A_t = Σ_{s>=t} γ^{s-t} r_s`` over the per-token KL-shaped rewards,
+      whitened over the batch (Hu 2025, REINFORCE++ §3.1-3.2).
+
+    The sequence-level estimators use ``R_i = Σ_t rewards[i, t]``: the score, minus ``β Σ_t
+    KL_t`` when the KL is in the reward (``kl_shaped_rewards``), as RLOO does. Every token of
+    a response gets its sequence's advantage. Groups are ``group_size`` consecutive rows
+    (``g k .. g k + k - 1``): a batch sharded over devices keeps each group on one device
+    when the number of groups divides the shards, so the group statistics need no
+    collective.
+
+    Args:
+      name: the estimator.
+      rewards: ``[B, R]`` float per-token rewards (``kl_shaped_rewards``).
+      mask: ``[B, R]`` bool/{0,1} valid response tokens.
+      values: ``[B, R]`` float rollout values (``gae`` only).
+      group_size: ``k``, samples per prompt.
+      gamma, lam: discount and GAE λ (``gae``; ``reinforce_pp`` uses ``gamma``).
+      whiten_advantages: whiten over the batch's valid tokens; ``None``: the estimator's
+        default (``gae`` and ``reinforce_pp`` do, the group estimators do not).
+
+    Returns:
+      ``(advantages [B, R] float32, returns [B, R] float32 | None)``, 0 on masked positions;
+      returns only for ``gae``.
+
+    Raises:
+      ValueError: unknown name; ``gae`` without values; a group estimator with
+        ``group_size < 2`` (GRPO with one sample is degenerate) or a batch that is not whole
+        groups.
+    """
+    est = get_advantage_estimator(name)
+    if est.needs_critic and values is None:
+        raise ValueError(f"advantage estimator {name!r} needs the critic's values")
+    advantages, returns = est.estimate(rewards, mask, values, group_size, gamma, lam)
+    if est.whiten if whiten_advantages is None else whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return jnp.where(_bool(mask), advantages, 0.0), returns

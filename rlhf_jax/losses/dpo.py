@@ -9,7 +9,12 @@ response to the same prompt, shape ``[B]``, in nats:
 The family is listed once, in :data:`DPO_LOSSES` (name -> :class:`DPOLoss`: the function,
 whether it needs the reference, whether it is length-normalised, its source), and
 :func:`dpo_loss` dispatches through it by name. The reference-free members (SimPO, ORPO) are
-defined in ``rlhf_jax.losses.reference_free``; shared helpers in ``_pairwise``.
+defined in ``rlhf_jax.losses.reference_free``, BCO / APO / NCA / DPOP / EXO / SPPO in
+``dpo_variants``, the unpaired KTO in ``kto``; shared helpers in ``_pairwise``.
+
+Any pairwise loss can add the NLL of the chosen response (CPO, Xu et al. 2024 eq. 6; RPO,
+Pang et al. 2024): ``nll_coef = α > 0`` adds ``α · mean_b[-log π_θ(y_w|x) / |y_w|]``, the
+per-token NLL of each chosen response averaged over the pairs (RPO's length normalisation).
 
 Length-normalised losses work on per-token *average* log-likelihoods ``log π(y|x) / |y|``.
 They take optional ``chosen_lengths`` / ``rejected_lengths`` (``[B]``,
@@ -25,22 +30,25 @@ tie counts 0.5), ``dpo/logps/chosen``, ``dpo/logps/rejected`` (policy inputs as 
 
 from __future__ import annotations
 
-import dataclasses
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._pairwise import (_average, _check_beta, _check_lengths, _check_shapes,
-                                       _logratios, _metrics)
-from rlhf_jax.losses.logprobs import Metrics, _float
+from rlhf_jax.losses._pairwise import (DPOLoss, _average, _check_beta, _check_lengths,
+                                       _check_nonneg, _check_shapes, _logratios, _metrics)
+from rlhf_jax.losses.dpo_variants import (apo_down_loss, apo_zero_loss, bco_pair_loss,
+                                          bco_reward_shift, dpop_loss, exo_pair_loss,
+                                          nca_pair_loss, sppo_hard_loss)
+from rlhf_jax.losses.kto import kto_loss
+from rlhf_jax.losses.logprobs import Metrics, _float, metric
 from rlhf_jax.losses.reference_free import orpo_loss, simpo_loss
 
 #: The names of :data:`DPO_LOSSES`, as a ``Literal`` for command-line choices (tyro); an
 #: import-time check keeps it equal to the registry's keys.
-LossType = Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"]
+LossType = Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "bco_pair", "apo_zero",
+                   "apo_down", "nca_pair", "dpop", "exo_pair", "sppo_hard", "kto"]
 
 
 def dpo_sigmoid_loss(
@@ -217,51 +225,12 @@ def hinge_loss(
     return jnp.mean(loss_b), m
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class DPOLoss:
-    """One member of the DPO family, as :data:`DPO_LOSSES` lists it.
-
-    Attributes:
-      fn: the pure loss, ``fn(policy_chosen_logps, policy_rejected_logps[, ref_chosen_logps,
-        ref_rejected_logps], **knobs) -> (loss, metrics)``; the reference log-probs are
-        positional arguments exactly when ``needs_reference``.
-      needs_reference: the loss uses the frozen reference's log-probs. When False a trainer
-        runs no reference forward at all.
-      length_normalised: the loss is defined on per-token *average* log-likelihoods
-        ``log π(y|x) / |y|``: ``fn`` takes ``chosen_lengths`` / ``rejected_lengths``.
-      knobs: the :func:`dpo_loss` hyperparameters this loss uses (``beta``,
-        ``label_smoothing``, ``gamma``), each mapped to ``fn``'s keyword for it (ORPO calls
-        ``beta`` its λ, ``lam``). Stored read-only.
-      description: one line: what the loss is.
-      source: the paper and equation it implements.
-    """
-
-    fn: Callable[..., tuple[jax.Array, Metrics]]
-    needs_reference: bool
-    length_normalised: bool
-    knobs: Mapping[str, str]
-    description: str
-    source: str
-
-    def __post_init__(self):
-        object.__setattr__(self, "knobs", types.MappingProxyType(dict(self.knobs)))
-        unknown = set(self.knobs) - set(_KNOBS)
-        if unknown:
-            raise ValueError(f"DPOLoss({self.fn.__name__}): unknown knobs {sorted(unknown)}; "
-                             f"dpo_loss has {list(_KNOBS)}")
-
-    @property
-    def uses_label_smoothing(self) -> bool:
-        """Whether ``label_smoothing`` (a label-noise rate ε) means anything to this loss."""
-        return "label_smoothing" in self.knobs
-
-
-_KNOBS = ("beta", "label_smoothing", "gamma")
-
 #: Loss type name -> :class:`DPOLoss`. The one list of the DPO family: :func:`dpo_loss`
-#: dispatches through it and the trainer (``rlhf_jax.train.dpo``) reads ``needs_reference`` and
-#: ``length_normalised`` from it. Add a loss here and to :data:`LossType` (the command-line
-#: choices; an import-time check keeps the two equal).
+#: dispatches through it and the trainer (``rlhf_jax.train.dpo``) reads ``needs_reference``,
+#: ``length_normalised``, ``unpaired`` and ``batch_statistics`` from it. Add a loss here and to
+#: :data:`LossType` (the command-line choices; an import-time check keeps the two equal).
+#: Below, ``c`` / ``r`` are the chosen / rejected log-ratios ``log π_θ - log π_ref`` and
+#: ``h = c - r``.
 DPO_LOSSES: dict[str, DPOLoss] = {
     "sigmoid": DPOLoss(
         fn=dpo_sigmoid_loss, needs_reference=True, length_normalised=False,
@@ -296,6 +265,51 @@ DPO_LOSSES: dict[str, DPOLoss] = {
         description="ORPO: chosen NLL + β · -log σ(log-odds ratio), reference-free, per-token "
                     "averages (beta is ORPO's λ)",
         source="Hong et al. 2024 (ORPO) §3, eq. 6-7"),
+    "bco_pair": DPOLoss(
+        fn=bco_pair_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta"}, batch_statistics={"delta": bco_reward_shift},
+        description="BCO on pairs: -log σ(β c - δ) - log σ(δ - β r), δ the batch's mean "
+                    "implicit reward (no gradient)",
+        source="Jung et al. 2024 (BCO), the loss with reward shift δ; pairs as TRL bco_pair"),
+    "apo_zero": DPOLoss(
+        fn=apo_zero_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta"},
+        description="APO-zero: -σ(β c) + σ(β r), chosen up and rejected down",
+        source="D'Oosterlinck et al. 2024 (APO) eq. 4"),
+    "apo_down": DPOLoss(
+        fn=apo_down_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta"},
+        description="APO-down: σ(β c) - σ(β (c - r)), both down, rejected more",
+        source="D'Oosterlinck et al. 2024 (APO) eq. 5"),
+    "nca_pair": DPOLoss(
+        fn=nca_pair_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta"},
+        description="NCA on pairs: -log σ(β c) - ½ log σ(-β c) - ½ log σ(-β r)",
+        source="Chen et al. 2024 (NCA), the pairwise-preference loss"),
+    "dpop": DPOLoss(
+        fn=dpop_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta", "dpop_lambda": "lam"},
+        description="DPO-Positive: -log σ(β (h - λ max(0, -c))), penalising a chosen "
+                    "likelihood below the reference's",
+        source="Pal et al. 2024 (Smaug) eq. 3"),
+    "exo_pair": DPOLoss(
+        fn=exo_pair_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta", "label_smoothing": "label_smoothing"},
+        description="EXO on pairs: KL(Bern(σ(β h)) || Bern(1 - ε)), ε = label_smoothing "
+                    "(0 means 1e-3)",
+        source="Ji et al. 2024 (EXO), the pairwise loss with label smoothing ε"),
+    "sppo_hard": DPOLoss(
+        fn=sppo_hard_loss, needs_reference=True, length_normalised=False,
+        knobs={"beta": "beta"},
+        description="SPPO, hard labels: (c - 1/(2β))² + (r + 1/(2β))²",
+        source="Wu et al. 2024 (SPPO), hard-label objective with η = 1/β"),
+    "kto": DPOLoss(
+        fn=kto_loss, needs_reference=True, length_normalised=False, unpaired=True,
+        knobs={"beta": "beta", "desirable_weight": "desirable_weight",
+               "undesirable_weight": "undesirable_weight"},
+        description="KTO on unpaired labelled completions: λ_y - v(x, y) around the KL "
+                    "reference point z0 of mismatched pairs",
+        source="Ethayarajh et al. 2024 (KTO) eq. 8, z0 as in §4"),
 }
 
 if set(get_args(LossType)) != set(DPO_LOSSES):  # not ``assert``: it must hold under ``-O`` too
@@ -326,17 +340,20 @@ def dpo_loss(
     loss_type: LossType = "sigmoid",
     label_smoothing: float = 0.0,
     gamma: float | jax.Array = 0.5,
+    dpop_lambda: float | jax.Array = 50.0,
+    nll_coef: float | jax.Array = 0.0,
     chosen_lengths: jax.Array | None = None,
     rejected_lengths: jax.Array | None = None,
+    batch_statistics: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Dispatch to the member of the DPO family named ``loss_type`` in :data:`DPO_LOSSES`
-    (selected at trace time).
+    """Dispatch to the pairwise member of the DPO family named ``loss_type`` in
+    :data:`DPO_LOSSES` (selected at trace time), plus ``nll_coef`` × the chosen NLL.
 
     A trainer can pass everything it has (sums, lengths and reference log-probs) whatever the
     loss type: each loss uses what its paper uses. Losses that are not ``length_normalised``
     ignore the lengths; those that do not ``need_reference`` ignore ``ref_*_logps``; ``gamma``
-    is only read by SimPO. A ``label_smoothing`` other than 0 raises for a loss without that
-    knob, since it would change the maths silently.
+    is only read by SimPO and ``dpop_lambda`` by DPOP. A ``label_smoothing`` other than 0
+    raises for a loss without that knob, since it would change the maths silently.
 
     Args:
       policy_chosen_logps: ``[B]`` float ``log π_θ(y_w|x)`` in nats (sum over response tokens;
@@ -346,23 +363,36 @@ def dpo_loss(
         ``needs_reference``.
       ref_rejected_logps: ``[B]`` float ``log π_ref(y_l|x)``; same.
       beta: β > 0 (ORPO's λ for ``"orpo"``, as TRL's ``ORPOConfig.beta``).
-      loss_type: a key of :data:`DPO_LOSSES`.
-      label_smoothing: ε for the losses with that knob (``sigmoid``: cDPO, ``robust``); must
-        be 0 for the others.
+      loss_type: a key of :data:`DPO_LOSSES` whose entry is not ``unpaired``.
+      label_smoothing: ε for the losses with that knob (``sigmoid``: cDPO, ``robust``,
+        ``exo_pair``); must be 0 for the others.
       gamma: SimPO's target margin γ (reward units).
+      dpop_lambda: DPOP's penalty weight λ >= 0.
+      nll_coef: α >= 0: add ``α · mean_b[-log π_θ(y_w|x) / |y_w|]`` (CPO eq. 6 / RPO; per
+        token, then over pairs); needs ``chosen_lengths`` when > 0. The metrics then carry
+        ``dpo/nll`` and ``dpo/loss`` includes the term.
       chosen_lengths: optional ``[B]`` response token counts ``|y_w|``, used by the
-        length-normalised losses (both lengths or neither).
+        length-normalised losses (both lengths or neither) and by ``nll_coef``.
       rejected_lengths: optional ``[B]`` response token counts ``|y_l|``.
+      batch_statistics: values of the loss's ``DPOLoss.batch_statistics`` computed over a
+        larger batch than these B pairs (by a trainer that splits it); each one missing is
+        computed by the loss from these B pairs.
 
     Returns:
       ``(loss, metrics)`` of the selected loss (mean over the B pairs).
 
     Raises:
-      ValueError: unknown ``loss_type`` (listing ``sorted(DPO_LOSSES)``); missing reference
-        log-probs for a loss that needs them; ``label_smoothing != 0`` for a loss without
-        label smoothing; only one of the two lengths; plus the selected loss's own checks.
+      ValueError: unknown ``loss_type`` (listing ``sorted(DPO_LOSSES)``); an unpaired loss
+        (KTO: call ``rlhf_jax.losses.kto.kto_loss``); missing reference log-probs for a loss
+        that needs them; ``label_smoothing != 0`` for a loss without label smoothing; only
+        one of the two lengths; ``nll_coef < 0``, or ``> 0`` without ``chosen_lengths``; an
+        unknown key in ``batch_statistics``; plus the selected loss's own checks.
     """
     spec = get_dpo_loss(loss_type)
+    if spec.unpaired:
+        raise ValueError(f"dpo_loss: loss_type={loss_type!r} is defined on unpaired labelled "
+                         f"completions, not on pairs: call {spec.fn.__module__}."
+                         f"{spec.fn.__name__}")
     if spec.needs_reference and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"dpo_loss: loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
     _check_lengths("dpo_loss", chosen_lengths, rejected_lengths)
@@ -371,11 +401,26 @@ def dpo_loss(
         raise ValueError(f"dpo_loss: label_smoothing={label_smoothing} is only used by {with_it}, "
                          f"not {loss_type!r}")
     _check_beta(f"dpo_loss({loss_type})", beta)
-    values = dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+    _check_nonneg("dpo_loss", "nll_coef", nll_coef)
+    if (not isinstance(nll_coef, (int, float)) or nll_coef > 0) and chosen_lengths is None:
+        raise ValueError("dpo_loss: nll_coef > 0 needs chosen_lengths (the NLL is per token)")
+    unknown = set(batch_statistics or {}) - set(spec.batch_statistics)
+    if unknown:
+        raise ValueError(f"dpo_loss: loss_type={loss_type!r} reads no batch statistic "
+                         f"{sorted(unknown)}; it reads {sorted(spec.batch_statistics)}")
+    values = dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma,
+                  dpop_lambda=dpop_lambda)
     kwargs = {fn_name: values[knob] for knob, fn_name in spec.knobs.items()}
+    kwargs.update(batch_statistics or {})
     if spec.length_normalised:
         kwargs.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     args = (policy_chosen_logps, policy_rejected_logps)
     if spec.needs_reference:
         args += (ref_chosen_logps, ref_rejected_logps)
-    return spec.fn(*args, **kwargs)
+    loss, metrics = spec.fn(*args, **kwargs)
+    if isinstance(nll_coef, (int, float)) and nll_coef == 0:
+        return loss, metrics
+    nll_b = -_average(policy_chosen_logps, chosen_lengths)
+    s, n = metrics["dpo/loss"]
+    metrics = {**metrics, "dpo/loss": (s + nll_coef * jnp.sum(nll_b), n), "dpo/nll": metric(nll_b)}
+    return loss + nll_coef * jnp.mean(nll_b), metrics

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.kl import Estimator, kl_estimate
+from rlhf_jax.losses.policy_gradient import check_clip, get_policy_loss
 from rlhf_jax.losses.logprobs import (
     Metrics,
     _bool,
@@ -151,40 +152,6 @@ def missing_eos_penalty(
 # --------------------------------------------------------------------------------------------
 
 
-def _policy_terms(logp, old_logp, advantages, mask, clip_eps, clip_eps_high, dual_clip):
-    """Per-token clipped surrogate loss and diagnostics (token-level (sum, count) metrics)."""
-    m = _bool(mask)
-    eps_low = clip_eps
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    log_ratio = jnp.where(m, _float(logp) - _float(old_logp), 0.0)
-    ratio = jnp.exp(log_ratio)
-    adv = jnp.where(m, _float(advantages), 0.0)
-    pg1 = -adv * ratio
-    pg2 = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    pg = jnp.maximum(pg1, pg2)
-    metrics = {
-        "ppo/policy/clipfrac": metric((pg2 > pg1).astype(jnp.float32), m),
-        "ppo/policy/approxkl": metric(0.5 * jnp.square(log_ratio), m),
-        "ppo/policy/approxkl_k3": metric(jnp.expm1(-log_ratio) + log_ratio, m),
-        "ppo/policy/ratio": metric(ratio, m),
-    }
-    if dual_clip is not None:
-        pg3 = -dual_clip * adv
-        dual = (adv < 0) & (pg3 < pg)
-        pg = jnp.where(adv < 0, jnp.minimum(pg, pg3), pg)
-        metrics["ppo/policy/dual_clipfrac"] = metric(dual.astype(jnp.float32), m)
-    return jnp.where(m, pg, 0.0), metrics
-
-
-def _check_clip(name, clip_eps, clip_eps_high, dual_clip):
-    if isinstance(clip_eps, (int, float)) and not clip_eps >= 0:
-        raise ValueError(f"{name}: clip_eps must be >= 0, got {clip_eps}")
-    if isinstance(clip_eps_high, (int, float)) and not clip_eps_high >= 0:
-        raise ValueError(f"{name}: clip_eps_high must be >= 0, got {clip_eps_high}")
-    if isinstance(dual_clip, (int, float)) and not dual_clip > 1:
-        raise ValueError(f"{name}: dual_clip must be > 1 (Ye et al. 2020), got {dual_clip}")
-
-
 def clipped_policy_loss(
     logp: jax.Array,
     old_logp: jax.Array,
@@ -194,6 +161,7 @@ def clipped_policy_loss(
     clip_eps: float | jax.Array = 0.2,
     clip_eps_high: float | jax.Array | None = None,
     dual_clip: float | jax.Array | None = None,
+    policy_loss: str = "ppo",
     reduction: Reduction = "token",
     num_tokens: jax.Array | float | None = None,
     num_sequences: jax.Array | float | None = None,
@@ -215,6 +183,8 @@ def clipped_policy_loss(
       clip_eps: ε (= ε_low), ``>= 0``.
       clip_eps_high: ε_high; None means ``clip_eps`` (symmetric).
       dual_clip: c > 1 or None (off).
+      policy_loss: the surrogate, a name in ``losses.policy_gradient.POLICY_LOSSES``
+        (``"ppo"`` token ratio, ``"gspo"`` sequence ratio, ``"cispo"`` clipped weight).
       reduction: ``"token"`` or ``"sequence"`` (see module docstring).
       num_tokens: optional global token denominator (token reduction).
       num_sequences: optional global sequence denominator (sequence reduction).
@@ -231,9 +201,11 @@ def clipped_policy_loss(
     _check_same_shape(
         "clipped_policy_loss", logp=logp, old_logp=old_logp, advantages=advantages, mask=mask
     )
-    _check_clip("clipped_policy_loss", clip_eps, clip_eps_high, dual_clip)
+    check_clip("clipped_policy_loss", clip_eps, clip_eps_high, dual_clip)
     _check_reduction("clipped_policy_loss", reduction, num_tokens, num_sequences)
-    pg, metrics = _policy_terms(logp, old_logp, advantages, mask, clip_eps, clip_eps_high, dual_clip)
+    pg, metrics = get_policy_loss(policy_loss).terms(
+        logp, old_logp, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip)
     loss, pair = aggregate_loss(
         pg, mask, reduction=reduction, num_tokens=num_tokens, num_sequences=num_sequences
     )
@@ -331,6 +303,7 @@ def ppo_loss(
     clip_eps: float | jax.Array = 0.2,
     clip_eps_high: float | jax.Array | None = None,
     dual_clip: float | jax.Array | None = None,
+    policy_loss: str = "ppo",
     clip_eps_value: float | jax.Array | None = 0.2,
     vf_coef: float | jax.Array = 0.1,
     entropy: jax.Array | None = None,
@@ -372,6 +345,7 @@ def ppo_loss(
       clip_eps: policy ε (ε_low).
       clip_eps_high: policy ε_high or None (= clip_eps).
       dual_clip: dual-clip c > 1 or None.
+      policy_loss: the policy surrogate (``losses.policy_gradient.POLICY_LOSSES``).
       clip_eps_value: value ε_v or None (unclipped value loss).
       vf_coef: value-loss weight (0.1 in lm-human-preferences/TRL).
       entropy: ``[B, R]`` float per-token entropy (nats) with grad, or None.
@@ -398,7 +372,7 @@ def ppo_loss(
         "ppo_loss", logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
         values=values, old_values=old_values, returns=returns, entropy=entropy, ref_logp=ref_logp,
     )
-    _check_clip("ppo_loss", clip_eps, clip_eps_high, dual_clip)
+    check_clip("ppo_loss", clip_eps, clip_eps_high, dual_clip)
     _check_reduction("ppo_loss", reduction, num_tokens, num_sequences)
     critic = [x is not None for x in (values, old_values, returns)]
     if any(critic) and not all(critic):
@@ -409,7 +383,9 @@ def ppo_loss(
         raise ValueError("ppo_loss: kl_loss_coef is set but ref_logp is None")
     agg = dict(reduction=reduction, num_tokens=num_tokens, num_sequences=num_sequences)
 
-    total, metrics = _policy_terms(logp, old_logp, advantages, mask, clip_eps, clip_eps_high, dual_clip)
+    total, metrics = get_policy_loss(policy_loss).terms(
+        logp, old_logp, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip)
     _, metrics["ppo/policy/loss"] = aggregate_loss(total, mask, **agg)
     if all(critic):
         vf, vmetrics = _value_terms(values, old_values, returns, mask, clip_eps_value)
@@ -431,3 +407,32 @@ def ppo_loss(
         total = total + kl_loss_coef * kl
     loss, metrics["ppo/loss/total"] = aggregate_loss(total, mask, **agg)
     return loss, metrics
+
+
+def overlong_penalty(
+    lengths: jax.Array,
+    max_length: int,
+    buffer: int,
+    penalty: float | jax.Array = 1.0,
+) -> jax.Array:
+    """DAPO's soft overlong punishment, added to the score.
+
+    ``R_len(y) = 0`` for ``|y| <= L_max - L_buf``, ``(L_max - L_buf - |y|) / L_buf`` for
+    ``L_max - L_buf < |y| <= L_max``, and ``-1`` beyond, times ``penalty`` (Yu et al. 2025,
+    "DAPO", eq. 13; ``L_max`` the response budget, ``L_buf`` the punishment interval).
+
+    Args:
+      lengths: ``[B]`` response lengths (tokens, EOS included).
+      max_length: ``L_max`` (tokens); buffer: ``L_buf`` (tokens, > 0).
+      penalty: the largest punishment (reward units).
+
+    Returns:
+      ``[B]`` float32, in ``[-penalty, 0]``.
+
+    Raises:
+      ValueError: ``buffer`` not in ``(0, max_length]``.
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong_penalty: buffer {buffer} must be in (0, max_length={max_length}]")
+    excess = _float(lengths) - (max_length - buffer)
+    return -_float(penalty) * jnp.clip(excess / buffer, 0.0, 1.0)

@@ -30,7 +30,7 @@ import jax
 from rlhf_jax.checkpoint import Checkpointer, model_fingerprint
 from rlhf_jax.config import ModelConfig, RopeScaling, config_to_dict
 from rlhf_jax.models.model import Model, Params
-from rlhf_jax.pipeline.config import PipelineConfig
+from rlhf_jax.pipeline.config import TASK_SECTIONS, PipelineConfig
 from rlhf_jax.pipeline.registry import Stage, get_stage
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,22 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
+def without_off(x: Any) -> Any:
+    """``x`` with every mapping entry whose value is ``None`` or ``False`` removed (recursively).
+
+    Options added to the library later default to off (``None`` / ``False``): a record
+    written before they existed then compares equal to one that has them switched off, while
+    any option that is on (or a value that changed) still differs.
+    """
+    if isinstance(x, dict):
+        return {k: without_off(v) for k, v in x.items() if v is not None and v is not False}
+    return x
+
+
 def config_diff(old: dict, new: dict) -> list[str]:
-    """Dotted fields whose values differ, as ``"field: old -> new"`` lines (sorted)."""
-    a, b = _flatten(old), _flatten(new)
+    """Dotted fields whose values differ, as ``"field: old -> new"`` lines (sorted); options
+    that are off on one side and absent on the other do not count (``without_off``)."""
+    a, b = _flatten(without_off(old)), _flatten(without_off(new))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
@@ -203,8 +216,11 @@ def stage_record(cfg: PipelineConfig, stage: Stage, out_dir: Path) -> dict:
       FileNotFoundError: an input stage has not finished.
     """
     full = config_to_dict(cfg)
-    config = {s: _section(full, s) for s in stage.sections}
-    inputs = {s: StageFiles(out_dir, s).completed_fingerprint() for s in stage.inputs}
+    # a task's own section (e.g. ``arithmetic``) counts only in runs of that task
+    sections = stage.sections + tuple(sec for task, sec in TASK_SECTIONS.items()
+                                      if cfg.task_spec == task)
+    config = {s: _section(full, s) for s in sections}
+    inputs = {s: StageFiles(out_dir, s).completed_fingerprint() for s in stage.inputs_for(cfg)}
     return {"stage": stage.name, "task": cfg.task_spec, "config": config, "inputs": inputs}
 
 
@@ -218,8 +234,8 @@ def check_stage(cfg: PipelineConfig, stage: Stage, out_dir: Path) -> dict:
     record = stage_record(cfg, stage, out_dir)
     files = StageFiles(out_dir, stage.name)
     old = files.recorded()
-    if old is not None and (old.get("config"), old.get("inputs"), old.get("task")) != (
-            record["config"], record["inputs"], record["task"]):
+    if old is not None and (without_off(old.get("config")), old.get("inputs"), old.get("task")) != (
+            without_off(record["config"]), record["inputs"], record["task"]):
         lines = config_diff({"config": old.get("config"), "task": old.get("task")},
                             {"config": record["config"], "task": record["task"]})
         changed_inputs = [s for s in record["inputs"] if old.get("inputs", {}).get(s) != record["inputs"][s]]
@@ -242,7 +258,8 @@ def check_upstream(cfg: PipelineConfig, stage_names: tuple[str, ...], out_dir: P
       ConfigChangedError: as ``check_stage``.
     """
     seen: set[str] = set()
-    todo = [i for s in stage_names for i in (*get_stage(s).inputs, *get_stage(s).optional_inputs)]
+    todo = [i for s in stage_names
+            for i in (*get_stage(s).inputs_for(cfg), *get_stage(s).optional_inputs)]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -254,7 +271,7 @@ def check_upstream(cfg: PipelineConfig, stage_names: tuple[str, ...], out_dir: P
                 check_stage(cfg, st, out_dir)
             except FileNotFoundError:
                 pass  # its own inputs are gone: reported when it is needed
-        todo.extend((*st.inputs, *st.optional_inputs))
+        todo.extend((*st.inputs_for(cfg), *st.optional_inputs))
 
 
 def move_aside(out_dir: Path, stages: list[str]) -> list[Path]:

@@ -15,6 +15,7 @@ from rlhf_jax import sharding
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.control import KLController
 from rlhf_jax.rollout.sampler import SamplingConfig
+from rlhf_jax.tasks.arithmetic.config import ArithmeticConfig
 from rlhf_jax.train.dpo import DPOConfig
 from rlhf_jax.train.ppo import PPOConfig
 from rlhf_jax.train.reward import RewardConfig
@@ -64,8 +65,9 @@ class DataConfig:
     Attributes:
       kind: the default task when ``PipelineConfig.task`` is unset: ``"sentiment"`` (the
         built-in human ratings) or ``"files"`` (the sources below).
-      sft, preferences, prompts, eval_prompts, eval_preferences: sources of the ``files``
-        task: JSONL / Parquet paths, or HF data sets as ``hf:NAME[:SPLIT]``.
+      sft, preferences, prompts, eval_prompts, eval_preferences, unpaired: sources of the
+        ``files`` task: JSONL / Parquet paths, or HF data sets as ``hf:NAME[:SPLIT]``
+        (``unpaired``: ``{"prompt", "completion", "label"}`` records for KTO).
       domains: sentiment domains (``movie_reviews``, ``tweets``, ``editorials``,
         ``product_reviews``); ``None`` = all.
       margin: minimum difference of human mean ratings for a sentiment preference pair.
@@ -86,6 +88,7 @@ class DataConfig:
     prompts: str | None = None
     eval_prompts: str | None = None
     eval_preferences: str | None = None
+    unpaired: str | None = None
     domains: tuple[str, ...] | None = ("movie_reviews",)
     margin: float = 1.0
     min_words: int = 6
@@ -131,21 +134,47 @@ class RMStageConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOStageConfig:
-    """PPO stage: ``iterations`` rollouts of ``batch_size`` prompts each.
+    """The RL stage (PPO, GRPO, RLOO, ... by ``ppo.advantage``): ``iterations`` rollouts of
+    ``batch_size`` prompts x ``ppo.num_samples`` responses each.
 
     Attributes:
+      init: the policy it starts from: ``"sft"`` (the SFT stage's) or ``"initial"`` (the
+        configured initial policy, e.g. an instruct model, with no SFT stage).
+      reward_model_weight: weight of the (normalised) reward model in the reward; 0: no reward
+        model (the stage then does not read the ``rm`` stage).
+      rewards: host reward functions ``module:function[=weight]`` (``rlhf_jax.rewards``;
+        ``--reward`` on the command line adds one), summed with the reward model's score.
+      task_rewards: also sum the task's own rewards (``Task.rewards``, e.g. a verifier).
+      dynamic_sampling: DAPO's dynamic sampling (Yu et al. 2025 §3.2): keep only prompts whose
+        ``num_samples`` rewards differ, sampling more prompts from the stream to refill the
+        batch, for at most ``max_sampling_rounds`` sampler calls per iteration (then the
+        batch is topped up with the groups that were dropped, and the number is logged).
+      max_sampling_rounds: see ``dynamic_sampling``.
       value_optimizer: optimizer of the separate value model (``ppo.value_model =
         "separate"``; initialised from the reward model, as in Ouyang et al. 2022 §3.5);
-        unused with a shared value head.
+        unused with a shared value head or a critic-free estimator.
     """
 
     iterations: int = 40
     batch_size: int = 8
+    init: Literal["sft", "initial"] = "sft"
+    reward_model_weight: float = 1.0
+    rewards: tuple[str, ...] = ()
+    task_rewards: bool = True
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
     value_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
     ppo: PPOConfig = PPOConfig(sampling=SamplingConfig(max_new_tokens=24, eos_token_id=2,
                                                        pad_token_id=2),
                                num_ppo_epochs=2, kl=KLController(kind="fixed", init_kl_coef=0.05))
+
+    def __post_init__(self):
+        if self.dynamic_sampling and self.ppo.num_samples < 2:
+            raise ValueError(f"ppo.dynamic_sampling needs ppo.ppo.num_samples >= 2 (groups to "
+                             f"compare), got {self.ppo.num_samples}")
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"ppo.max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -172,6 +201,10 @@ class EvalConfig:
         to the PPO rollout's value so the models are judged on the responses they were
         trained to write.
       temperature: sampling temperature (same key for every model); 0 = greedy.
+      num_samples: ``k > 1`` also samples ``k`` responses per prompt at
+        ``sample_temperature`` and reports the judge's mean over them (mean@k), paired
+        against the baseline.
+      sample_temperature: temperature of the mean@k samples.
       samples_in_report: completions shown per model in the report.
     """
 
@@ -180,6 +213,8 @@ class EvalConfig:
     max_new_tokens: int = 24
     min_new_tokens: int = 0
     temperature: float = 0.7
+    num_samples: int = 1
+    sample_temperature: float = 1.0
     samples_in_report: int = 6
 
 
@@ -210,6 +245,7 @@ class PipelineConfig:
         this many steps (0 = off).
       mesh: device mesh.
       tensorboard: also write TensorBoard events.
+      arithmetic: the ``arithmetic`` task's difficulty, splits and prompt format.
     """
 
     name: str = "rlhf"
@@ -231,6 +267,7 @@ class PipelineConfig:
     eval: EvalConfig = EvalConfig()
     mesh: sharding.MeshConfig = sharding.MeshConfig()
     tensorboard: bool = True
+    arithmetic: ArithmeticConfig = ArithmeticConfig()
 
     def __post_init__(self):
         known = _all_stages()
@@ -245,6 +282,10 @@ class PipelineConfig:
         """The task to load: ``task``, or ``data.kind`` when unset."""
         return self.task or self.data.kind
 
+
+#: Config sections that belong to one built-in task: a stage's recorded configuration includes
+#: the section only in runs of that task (so a sentiment run does not depend on it).
+TASK_SECTIONS = {"arithmetic": "arithmetic"}
 
 #: Fields (dotted paths) that cannot change a stage's result: a resumed run may change them.
 RESULT_NEUTRAL_FIELDS = ("name", "out_dir", "cache_dir", "stages", "resume", "force_restart",

@@ -25,6 +25,8 @@ class Stage:
       optional_inputs: upstream stages read when they have finished (the evaluation judges
         whichever policies exist).
       description: one line for ``rlhf-jax --help``.
+      select_inputs: ``select_inputs(cfg) -> tuple`` the subset of ``inputs`` a configuration
+        actually reads (e.g. RL without a reward model does not read ``rm``); ``None``: all.
     """
 
     name: str
@@ -34,6 +36,13 @@ class Stage:
     writes_final: bool = True
     optional_inputs: tuple[str, ...] = ()
     description: str = ""
+    select_inputs: Callable[[Any], tuple[str, ...]] | None = None
+
+    def inputs_for(self, cfg: Any) -> tuple[str, ...]:
+        """The upstream stages this stage reads under ``cfg`` (a ``PipelineConfig``)."""
+        if self.select_inputs is None:
+            return self.inputs
+        return tuple(s for s in self.inputs if s in self.select_inputs(cfg))
 
 
 _STAGES: dict[str, Stage] = {}
@@ -41,7 +50,8 @@ _STAGES: dict[str, Stage] = {}
 
 def register_stage(name: str, *, sections: tuple[str, ...], inputs: tuple[str, ...] = (),
                    writes_final: bool = True, optional_inputs: tuple[str, ...] = (),
-                   description: str = ""):
+                   description: str = "",
+                   select_inputs: Callable[[Any], tuple[str, ...]] | None = None):
     """Decorator: register ``fn(run)`` as stage ``name`` (in pipeline order of registration).
 
     Raises:
@@ -56,7 +66,7 @@ def register_stage(name: str, *, sections: tuple[str, ...], inputs: tuple[str, .
             raise ValueError(f"stage {name!r} reads {missing}, which are not registered")
         _STAGES[name] = Stage(name=name, run=fn, sections=sections, inputs=inputs,
                               writes_final=writes_final, optional_inputs=optional_inputs,
-                              description=description)
+                              description=description, select_inputs=select_inputs)
         return fn
     return decorate
 

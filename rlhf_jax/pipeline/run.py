@@ -29,7 +29,7 @@ from rlhf_jax import sharding
 from rlhf_jax.checkpoint import model_fingerprint
 from rlhf_jax.config import config_to_dict
 from rlhf_jax.data.config import BatchConfig
-from rlhf_jax.data.datasets import load_preferences, load_prompts, load_sft
+from rlhf_jax.data.datasets import load_preferences, load_prompts, load_sft, load_unpaired
 from rlhf_jax.metrics import MetricsLogger
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.pipeline import artifacts
@@ -51,7 +51,7 @@ class StagePreempted(TrainingPreempted):
 
 #: data role -> the stages that read it
 _ROLE_STAGES = {"sft": ("sft",), "preferences": ("rm", "dpo"), "eval_preferences": ("rm", "dpo"),
-                "prompts": ("rm", "ppo"), "eval_prompts": ("eval",)}
+                "prompts": ("rm", "ppo"), "eval_prompts": ("eval",), "unpaired": ("dpo",)}
 
 
 @dataclasses.dataclass
@@ -127,6 +127,13 @@ class Run:
         for role in needed:
             if role == "eval_preferences" and not self.task.has(role):
                 continue  # optional: no held-out accuracy then
+            if role == "unpaired":
+                if self.cfg.dpo.dpo.unpaired:  # only an unpaired loss (KTO) reads it
+                    self.unpaired_dataset(role)
+                continue
+            if role == "preferences" and self.cfg.dpo.dpo.unpaired and not (
+                    "rm" in self.cfg.stages and not self.done("rm")):
+                continue  # KTO alone reads no comparisons
             if role.endswith("prompts"):
                 self.prompt_dataset(role)
             elif role == "sft":
@@ -164,6 +171,11 @@ class Run:
         bcfg = self.batch_config(1, num_candidates=num_candidates)
         return self._loaded((role, num_candidates), lambda: load_preferences(
             self.task.source(role), self.tokenizer, bcfg, name=role))
+
+    def unpaired_dataset(self, role: str = "unpaired"):
+        """The task's unpaired (KTO) examples of ``role``, loaded once."""
+        return self._loaded((role,), lambda: load_unpaired(
+            self.task.source(role), self.tokenizer, self.batch_config(1), name=role))
 
     def prompt_dataset(self, role: str):
         return self._loaded((role,), lambda: load_prompts(

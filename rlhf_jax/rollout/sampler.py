@@ -256,7 +256,7 @@ def _check_inputs(model: Model, prompt_tokens, prompt_mask, rng, cfg: SamplingCo
 
 
 def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-           rng: jax.Array, cfg: SamplingConfig) -> SampleOutput:
+           rng: jax.Array, cfg: SamplingConfig, num_samples: int = 1) -> SampleOutput:
     """Continue left-padded prompts by up to ``R = cfg.max_new_tokens`` tokens each.
 
     ``y_r ~ filter(softmax(f(x, y_<r) / tau))`` for ``r = 0 .. R-1``, stopping a row after its
@@ -272,6 +272,11 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
     ``fold_in(rng, r)``. Response slots after a row's EOS are fed as padding (masked in the
     cache) and hold ``pad_token_id``.
 
+    With ``num_samples = k > 1`` each prompt is prefilled once and its cache (and first-token
+    logits) repeated ``k`` times: rows ``g k .. g k + k - 1`` of the output continue prompt
+    ``g``, each with its own noise (the draw of step ``r`` is over all ``B k`` rows). The
+    prefill, the larger part of the work for short responses, costs ``B`` rows, not ``B k``.
+
     Args:
       model: an ``lm`` or ``lm_value`` ``Model`` (static).
       params: its parameters.
@@ -281,10 +286,12 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
         ``check_prompt_mask``.
       rng: typed PRNG key (``jax.random.key``).
       cfg: ``SamplingConfig`` (static).
+      num_samples: ``k``, responses per prompt (static).
 
     Returns:
-      ``SampleOutput`` (``response``, ``response_mask``, ``logprobs``, ``ended``, ``lengths``
-      all ``[B, R]`` / ``[B]``; ``tokens`` / ``attn_mask`` / ``positions`` ``[B, P+R]``).
+      ``SampleOutput`` of ``B k`` rows (``response``, ``response_mask``, ``logprobs``,
+      ``ended``, ``lengths`` all ``[B k, R]`` / ``[B k]``; ``prompt_tokens`` / ``prompt_mask``
+      the prompts repeated; ``tokens`` / ``attn_mask`` / ``positions`` ``[B k, P+R]``).
 
     Raises:
       ValueError: bad shapes, a scalar model, EOS/pad ids unset or outside the vocabulary, or a cache
@@ -306,6 +313,14 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
                       compute_logits=False)
     logits0 = model.logits(params, out.hidden[:, -1])  # [B, V]
     n_prompt = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)  # [B]
+    cache = out.cache
+    if num_samples > 1:  # share the prefill: repeat each row's cache k times
+        def rep(x, axis=0):
+            return jnp.repeat(x, num_samples, axis=axis)
+        cache = cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid))
+        logits0, n_prompt = rep(logits0), rep(n_prompt)
+        prompt_tokens, prompt_mask = rep(prompt_tokens), rep(prompt_mask)
+        b *= num_samples
 
     def pick(step, logits, done):
         tok, logp = select_tokens(logits, jax.random.fold_in(rng, step), cfg, step)
@@ -345,7 +360,7 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
         logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logp[:, None], step, axis=1)
         return step + 1, out.cache, response, response_mask, logprobs, done
 
-    carry = (jnp.int32(1), out.cache, response, response_mask, logprobs, done0)
+    carry = (jnp.int32(1), cache, response, response_mask, logprobs, done0)
     steps, _, response, response_mask, logprobs, done = jax.lax.while_loop(cond, body, carry)
     return SampleOutput(response=response, response_mask=response_mask, logprobs=logprobs,
                         ended=done, lengths=jnp.sum(response_mask, axis=-1, dtype=jnp.int32),
@@ -372,13 +387,15 @@ def check_prompt_mask(prompt_mask) -> None:
                          "real token (the sampler continues from the last column)")
 
 
-def make_sampler(model: Model, cfg: SamplingConfig, *, validate: bool = True
+def make_sampler(model: Model, cfg: SamplingConfig, *, validate: bool = True,
+                 num_samples: int = 1
                  ) -> Callable[[Params, jax.Array, jax.Array, jax.Array], SampleOutput]:
     """``sample`` jitted with ``model`` and ``cfg`` bound (one compile per ``(B, P)`` shape).
 
     Args:
       model: an ``lm`` / ``lm_value`` ``Model``.
       cfg: the ``SamplingConfig``.
+      num_samples: responses per prompt (``sample``'s ``num_samples``: one shared prefill).
       validate: run ``check_prompt_mask`` on the host before each call when the mask is a
         concrete, fully addressable array (a small device-to-host copy).
 
@@ -394,7 +411,7 @@ def make_sampler(model: Model, cfg: SamplingConfig, *, validate: bool = True
 
     @jax.jit
     def jitted(params, prompt_tokens, prompt_mask, rng):
-        return sample(model, params, prompt_tokens, prompt_mask, rng, cfg)
+        return sample(model, params, prompt_tokens, prompt_mask, rng, cfg, num_samples)
 
     def sampler(params, prompt_tokens, prompt_mask, rng):
         if validate and not isinstance(prompt_mask, jax.core.Tracer) and getattr(

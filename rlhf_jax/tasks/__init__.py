@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 #: The data roles a task may provide, and which stages read them.
-ROLES = ("sft", "preferences", "eval_preferences", "prompts", "eval_prompts")
+ROLES = ("sft", "preferences", "eval_preferences", "prompts", "eval_prompts", "unpaired")
 
 Judge = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -43,12 +44,16 @@ class Task:
       name: short name (report title, logs).
       sources: role -> source (see the module docstring); a value may also be a zero-argument
         callable returning the source, called once when the role is first needed.
-      judge: ``judge(prompts, responses) -> scores [B]`` (higher is better) on decoded text,
+      judge: ``judge(prompts, responses, **columns) -> scores [B]`` (higher is better) on
+        decoded text (``columns``: the evaluation prompts' other record fields, if any),
         run on the host by the evaluation: ``prompts`` are the decoded prompt texts and
         ``responses`` the pre-filled prefix plus the sampled completion. ``None``: the
         evaluation reports the reward model's score and KL only.
       judge_name: what the judge is, for the report (e.g. "VADER compound score").
       description: one paragraph for the report: where the data comes from, what is judged.
+      rewards: the task's own host reward sources (``rlhf_jax.rewards.Reward``: functions and
+        verifiers of decoded text), summed with their weights into the RL reward together
+        with the reward model (when the pipeline trained one) and any ``--reward``.
     """
 
     name: str
@@ -56,6 +61,7 @@ class Task:
     judge: Judge | None = None
     judge_name: str = "judge"
     description: str = ""
+    rewards: Sequence[Any] = ()
 
     def __post_init__(self):
         unknown = sorted(set(self.sources) - set(ROLES))
@@ -82,8 +88,10 @@ class Task:
         """Whether the task provides ``role``."""
         return self.sources.get(role) is not None
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """The judge's scores ``[B]`` float64.
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              columns: Mapping[str, Sequence[Any]] | None = None) -> np.ndarray:
+        """The judge's scores ``[B]`` float64. ``columns`` (the prompt records' other fields,
+        one entry per row) are passed to the judge as keyword arguments when there are any.
 
         Raises:
           ValueError: no judge, or the judge returned the wrong number of scores or
@@ -91,7 +99,8 @@ class Task:
         """
         if self.judge is None:
             raise ValueError(f"task {self.name!r} has no judge")
-        scores = np.asarray(self.judge(list(prompts), list(responses)), np.float64)
+        scores = np.asarray(self.judge(list(prompts), list(responses),
+                                       **_accepted(self.judge, columns or {})), np.float64)
         if scores.shape != (len(responses),):
             raise ValueError(f"task {self.name!r}: judge returned shape {scores.shape} for "
                              f"{len(responses)} responses; expected ({len(responses)},)")
@@ -101,6 +110,19 @@ class Task:
             raise ValueError(f"task {self.name!r}: judge returned {scores[i]} for sample {i} "
                              f"(response {responses[i]!r})")
         return scores
+
+
+def _accepted(fn: Callable, columns: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``columns`` that ``fn`` takes as keyword arguments (all of them with ``**kwargs``),
+    so a judge written as ``judge(prompts, responses)`` keeps working."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return dict(columns)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return dict(columns)
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in columns.items() if k in names}
 
 
 TaskFactory = Callable[[Any], Task]
@@ -118,6 +140,7 @@ def register_task(name: str):
 
 
 def _builtin() -> None:
+    import rlhf_jax.tasks.arithmetic.task  # noqa: F401
     import rlhf_jax.tasks.files  # noqa: F401
     import rlhf_jax.tasks.sentiment.task  # noqa: F401
 

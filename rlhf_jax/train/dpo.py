@@ -18,7 +18,15 @@ reference's upper blocks (``Model.frozen_hidden``); the losses are unchanged.
 
 The loss is a mean over the valid pairs (``PreferenceBatch.valid``; filler rows of
 ``DataConfig.remainder="pad"`` carry no loss and do not dilute it), with the count of the
-*whole* batch as denominator, so microbatching changes nothing.
+*whole* batch as denominator, so microbatching changes nothing. A loss that reads a statistic
+of the whole batch (``DPOLoss.batch_statistics``: BCO's reward shift δ) gets it computed once
+per step over the full batch, from one extra policy forward without gradient.
+
+An *unpaired* loss (KTO, ``DPOLoss.unpaired``) trains on an ``UnpairedBatch`` instead: single
+completions labelled desirable / undesirable. Each step first computes, without gradient, the
+reference point ``z0`` from the batch's mismatched pairs ``(x_i, y_{(i+1) mod B})`` (a policy
+and a reference forward over them, Ethayarajh et al. 2024 §4) and the reference log-probs, then
+the loss as a mean over the valid rows. The same ``make_dpo_step`` builds it.
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.losses.dpo import DPO_LOSSES, DPOLoss, LossType, dpo_loss, get_dpo_loss
+from rlhf_jax.losses.kto import kto_reference_point
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.train.common import flatten_candidates, rowwise_mean, sequence_logps
 from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
-from rlhf_jax.types import PreferenceBatch
+from rlhf_jax.types import PreferenceBatch, UnpairedBatch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,8 +55,22 @@ class DPOConfig:
       loss_type: a key of ``rlhf_jax.losses.dpo.DPO_LOSSES`` (``"sigmoid"`` is DPO; for
         ``"orpo"`` ``beta`` is the odds-ratio weight lambda, as in TRL).
       label_smoothing: preference-noise rate ε, for the losses with that knob (cDPO as
-        ``"sigmoid"``, ``"robust"``); must be 0 for the others.
+        ``"sigmoid"``, ``"robust"``, and EXO's label smoothing for ``"exo_pair"``, where 0
+        means 1e-3); must be 0 for the others.
       gamma: SimPO target reward margin (read only by ``"simpo"``).
+      dpop_lambda: DPOP's penalty weight λ (read only by ``"dpop"``); 50 as in Pal et al.
+        2024.
+      desirable_weight: KTO's λ_D (read only by ``"kto"``).
+      undesirable_weight: KTO's λ_U (read only by ``"kto"``). Both default to 1 (TRL's
+        default): Ethayarajh et al. 2024 §4 recommend ``λ_D n_D / (λ_U n_U)`` in ``[1, 4/3]``
+        for ``n_D`` desirable and ``n_U`` undesirable examples, and the built-in sentiment data
+        is balanced (movie-review train split: 1,531 desirable and 1,572 undesirable snippets
+        of the tiny preset, ratio 0.97), so equal weights sit at that range's edge without
+        tuning a default to one data set. Set them for imbalanced data; the DPO stage logs
+        the ratio.
+      nll_coef: α >= 0: add α × the chosen response's per-token NLL to a pairwise loss (CPO,
+        Xu et al. 2024 eq. 6; RPO, Pang et al. 2024); ``rlhf_jax.losses.dpo.dpo_loss``. Must
+        be 0 for an unpaired loss.
       num_microbatches: gradient accumulation steps per update.
       reference_shares_frozen_layers: the reference equals the policy in the embeddings and the
         lowest ``model.cfg.frozen_layers`` blocks (check once with
@@ -59,6 +82,10 @@ class DPOConfig:
     loss_type: LossType = "sigmoid"
     label_smoothing: float = 0.0
     gamma: float = 0.5
+    dpop_lambda: float = 50.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    nll_coef: float = 0.0
     num_microbatches: int = 1
     reference_shares_frozen_layers: bool = False
 
@@ -74,6 +101,15 @@ class DPOConfig:
                              f"loss_type {with_it}, not {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        for name in ("dpop_lambda", "nll_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DPOConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.nll_coef and self.loss.unpaired:
+            raise ValueError(f"DPOConfig.nll_coef={self.nll_coef} adds the chosen response's NLL "
+                             f"to a pairwise loss; loss_type {self.loss_type!r} is unpaired")
 
     @property
     def loss(self) -> DPOLoss:
@@ -84,6 +120,11 @@ class DPOConfig:
     def needs_reference(self) -> bool:
         """Whether the loss uses the reference (``DPOLoss.needs_reference``)."""
         return self.loss.needs_reference
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the loss trains on ``UnpairedBatch`` es (``DPOLoss.unpaired``: KTO)."""
+        return self.loss.unpaired
 
 
 def pair_logps(model: Model, params: Params, batch: PreferenceBatch,
@@ -126,17 +167,27 @@ def _reference_logps(model: Model, ref_params: Params, batch: PreferenceBatch, h
     return jax.lax.stop_gradient(pair_logps(model, ref_params, batch, hidden)[0])
 
 
-def _loss(policy_logps, lengths, ref_logps, cfg: DPOConfig):
+def _loss(policy_logps, lengths, ref_logps, cfg: DPOConfig, stats=None):
     """``dpo_loss`` with exactly the inputs ``cfg.loss_type`` is defined on (a mean over pairs):
-    lengths when the loss is ``length_normalised``, reference log-probs when it
-    ``needs_reference``."""
+    lengths when the loss is ``length_normalised`` or an NLL term is added (per token),
+    reference log-probs when it ``needs_reference``, and the whole batch's ``stats``."""
     spec = cfg.loss
     kwargs = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                  gamma=cfg.gamma)
-    if spec.length_normalised:  # defined on per-token averages
+                  gamma=cfg.gamma, dpop_lambda=cfg.dpop_lambda, nll_coef=cfg.nll_coef,
+                  batch_statistics=stats)
+    if spec.length_normalised or cfg.nll_coef:  # per-token averages
         kwargs.update(chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])
     refs = (ref_logps[:, 0], ref_logps[:, 1]) if spec.needs_reference else (None, None)
     return dpo_loss(policy_logps[:, 0], policy_logps[:, 1], *refs, **kwargs)
+
+
+def pair_statistics(policy_logps, ref_logps, valid, cfg: DPOConfig) -> dict[str, jax.Array]:
+    """The loss's ``DPOLoss.batch_statistics`` (e.g. BCO's δ) over the valid pairs of
+    ``[B, 2]`` log-probs, without gradient; ``{}`` for a loss that reads none."""
+    w = valid_pairs(valid).astype(jnp.float32)
+    p, r = jax.lax.stop_gradient((policy_logps, ref_logps))
+    return {name: f(p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta=cfg.beta, weights=w)
+            for name, f in cfg.loss.batch_statistics.items()}
 
 
 def valid_pairs(valid: jax.Array) -> jax.Array:
@@ -151,33 +202,45 @@ def num_valid_pairs(valid: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.sum(valid_pairs(valid)), 1).astype(jnp.float32)
 
 
-def masked_dpo_loss(policy_logps, lengths, ref_logps, valid, total_pairs, cfg: DPOConfig):
+def masked_dpo_loss(policy_logps, lengths, ref_logps, valid, total_pairs, cfg: DPOConfig,
+                    stats=None):
     """``_loss`` summed over the valid pairs and divided by ``total_pairs`` (the valid pairs of
     the whole batch). Invalid pairs get finite stand-in inputs first (a filler row has no
-    response token: its ORPO log-odds would be ``log(1 - exp(0)) = -inf``)."""
+    response token: its ORPO log-odds would be ``log(1 - exp(0)) = -inf``). ``stats``: the
+    whole batch's ``pair_statistics``; None computes them from these pairs."""
     ok = valid_pairs(valid)
     safe = lambda x, fill: jnp.where(ok[:, None], x, jnp.full_like(x, fill))
-    return rowwise_mean(functools.partial(_loss, cfg=cfg), ok, total_pairs,
-                        safe(policy_logps, -1.0), safe(lengths, 1.0), safe(ref_logps, -1.0))
+    policy_logps, ref_logps = safe(policy_logps, -1.0), safe(ref_logps, -1.0)
+    if stats is None:
+        stats = pair_statistics(policy_logps, ref_logps, valid, cfg)
+    return rowwise_mean(functools.partial(_loss, cfg=cfg, stats=stats or None), ok, total_pairs,
+                        policy_logps, safe(lengths, 1.0), ref_logps)
 
 
 def dpo_loss_fn(params: Params, batch: PreferenceBatch, ref_logps: jax.Array, total_pairs,
-                frozen_hidden: jax.Array | None = None, *, model: Model, cfg: DPOConfig):
+                frozen_hidden: jax.Array | None = None, stats=None, *, model: Model,
+                cfg: DPOConfig):
     """Loss of one (micro)batch given reference log-probs ``[B, 2]``: summed over its valid
     pairs, divided by the full batch's valid pairs. ``frozen_hidden``: the policy's
-    ``[B, 2, T, D]`` from ``pair_frozen_hidden``, or ``None``."""
+    ``[B, 2, T, D]`` from ``pair_frozen_hidden``, or ``None``; ``stats``: the full batch's
+    ``pair_statistics``."""
     policy_logps, lengths = pair_logps(model, params, batch, frozen_hidden)
-    return masked_dpo_loss(policy_logps, lengths, ref_logps, batch.valid, total_pairs, cfg)
+    return masked_dpo_loss(policy_logps, lengths, ref_logps, batch.valid, total_pairs, cfg,
+                           stats)
 
 
 def _update(state, batch, ref_logps, hidden=None, *, model, tx, cfg):
     total = num_valid_pairs(batch.valid)
+    stats = {}
+    if cfg.loss.batch_statistics:  # over the whole batch, whatever the microbatching
+        policy = jax.lax.stop_gradient(pair_logps(model, state.params, batch, hidden)[0])
+        stats = pair_statistics(policy, ref_logps, batch.valid, cfg)
     loss_fn = functools.partial(dpo_loss_fn, model=model, cfg=cfg)
     # Reference log-probs and frozen hidden states travel with the batch so that microbatches
     # split them alike.
-    fn = lambda p, joint, t: loss_fn(p, *joint[:2], t, joint[2])
+    fn = lambda p, joint, t, s: loss_fn(p, *joint[:2], t, joint[2], s)
     _, grads, metrics = accumulate_gradients(fn, state.params, (batch, ref_logps, hidden),
-                                             cfg.num_microbatches, total)
+                                             cfg.num_microbatches, total, stats)
     metrics = dict(metrics)
     metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
     return apply_gradients(state, grads, tx), metrics
@@ -209,11 +272,101 @@ def dpo_step_precomputed(state: TrainState, batch: PreferenceBatch, ref_logps: j
     return _update(state, batch, ref_logps, model=model, tx=tx, cfg=cfg)
 
 
+# ---- unpaired losses (KTO) ------------------------------------------------------------------
+def _logps(model: Model, params: Params, batch: UnpairedBatch, kl: bool, hidden=None):
+    """Summed completion log-probs ``[B]`` of the examples, or of the KL pairs (``kl``)."""
+    f = ("kl_tokens", "kl_positions", "kl_attn_mask", "kl_loss_mask") if kl else \
+        ("tokens", "positions", "attn_mask", "loss_mask")
+    return sequence_logps(model, params, *(getattr(batch, k) for k in f), frozen_hidden=hidden)[0]
+
+
+def _unpaired_hidden(model: Model, params: Params, batch: UnpairedBatch, cfg: DPOConfig):
+    """The policy's frozen hidden states of the examples and of the KL pairs when the
+    reference shares them, else ``(None, None)``."""
+    if not cfg.reference_shares_frozen_layers:
+        return None, None
+    return tuple(model.frozen_hidden(params, *(getattr(batch, p + k) for k in
+                                               ("tokens", "positions", "attn_mask")))
+                 for p in ("", "kl_"))
+
+
+def unpaired_reference(model: Model, params: Params, ref_params: Params, batch: UnpairedBatch,
+                       cfg: DPOConfig, hidden=(None, None)):
+    """``(ref_logps [B], z0)`` without gradient: the reference's log-probs of the examples and
+    the reference point ``z0 = max(0, mean over valid rows of log π_θ - log π_ref)`` on the
+    mismatched pairs (``rlhf_jax.losses.kto.kto_reference_point``; Ethayarajh et al. 2024 §4).
+
+    Raises:
+      ValueError: ``ref_params`` is None.
+    """
+    if ref_params is None:
+        raise ValueError(f"DPO loss_type {cfg.loss_type!r} needs the reference parameters, "
+                         "got None")
+    ref = _logps(model, ref_params, batch, False, hidden[0])
+    kl_policy = _logps(model, params, batch, True, hidden[1])
+    kl_ref = _logps(model, ref_params, batch, True, hidden[1])
+    z0 = kto_reference_point(*jax.lax.stop_gradient((kl_policy, kl_ref)), weights=batch.valid)
+    return jax.lax.stop_gradient(ref), z0
+
+
+def num_valid_rows(valid: jax.Array) -> jax.Array:
+    """The global loss denominator of an unpaired batch: its valid rows (at least 1), float32."""
+    return jnp.maximum(jnp.sum(valid.astype(jnp.int32)), 1).astype(jnp.float32)
+
+
+def masked_unpaired_loss(policy_logps, ref_logps, label, valid, total_rows, reference_point,
+                         cfg: DPOConfig):
+    """The unpaired loss (``cfg.loss.fn``, with the knobs its entry names) summed over the valid
+    rows and divided by ``total_rows`` (the valid rows of the whole batch), with the whole
+    batch's reference point."""
+    spec = cfg.loss
+    knobs = {fn_name: getattr(cfg, knob) for knob, fn_name in spec.knobs.items()}
+    fn = lambda p, r, lab: spec.fn(p, r, lab, reference_point=reference_point, **knobs)
+    ok = valid.astype(bool)
+    safe = lambda x: jnp.where(ok, x, jnp.full_like(x, -1.0))
+    return rowwise_mean(fn, ok, total_rows, safe(policy_logps), safe(ref_logps), label)
+
+
+def unpaired_loss_fn(params: Params, batch: UnpairedBatch, ref_logps: jax.Array, total_rows,
+                     hidden, reference_point, *, model: Model, cfg: DPOConfig):
+    """Loss of one (micro)batch of an ``UnpairedBatch`` given its reference log-probs ``[B]``,
+    the full batch's valid-row count and reference point ``z0``."""
+    policy = _logps(model, params, batch, False, hidden)
+    return masked_unpaired_loss(policy, ref_logps, batch.label, batch.valid, total_rows,
+                                reference_point, cfg)
+
+
+def unpaired_step(state: TrainState, batch: UnpairedBatch, ref_params: Params, *, model: Model,
+                  tx: optax.GradientTransformation, cfg: DPOConfig):
+    """One update of an unpaired loss (KTO) on an ``UnpairedBatch`` (pure): reference log-probs
+    and ``z0`` over the whole batch without gradient (:func:`unpaired_reference`), then the
+    loss over (micro)batches."""
+    hidden, kl_hidden = _unpaired_hidden(model, state.params, batch, cfg)
+    ref, z0 = unpaired_reference(model, state.params, ref_params, batch, cfg, (hidden, kl_hidden))
+    total = num_valid_rows(batch.valid)
+    loss_fn = functools.partial(unpaired_loss_fn, model=model, cfg=cfg)
+    fn = lambda p, joint, t, z: loss_fn(p, joint[0], joint[1], t, joint[2], z)
+    _, grads, metrics = accumulate_gradients(fn, state.params, (batch, ref, hidden),
+                                             cfg.num_microbatches, total, z0)
+    metrics = dict(metrics)
+    metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
+    return apply_gradients(state, grads, tx), metrics
+
+
 def make_dpo_step(model: Model, tx: optax.GradientTransformation, cfg: DPOConfig = DPOConfig(), *,
                   precomputed: bool = False, state_sharding=None, batch_sharding=None,
                   frozen_sharding=None):
-    """Jitted ``step(state, batch, ref_params_or_ref_logps)`` with the state donated."""
-    fn = dpo_step_precomputed if precomputed else dpo_step
+    """Jitted ``step(state, batch, ref_params_or_ref_logps)`` with the state donated: on
+    ``PreferenceBatch`` es, or on ``UnpairedBatch`` es for an unpaired loss (KTO).
+
+    Raises:
+      ValueError: ``precomputed`` with an unpaired loss (its reference point needs the
+        current policy on the mismatched pairs, every step).
+    """
+    if cfg.unpaired and precomputed:
+        raise ValueError(f"DPO loss_type {cfg.loss_type!r} is unpaired: it has no "
+                         "precomputed-reference step; use precomputed=False")
+    fn = unpaired_step if cfg.unpaired else dpo_step_precomputed if precomputed else dpo_step
     return jit_step(functools.partial(fn, model=model, tx=tx, cfg=cfg), state_sharding=state_sharding,
                     batch_sharding=batch_sharding, frozen_shardings=(frozen_sharding,))
 
@@ -224,12 +377,25 @@ def make_reference_logps(model: Model):
 
 
 def make_dpo_eval(model: Model, cfg: DPOConfig = DPOConfig()):
-    """Jitted ``(params, ref_params, batch) -> metrics`` without an update (``ref_params`` may
-    be ``None`` for a reference-free loss)."""
+    """Jitted ``(params, ref_params, batch) -> metrics`` on a ``PreferenceBatch`` without an
+    update (``ref_params`` may be ``None`` for a reference-free loss).
+
+    An unpaired loss (KTO) has no loss on pairs: held-out pairs then give the implicit-reward
+    metrics ``β (log π_θ - log π_ref)`` of the chosen and rejected responses (margins,
+    accuracies, ...), the same quantities every reference-based member of the family reports,
+    and no ``dpo/loss``."""
+    pair_cfg = cfg
+    if cfg.unpaired:
+        pair_cfg = dataclasses.replace(cfg, loss_type="sigmoid", label_smoothing=0.0,
+                                       nll_coef=0.0)
+
     def evaluate(params, ref_params, batch):
-        hidden = _shared_hidden(model, params, batch, cfg)
-        ref = _reference_logps(model, ref_params, batch, hidden, cfg)
+        hidden = _shared_hidden(model, params, batch, pair_cfg)
+        ref = _reference_logps(model, ref_params, batch, hidden, pair_cfg)
         policy, lengths = pair_logps(model, params, batch, hidden)
-        return masked_dpo_loss(policy, lengths, ref, batch.valid, num_valid_pairs(batch.valid),
-                               cfg)[1]
+        metrics = masked_dpo_loss(policy, lengths, ref, batch.valid,
+                                  num_valid_pairs(batch.valid), pair_cfg)[1]
+        if cfg.unpaired:
+            metrics = {k: v for k, v in metrics.items() if k != "dpo/loss"}
+        return metrics
     return jax.jit(evaluate)

@@ -3,7 +3,7 @@
 Ziegler et al. 2019 (lm-human-preferences), Stiennon et al. 2020 and Ouyang et al. 2022 §3.5:
 the policy is initialised from the SFT model; the reward of a response is the reward
 model's score at its last token minus ``kl_coef x KL_t(pi || pi_ref)`` at every token, with a
-fixed or adaptive ``kl_coef`` (or, with ``kl_in_reward=False``, the KL is a term of the loss,
+fixed or adaptive ``kl_coef`` (or, with ``kl_penalty="loss"``, the KL is a term of the loss,
 as in GRPO, Shao et al. 2024); a value function is trained alongside (on the policy's trunk,
 or as a separate model); advantages come from GAE (Schulman et al. 2016); the policy and value
 losses are clipped (Schulman et al. 2017); each rollout is used for several epochs of
@@ -67,6 +67,7 @@ from rlhf_jax.train.ppo_phases import (
     minibatch_loss,
     policy_forward,
     update_kl,
+    uses_separate_value,
     value_forward,
 )
 from rlhf_jax.train.state import apply_gradients
@@ -74,7 +75,8 @@ from rlhf_jax.train.state import apply_gradients
 __all__ = [
     "Experience", "PPOConfig", "PPOStages", "PPOState", "check_models", "context_batch_shards",
     "generate", "init_ppo_state", "make_experience", "make_ppo_iteration", "minibatch_indices",
-    "minibatch_loss", "policy_forward", "ppo_iteration", "ppo_learn", "ppo_state_shardings",
+    "minibatch_loss", "policy_forward", "ppo_iteration", "ppo_learn",
+    "ppo_state_shardings",
     "ppo_update", "take_minibatch", "update_kl", "value_forward",
 ]
 
@@ -165,8 +167,9 @@ def ppo_update(state: PPOState, exp: Experience, *, policy_model: Model, value_m
         ``cfg.value_model``.
     """
     check_models(cfg, policy_model, value_model, state)
-    if cfg.value_model == "separate" and value_tx is None:
+    if uses_separate_value(cfg) and value_tx is None:
         raise ValueError("PPOConfig.value_model='separate' needs value_tx")
+    separate = uses_separate_value(cfg)
     b = exp.tokens.shape[0]
     shards = context_batch_shards() if batch_shards is None else batch_shards
     loss_fn = functools.partial(minibatch_loss, policy_model=policy_model,
@@ -192,9 +195,10 @@ def ppo_update(state: PPOState, exp: Experience, *, policy_model: Model, value_m
         return jax.lax.scan(minibatch_step, carry, idx)
 
     keys = jax.random.split(key, cfg.num_ppo_epochs)
-    (policy, value), metrics = jax.lax.scan(epoch, (state.policy, state.value), keys)
+    carry = (state.policy, state.value if separate else None)
+    (policy, value), metrics = jax.lax.scan(epoch, carry, keys)
     metrics = jax.tree.map(lambda x: jnp.sum(x), metrics)  # sum over epochs x minibatches
-    return state.replace(policy=policy, value=value), metrics
+    return state.replace(policy=policy, value=value if separate else state.value), metrics
 
 
 # ---- composed iteration ------------------------------------------------------------------
@@ -306,10 +310,17 @@ def make_ppo_iteration(*, policy_model: Model, reward_model: Model, policy_tx, c
 
 @dataclasses.dataclass(frozen=True)
 class PPOStages:
-    """The same iteration run staged (one jit per phase), for a host reward function.
+    """The same iteration run staged (one jit per phase), for host rewards and for dynamic
+    sampling: ``generate`` (device) -> rewards (host) -> ``learn`` (device).
 
-    ``reward_fn(prompt_tokens, response_tokens, response_mask) -> scores [B]`` runs on the host
-    between ``generate`` and ``learn`` (e.g. decode and score text in Python).
+    Shardings are optional (``None``: left to propagation); given, ``generate`` and ``learn``
+    are jitted with them, and ``learn`` donates the state.
+
+    Attributes:
+      state_sharding: of the ``PPOState`` (``ppo_state_shardings``).
+      row_sharding: of every ``[rows, ...]`` array (prompts, rollout rows, scores): batch
+        axes. A ``NamedSharding`` also fixes the minibatch shuffle's batch shards.
+      ref_sharding: of the reference parameters (``None`` with ``kl_penalty="none"``).
     """
 
     policy_model: Model
@@ -317,27 +328,49 @@ class PPOStages:
     cfg: PPOConfig
     value_model: Model | None = None
     value_tx: optax.GradientTransformation | None = None
+    state_sharding: object = None
+    row_sharding: object = None
+    ref_sharding: object = None
 
     def __post_init__(self):
         check_models(self.cfg, self.policy_model, self.value_model)
         gen = functools.partial(generate, policy_model=self.policy_model, cfg=self.cfg)
-        object.__setattr__(self, "_generate", jax.jit(gen))
         learn = functools.partial(ppo_learn, policy_model=self.policy_model,
                                   value_model=self.value_model, policy_tx=self.policy_tx,
-                                  value_tx=self.value_tx, cfg=self.cfg)
-        object.__setattr__(self, "_learn", jax.jit(learn, donate_argnums=(0,)))
+                                  value_tx=self.value_tx, cfg=self.cfg,
+                                  batch_shards=_batch_shards_of(self.row_sharding))
+        rows = self.row_sharding
+        if self.state_sharding is None and rows is None:
+            gen_jit, learn_jit = jax.jit(gen), jax.jit(learn, donate_argnums=(0,))
+        else:
+            gen_jit = jax.jit(gen, in_shardings=(self.state_sharding, rows, rows))
+            learn_jit = jax.jit(learn, in_shardings=(self.state_sharding, *(rows,) * 6,
+                                                     self.ref_sharding),
+                                out_shardings=(self.state_sharding, None), donate_argnums=(0,))
+        object.__setattr__(self, "_generate", gen_jit)
+        object.__setattr__(self, "_learn", learn_jit)
+
+    def generate(self, state: PPOState, prompt_tokens, prompt_mask):
+        """Jitted ``generate``: ``(SampleOutput, tokens [B k, P + R], attn_mask, positions)``."""
+        return self._generate(state, prompt_tokens, prompt_mask)
 
     def learn(self, state: PPOState, tokens, attn_mask, positions, response_mask, ended, scores,
-              ref_params: Params):
+              ref_params: Params | None):
         """Jitted ``ppo_learn`` (state donated) on a sampled, scored rollout."""
         return self._learn(state, tokens, attn_mask, positions, response_mask, ended, scores,
                            ref_params)
 
-    def iteration(self, state: PPOState, prompt_tokens, prompt_mask, ref_params: Params,
+    def iteration(self, state: PPOState, prompt_tokens, prompt_mask, ref_params: Params | None,
                   reward_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]):
-        """``generate`` (device) -> ``reward_fn`` (host) -> ``learn`` (device)."""
+        """``generate`` -> ``reward_fn(prompt_tokens [B k, P], response [B k, R],
+        response_mask [B k, R]) -> scores [B k]`` on the host -> ``learn``.
+
+        Raises:
+          ValueError: ``reward_fn`` returned the wrong shape.
+        """
         out, tokens, attn_mask, positions = self._generate(state, prompt_tokens, prompt_mask)
-        scores = np.asarray(reward_fn(np.asarray(prompt_tokens), np.asarray(out.response),
+        p = tokens.shape[1] - out.response.shape[1]
+        scores = np.asarray(reward_fn(np.asarray(tokens[:, :p]), np.asarray(out.response),
                                       np.asarray(out.response_mask)), np.float32)
         if scores.shape != (tokens.shape[0],):
             raise ValueError(f"reward_fn returned shape {scores.shape}, expected ({tokens.shape[0]},)")

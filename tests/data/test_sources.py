@@ -228,7 +228,7 @@ def test_validate_source_is_a_dry_run_of_loading(tmp_path, tok):
         validate_source(tmp_path / "missing.jsonl", "sft", tok, strict)
     with pytest.raises(ValueError, match="unknown data kind 'rm'"):
         validate_source(path, "rm", tok, strict)
-    assert KINDS == ("sft", "preferences", "prompts")
+    assert KINDS == ("sft", "preferences", "prompts", "unpaired")
     prompts = load_dataset(path, "prompts", tok, skip)
     assert type(prompts) is type(load_prompts(path, tok, skip)) and len(prompts) == 2
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.losses import dpo
+from rlhf_jax.losses import dpo, dpo_variants
 
 
 def _jit(f, **kw):
@@ -158,19 +158,33 @@ _DIRECT = {
     "hinge": lambda pc, pr, rc, rr, beta, lengths: dpo.hinge_loss(pc, pr, rc, rr, beta=beta),
     "simpo": lambda pc, pr, rc, rr, beta, lengths: dpo.simpo_loss(pc, pr, beta=beta, **lengths),
     "orpo": lambda pc, pr, rc, rr, beta, lengths: dpo.orpo_loss(pc, pr, lam=beta, **lengths),
+    **{name: (lambda pc, pr, rc, rr, beta, lengths, f=f: f(pc, pr, rc, rr, beta=beta))
+       for name, f in (("bco_pair", dpo_variants.bco_pair_loss),
+                       ("apo_zero", dpo_variants.apo_zero_loss),
+                       ("apo_down", dpo_variants.apo_down_loss),
+                       ("nca_pair", dpo_variants.nca_pair_loss),
+                       ("dpop", dpo_variants.dpop_loss),
+                       ("exo_pair", dpo_variants.exo_pair_loss),
+                       ("sppo_hard", dpo_variants.sppo_hard_loss))},
 }
+
+# The pairwise members (``dpo_loss`` dispatches to them); the unpaired KTO is tested in
+# tests/test_losses_offline.py.
+PAIRWISE = sorted(k for k, v in dpo.DPO_LOSSES.items() if not v.unpaired)
 
 
 def test_loss_type_literal_matches_the_registry():
     assert sorted(typing.get_args(dpo.LossType)) == sorted(dpo.DPO_LOSSES)
-    assert sorted(_DIRECT) == sorted(dpo.DPO_LOSSES)
+    assert sorted(_DIRECT) == PAIRWISE
     for name, spec in dpo.DPO_LOSSES.items():
         assert spec.description and spec.source, name
-        assert spec.fn.__module__ in (dpo.__name__, "rlhf_jax.losses.reference_free"), name
-        assert spec.needs_reference == (spec.fn.__module__ == dpo.__name__), name
+        assert spec.fn.__module__ in (dpo.__name__, "rlhf_jax.losses.reference_free",
+                                      dpo_variants.__name__, "rlhf_jax.losses.kto"), name
+        assert spec.needs_reference == (spec.fn.__module__ != "rlhf_jax.losses.reference_free"), name
+        assert spec.unpaired == (spec.fn.__module__ == "rlhf_jax.losses.kto"), name
 
 
-@pytest.mark.parametrize("loss_type", sorted(dpo.DPO_LOSSES))
+@pytest.mark.parametrize("loss_type", PAIRWISE)
 def test_dispatcher_routes_to_the_named_loss(loss_type):
     pc, pr, rc, rr, lc, lr = _inputs(seed=8)
     beta = 0.25
@@ -183,7 +197,7 @@ def test_dispatcher_routes_to_the_named_loss(loss_type):
     assert metrics.keys() == want.keys()
 
 
-@pytest.mark.parametrize("loss_type", sorted(dpo.DPO_LOSSES))
+@pytest.mark.parametrize("loss_type", PAIRWISE)
 def test_registry_flags_say_what_each_loss_reads(loss_type):
     """``needs_reference``: the reference log-probs are required and change the loss;
     ``length_normalised``: the lengths change the loss; ``uses_label_smoothing``: a non-zero
@@ -219,7 +233,7 @@ def test_registry_flags_say_what_each_loss_reads(loss_type):
 def test_unknown_loss_type_lists_the_registry():
     pc, pr, rc, rr, _, _ = _inputs()
     with pytest.raises(ValueError, match=re.escape(str(sorted(dpo.DPO_LOSSES)))):
-        dpo.dpo_loss(pc, pr, rc, rr, loss_type="kto")
+        dpo.dpo_loss(pc, pr, rc, rr, loss_type="not_a_loss")
     with pytest.raises(ValueError, match="known"):
         dpo.get_dpo_loss("DPO")
 
@@ -239,7 +253,7 @@ def test_dispatcher_accepts_everything_a_trainer_has():
 def test_dispatcher_rejects_misuse():
     pc, pr, rc, rr, lc, lr = _inputs()
     with pytest.raises(ValueError, match="loss_type"):
-        dpo.dpo_loss(pc, pr, rc, rr, loss_type="kto")
+        dpo.dpo_loss(pc, pr, rc, rr, loss_type="not_a_loss")
     with pytest.raises(ValueError, match="needs ref"):
         dpo.dpo_loss(pc, pr, loss_type="sigmoid")
     with pytest.raises(ValueError, match="both"):

@@ -32,8 +32,8 @@ B, P, R = 8, 6, 8
 KL = KLController(kind="adaptive", init_kl_coef=0.05, target=1.0, horizon=float(B))
 BASE = ppo.PPOConfig(sampling=SamplingConfig(max_new_tokens=R, eos_token_id=EOS, pad_token_id=PAD),
                      num_ppo_epochs=1, num_minibatches=1, vf_coef=0.5, kl=KL)
-CFGS = {True: dataclasses.replace(BASE, kl_in_reward=True, kl_estimator="k1"),
-        False: dataclasses.replace(BASE, kl_in_reward=False, kl_estimator="k3")}
+CFGS = {True: dataclasses.replace(BASE, kl_penalty="reward", kl_estimator="k1"),
+        False: dataclasses.replace(BASE, kl_penalty="loss", kl_estimator="k3")}
 
 
 @functools.cache
@@ -85,7 +85,7 @@ def first_update_loss(exp: ppo.Experience, cfg: ppo.PPOConfig, kl_coef) -> tuple
     """``ppo_loss`` of the first minibatch of an iteration on ``exp`` (one minibatch, one
     epoch): the policy is still the rollout policy, so its log-probs and values are the
     experience's own (entropy_coef is 0: the entropy does not enter the loss)."""
-    kl = {} if cfg.kl_in_reward else dict(ref_logp=exp.ref_logp, kl_loss_coef=kl_coef,
+    kl = {} if cfg.kl_penalty == "reward" else dict(ref_logp=exp.ref_logp, kl_loss_coef=kl_coef,
                                           kl_loss_estimator=cfg.kl_estimator)
     loss, metrics = _ppo_loss(exp.old_logp, exp.old_logp, exp.advantages, exp.response_mask,
                               values=exp.old_values, old_values=exp.old_values,

@@ -10,6 +10,9 @@ al. 2019, §4.1, but with human instead of classifier judgements:
   is the domain's (neutral) instruction, so the preference — write positive text — is
   learned from the comparisons alone. K-way rankings (:func:`sentiment_ranking_records`) sort
   K snippets by mean, best first, all pairwise gaps ``>= margin``.
+* Unpaired (:func:`sentiment_unpaired_records`, KTO): ``{"prompt", "completion", "label"}``,
+  each snippet labelled desirable when its human mean rating is positive and undesirable
+  when it is negative (the sign of the same ratings the comparisons are drawn from).
 * Prompts (:func:`sentiment_prompt_records`): the first words of held-out snippets, both as a
   chat instruction (``"Continue this movie review: <opening>"``, field ``prompt``, from
   :data:`CONTINUE`) and raw (field ``opening``, for a base model to continue).
@@ -185,6 +188,31 @@ def sentiment_ranking_records(ratings: Sequence[SentimentRating], *, k: int = 4,
     return out
 
 
+def sentiment_unpaired_records(ratings: Sequence[SentimentRating], *, threshold: float = 0.0,
+                               min_words: int = 4, max_words: int = 40,
+                               domains: Sequence[str] | None = None) -> list[dict]:
+    """Unpaired examples for KTO: each snippet as the completion of its domain's instruction,
+    labelled by the sign of its human mean rating.
+
+    Desirable: ``mean > threshold``; undesirable: ``mean < -threshold``; snippets in between
+    (a mean of exactly 0 at the default) carry no binary signal and are left out.
+
+    Args:
+      ratings: sentences (usually one split).
+      threshold: ``>= 0``, the dead zone around 0 on the -4..4 scale.
+      min_words, max_words: keep snippets with this many words.
+      domains: restrict to these domains.
+
+    Returns:
+      ``[{"prompt", "completion", "label", "domain", "id", "mean"}, ...]`` in input order.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold={threshold}, expected >= 0")
+    return [{"prompt": INSTRUCTIONS[r.domain], "completion": r.text, "label": r.mean > 0,
+             "domain": r.domain, "id": r.id, "mean": r.mean}
+            for r in _filter(ratings, min_words, max_words, domains) if abs(r.mean) > threshold]
+
+
 _WORD = re.compile(r"\S+")
 
 
@@ -217,4 +245,4 @@ def sentiment_prompt_records(ratings: Sequence[SentimentRating], *, opening_word
 
 
 __all__ = ["CONTINUE", "INSTRUCTIONS", "sentiment_preference_records", "sentiment_prompt_records",
-           "sentiment_ranking_records", "sentiment_sft_records"]
+           "sentiment_ranking_records", "sentiment_sft_records", "sentiment_unpaired_records"]

@@ -36,8 +36,9 @@ def vader_judge(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
 
 def sentiment_records(data, cache_dir=None) -> dict[str, list[dict]]:
     """The task's records by role from ``data`` (a ``rlhf_jax.pipeline.config.DataConfig``):
-    SFT and preferences from the train split, RL prompts from validation, evaluation prompts
-    and held-out preferences from test (splits by document, ``ratings.split_sentiment_ratings``)."""
+    SFT, preferences and unpaired examples (KTO: the sign of each snippet's human mean) from the
+    train split, RL prompts from validation, evaluation prompts and held-out preferences from
+    test (splits by document, ``ratings.split_sentiment_ratings``)."""
     from rlhf_jax.tasks.sentiment import records as r
     from rlhf_jax.tasks.sentiment.ratings import fetch_sentiment_ratings, split_sentiment_ratings
     splits = split_sentiment_ratings(fetch_sentiment_ratings(cache_dir), seed=0)
@@ -54,6 +55,9 @@ def sentiment_records(data, cache_dir=None) -> dict[str, list[dict]]:
         recs = r.sentiment_preference_records(splits[split], margin=data.margin, seed=data.seed, **kw)
         return [{**x, "prompt": _messages(x["prompt"], data.system_prompt)} for x in recs]
 
+    unpaired = [{**x, "prompt": _messages(x["prompt"], data.system_prompt)}
+                for x in r.sentiment_unpaired_records(splits["train"], **kw)]
+
     def prompts(split):
         return [{"prompt": _messages(r.INSTRUCTIONS[x["domain"]], data.system_prompt),
                  "response_prefix": x["opening"]}
@@ -61,7 +65,7 @@ def sentiment_records(data, cache_dir=None) -> dict[str, list[dict]]:
 
     return {"sft": sft, "preferences": preferences("train"),
             "eval_preferences": preferences("test"), "prompts": prompts("validation"),
-            "eval_prompts": prompts("test")}
+            "eval_prompts": prompts("test"), "unpaired": unpaired}
 
 
 @register_task("sentiment")
