@@ -1,5 +1,5 @@
-"""Step times of the library's jitted train steps (SFT, reward model, DPO, one PPO iteration)
-on the fixed GPT-2 workloads of ``workload.json``.
+"""Step times of the library's jitted train steps (SFT, reward model, DPO, one PPO iteration,
+one GRPO iteration) on the fixed GPT-2 workloads of ``workload.json``.
 
 Unlike ``bench.model_step`` (a bare forward/backward/AdamW of the model), this times the
 steps a user runs: ``rlhf_jax.train.{sft,reward,dpo,ppo}`` built with their ``make_*``
@@ -28,13 +28,25 @@ forward matmul FLOPs per token incl. attention scores and the LM head; ``Fs(T) =
   positions from ``P - 1`` on; the one extra is not counted):
   ``sample + 5 (Fs(T) T + 2 d V R) B + Fs(T) T B``. Staged phase timings (``ppo_phase``
   lines: sample, score + advantages, update) are diagnostics.
+* ``grpo_iteration`` (``small`` only) - ``ppo.make_ppo_iteration`` with the GRPO options of
+  the workload's ``grpo`` section: ``prompts`` prompts x ``num_generations`` samples each
+  (``PPOConfig.num_samples``; ``B = prompts x num_generations`` completions), ``advantage=
+  "grpo"``, an ``"lm"`` policy (no value head, no critic), KL to the reference as a term of
+  the loss (``kl_penalty="loss"``, k3, ``beta``), ``loss_aggregation="sequence_mean"``,
+  ``clip_eps``, 1 epoch x 1 minibatch; sampling and the reward model as for
+  ``ppo_iteration``. FLOPs: the same count as PPO's with ``B`` completions (sampling + policy
+  and reference forwards + reward model + update). Staged phases (diagnostics):
+  ``grpo_phase_sample`` (``ppo.generate``), ``grpo_phase_score`` (policy and reference
+  log-probs, ``ppo.policy_forward``, and the reward model's score), ``grpo_phase_advantage``
+  (``losses.advantages.estimate_advantages("grpo", ...)`` alone; no FLOPs counted),
+  ``grpo_phase_update`` (``ppo.ppo_update``).
 
 Every step is timed interleaved with an ``n x n`` fp32 matmul (``bench.common``), so
 ``frac_of_peak`` compares numbers taken under the same machine load; ``cpu_frac_of_peak``
 compares FLOPs per CPU-second of this process (steadier on a shared machine). Median over
-``timed_steps`` after ``warmup_steps`` (PPO: the workload's ``ppo`` section). The fields are
-those of ``bench.model_step`` (see ``bench/README.md``), plus ``dpo_over_sft`` and, on the
-PPO line, ``sum_of_staged_phases_s``.
+``timed_steps`` after ``warmup_steps`` (PPO: the workload's ``ppo`` section; GRPO: its
+``grpo`` section). The fields are those of ``bench.model_step`` (see ``bench/README.md``),
+plus ``dpo_over_sft`` and, on the PPO and GRPO iteration lines, ``sum_of_staged_phases_s``.
 
 Run: ``.venv/bin/python -m bench.train_steps --workload all`` (see ``bench/README.md``).
 """
@@ -55,6 +67,8 @@ from bench.model_step import model_config
 from bench.sampler import sample_flops
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.control import KLController
+from rlhf_jax.losses.advantages import estimate_advantages
+from rlhf_jax.losses.ppo import kl_shaped_rewards
 from rlhf_jax.models.model import Model
 from rlhf_jax.rollout.sampler import SamplingConfig
 from rlhf_jax.train import dpo, ppo, reward, sft
@@ -272,15 +286,122 @@ def bench_ppo(name: str, variant: dict, workload: dict, matmul) -> list:
     return [emit(**line) for line in lines.values()]
 
 
+def bench_grpo(name: str, variant: dict, workload: dict, matmul) -> list:
+    """One GRPO iteration (fused) and its staged phases on the ``grpo`` section's shapes."""
+    cfg = model_config(variant, workload.get("dtype", "float32"))
+    p, r = variant["prompt_len"], variant["response_len"]
+    t = p + r
+    g = workload["grpo"]
+    k, n_prompts = g["num_generations"], g["prompts"]
+    b = n_prompts * k  # completions
+    s = workload.get("sampling", {})
+    seed = workload["seed"]
+    policy, scalar = Model(cfg, kind="lm"), Model(cfg, kind="scalar")
+    params = jax.jit(policy.init)(jax.random.key(seed))
+    reward_params = jax.jit(scalar.init)(jax.random.key(seed + 1))
+    sampling = SamplingConfig(max_new_tokens=r, temperature=s.get("temperature", 1.0),
+                              top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
+                              greedy=not s.get("do_sample", True),
+                              eos_token_id=cfg.vocab_size - 1, pad_token_id=0, stop_early=False)
+    pcfg = ppo.PPOConfig(sampling=sampling, num_samples=k, advantage="grpo", policy_loss="ppo",
+                         loss_aggregation="sequence_mean", kl_penalty="loss",
+                         kl_estimator=g.get("kl_estimator", "k3"),
+                         kl=KLController(init_kl_coef=g["beta"]),
+                         num_ppo_epochs=g["num_ppo_epochs"], num_minibatches=g["num_mini_batches"],
+                         clip_eps=g.get("clip_eps", 0.2))
+    tx = make_optimizer(optimizer_config(workload["optimizer"]), params)
+    rng = np.random.default_rng(seed)
+    prompts = jnp.asarray(rng.integers(0, cfg.vocab_size - 1, (n_prompts, p), dtype=np.int32))
+    prompt_mask = jnp.ones((n_prompts, p), bool)
+
+    def fresh():
+        return ppo.init_ppo_state(create_train_state(params, tx, jax.random.key(1)), pcfg.kl,
+                                  jax.random.key(2))
+
+    it = ppo.make_ppo_iteration(policy_model=policy, reward_model=scalar, policy_tx=tx, cfg=pcfg)
+
+    class Fused(_Runner):
+        def __call__(self):
+            self.state, m = self.step(self.state, prompts, prompt_mask, params, reward_params)
+            return m["objective/score"][0]
+
+    f_sc = cfg.flops_per_token(t) - head_flops(cfg)
+    f_pol = f_sc * t + head_flops(cfg) * r  # policy / reference forward per completion
+    flops_sample = sample_flops(cfg, b, p, r)
+    flops = {"grpo_iteration": flops_sample + 5 * f_pol * b + f_sc * t * b}
+    runners = {"grpo_iteration": Fused(it, fresh(), loss_key="")}
+
+    # Staged phases (diagnostics), one jit each.
+    gen = jax.jit(lambda st: ppo.generate(st, prompts, prompt_mask, policy_model=policy, cfg=pcfg))
+
+    def score_fn(st, tokens, attn_mask, positions, response_mask):
+        """Policy and reference log-probs of the response, and the reward model's score."""
+        scores = sequence_scores(scalar, reward_params, tokens, positions, attn_mask)
+        logp, _, _ = ppo.policy_forward(policy, st.policy.params, tokens, positions, attn_mask,
+                                        p, sampling)
+        ref_logp, _, _ = ppo.policy_forward(policy, params, tokens, positions, attn_mask, p,
+                                            sampling)
+        mask = response_mask.astype(bool)
+        return scores, jnp.where(mask, logp, 0.0), jnp.where(mask, ref_logp, 0.0)
+
+    score = jax.jit(score_fn)
+    advantage = jax.jit(lambda rewards, mask: estimate_advantages(
+        pcfg.advantage, rewards, mask, group_size=k, gamma=pcfg.gamma, lam=pcfg.lam,
+        whiten_advantages=pcfg.whiten_advantages)[0])
+    update = jax.jit(lambda st, exp: ppo.ppo_update(st, exp, policy_model=policy, value_model=None,
+                                                    policy_tx=tx, value_tx=None, cfg=pcfg)[0])
+    st0 = fresh()
+    out, tokens, attn_mask, positions = gen(st0)
+    mask = out.response_mask.astype(bool)
+    scores, _, _ = score(st0, tokens, attn_mask, positions, out.response_mask)
+    # the rewards the advantage phase reads: the score on the last token (KL in the loss)
+    rewards, _ = jax.jit(lambda sc, m: kl_shaped_rewards(sc, jnp.zeros(m.shape), jnp.zeros(m.shape),
+                                                         m, 0.0))(scores, mask)
+    exp = jax.jit(lambda st, tok, am, pos, rm, e, sc: ppo.make_experience(
+        st, tok, am, pos, rm, e, sc, params, policy_model=policy, value_model=None, cfg=pcfg)[0])(
+        st0, tokens, attn_mask, positions, out.response_mask, out.ended, scores)
+
+    class Phase(_Runner):
+        def __call__(self):
+            return self.step(*self.args)
+
+    runners["grpo_phase_sample"] = Phase(gen, None, st0, loss_key="")
+    runners["grpo_phase_score"] = Phase(score, None, st0, tokens, attn_mask, positions,
+                                        out.response_mask, loss_key="")
+    runners["grpo_phase_advantage"] = Phase(advantage, None, rewards, mask, loss_key="")
+    runners["grpo_phase_update"] = Phase(lambda st, e: update(st, e).policy.step, None, st0, exp,
+                                         loss_key="")
+    flops["grpo_phase_sample"] = flops_sample
+    flops["grpo_phase_score"] = 2 * f_pol * b + f_sc * t * b
+    flops["grpo_phase_advantage"] = 0
+    flops["grpo_phase_update"] = 3 * f_pol * b
+    for runner in runners.values():
+        runner.first_loss = None  # a score / a step count here, not a loss
+    common = dict(workload=name, batch=b, prompts=n_prompts, num_generations=k, prompt_len=p,
+                  new_tokens=r, seq=t, num_params=policy.num_params(params), dtype=cfg.dtype,
+                  matmul_precision=jax.config.jax_default_matmul_precision,
+                  stop_early=False, epochs=pcfg.num_ppo_epochs,
+                  minibatches=pcfg.num_minibatches, advantage=pcfg.advantage,
+                  kl_penalty=pcfg.kl_penalty, kl_estimator=pcfg.kl_estimator,
+                  kl_coef=pcfg.kl.init_kl_coef, loss_aggregation=pcfg.loss_aggregation)
+    lines = _measure(runners, flops, matmul, g["warmup_iterations"], g["timed_iterations"], common)
+    phases = sum(lines[n]["step_s"] for n in lines if n.startswith("grpo_phase"))
+    lines["grpo_iteration"]["sum_of_staged_phases_s"] = phases
+    return [emit(**line) for line in lines.values()]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_workload_args(ap)
-    ap.add_argument("--steps", default="sft,rm,dpo,ppo",
-                    help="which of sft, rm, dpo, ppo (ppo runs on 'small' only)")
+    ap.add_argument("--steps", default="sft,rm,dpo,ppo,grpo",
+                    help="which of sft, rm, dpo, ppo, grpo (ppo and grpo run on 'small' only)")
     ap.add_argument("--separate", action="store_true",
                     help="time the steps of a variant one after another (less memory) instead "
                          "of interleaved with each other")
     args = ap.parse_args(argv)
+    unknown = set(args.steps.split(",")) - {"sft", "rm", "dpo", "ppo", "grpo"}
+    if unknown:
+        raise SystemExit(f"unknown --steps {sorted(unknown)}; have sft, rm, dpo, ppo, grpo")
 
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     workload, path = load_workload(args.workload_file)
@@ -303,6 +424,11 @@ def main(argv=None) -> None:
             bench_steps(n, variant, workload, matmul, which=g)
         if "ppo" in steps and n == "small":
             bench_ppo(n, variant, workload, matmul)
+        if "grpo" in steps and n == "small":
+            if "grpo" not in workload:
+                print(f"train_steps: no 'grpo' section in {path}; GRPO skipped", file=sys.stderr)
+            else:
+                bench_grpo(n, variant, workload, matmul)
 
 
 if __name__ == "__main__":
