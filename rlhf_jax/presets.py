@@ -128,7 +128,7 @@ def tiny() -> PipelineConfig:
         dpo=DPOStageConfig(steps=3, batch_size=8, eval_pairs=16,
                            optimizer=OptimizerConfig(lr=1e-3, total_steps=3)),
         eval=EvalConfig(num_prompts=8, batch_size=8, max_new_tokens=8, min_new_tokens=3,
-                        samples_in_report=2),
+                        num_samples=2, samples_in_report=2),
         checkpoint_every=2,
         tensorboard=False,
     )

@@ -250,6 +250,11 @@ def test_summary_json_has_judge_means(tiny_run):
         assert len(evals) == 1 and evals[0]["eval/judge_mean"] == pytest.approx(s["judge_mean"])
         sft_mean = summary["sft"]["judge_mean"]
         assert s["judge_delta"] == pytest.approx(s["judge_mean"] - sft_mean)
+        # mean@2: two samples per prompt from one prefill, paired against SFT's
+        assert -1.0 <= s["judge_mean_at_k"] <= 1.0
+        assert s["judge_mean_at_k_delta"] == pytest.approx(
+            s["judge_mean_at_k"] - summary["sft"]["judge_mean_at_k"])
+    assert summary["baseline"] == "sft"
     assert summary["sft"]["judge_delta"] == 0.0
     assert summary["sft"]["kl"] == pytest.approx(0, abs=1e-5)
     rm_meta = json.loads((tiny_run.out / "rm" / "final" / "model.json").read_text())

@@ -42,6 +42,15 @@ def mean_se(x) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
+def model_label(run: Run, name: str) -> str:
+    """The report's name of a policy: the stage in capitals, the RL stage by its estimator
+    (``PPO`` with GAE, ``GRPO``, ``RLOO``, ...)."""
+    advantage = run.cfg.ppo.ppo.advantage
+    if name == "ppo" and advantage != "gae":
+        return advantage.upper().replace("_PP", "++").replace("_", ". ")
+    return name.upper()
+
+
 def _local_row_indices(mesh, batch_size: int) -> np.ndarray:
     """The rows of a global batch that this process's devices hold, ascending (the order of
     ``run.local_rows``)."""
@@ -53,10 +62,11 @@ def _local_row_indices(mesh, batch_size: int) -> np.ndarray:
 
 
 def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns, sampling,
-                   sampler, logp_fn, score_fn, key_offset: int = 1000, num_samples: int = 1):
+                   sampler, logp_fn, score_fn, key_offset: int = 1000, num_samples: int = 1,
+                   judge_only: bool = False):
     """Per-row results of one policy on this process's rows, gathered across processes; with
     a ``sampler`` of ``num_samples = k`` responses per prompt, ``k`` consecutive rows per
-    prompt."""
+    prompt. ``judge_only``: no KL and reward-model forwards (the mean@k samples)."""
     ref_model, ref_params = ref
     e = run.cfg.eval
     rows = _local_row_indices(run.mesh, e.batch_size)
@@ -68,19 +78,21 @@ def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns,
             s = sampler(params, b.tokens, b.attn_mask,
                         jax.random.key(run.cfg.seed + key_offset + i))
             p_len = b.tokens.shape[1]
-            lp = logp_fn(model, params, s.tokens, s.positions, s.attn_mask, prompt_len=p_len,
-                         sampling=sampling)[0]
-            lr = logp_fn(ref_model, ref_params, s.tokens, s.positions, s.attn_mask,
-                         prompt_len=p_len, sampling=sampling)[0]
             mask = local_rows(s.response_mask)
             texts += decode(run.tokenizer, local_rows(s.response), mask)
             prompts += [p for p in decode(run.tokenizer, np.asarray(host_batch.tokens),
                                           np.asarray(host_batch.attn_mask, bool))
                         for _ in range(num_samples)]
             cols["index"].append(np.repeat(rows + i * e.batch_size, num_samples))
-            cols["kl"].append(local_rows(sequence_kl(lp, lr, s.response_mask)))
             cols["length"].append(local_rows(s.lengths))
             cols["ended"].append(local_rows(s.ended))
+            if judge_only:
+                continue
+            lp = logp_fn(model, params, s.tokens, s.positions, s.attn_mask, prompt_len=p_len,
+                         sampling=sampling)[0]
+            lr = logp_fn(ref_model, ref_params, s.tokens, s.positions, s.attn_mask,
+                         prompt_len=p_len, sampling=sampling)[0]
+            cols["kl"].append(local_rows(sequence_kl(lp, lr, s.response_mask)))
             if rm is not None:
                 rm_model, rm_params, rm_meta = rm
                 sc = local_rows(score_fn(rm_model, rm_params, s.tokens, s.positions, s.attn_mask))
@@ -137,7 +149,8 @@ def run_eval(run: Run) -> dict:
             sampler_k = samplers.get((*arch, "k")) or samplers.setdefault(
                 (*arch, "k"), make_sampler(model, sampling_k, num_samples=e.num_samples))
             draws = _sample_policy(*args, sampling_k, sampler_k, logp_fn, score_fn,
-                                   key_offset=5000, num_samples=e.num_samples)[0]["judge"]
+                                   key_offset=5000, num_samples=e.num_samples,
+                                   judge_only=True)[0]["judge"]
             results[name]["judge_mean_at_k"] = draws.reshape(-1, e.num_samples).mean(axis=1)
     return _summarise(run, results, samples, rm, baseline)
 
@@ -153,7 +166,7 @@ def _summarise(run: Run, results: dict, samples: dict, rm, baseline: str) -> dic
         kl, kl_se = mean_se(r["kl"])
         entry = {"kl": kl, "kl_se": kl_se, "length": float(np.mean(r["length"])),
                  "no_eos_share": float(1 - np.mean(r["ended"]))}
-        row = {"model": name.upper()}
+        row = {"model": model_label(run, name)}
         if has_judge:
             m, se = mean_se(r["judge"])
             d, dse = mean_se(r["judge"] - base["judge"])
@@ -169,7 +182,7 @@ def _summarise(run: Run, results: dict, samples: dict, rm, baseline: str) -> dic
                 row[f"mean@{k} (T={run.cfg.eval.sample_temperature})"] = (
                     f"{mk:.3f} ± {sek:.3f}" if name == baseline else
                     f"{mk:.3f} ± {sek:.3f}; Δ {dk:+.3f} ± {dsek:.3f} (t={dk / max(dsek, 1e-12):.1f})")
-            judged[name.upper()] = {"judge_mean": m, "judge_se": se, "kl_mean": kl, "kl_se": kl_se,
+            judged[model_label(run, name)] = {"judge_mean": m, "judge_se": se, "kl_mean": kl, "kl_se": kl_se,
                                     **({} if name == baseline else
                                        {"delta_mean": d, "delta_se": dse})}
         if "rm" in r:
@@ -212,7 +225,8 @@ def _write_report(run: Run, rows, judged, samples, rm_acc, base_label: str) -> N
     data_rows = [{"source": name, "kept": s.kept, "skipped": s.num_skipped,
                   **{f"skipped: {k}": v for k, v in s.skipped.items() if v}}
                  for name, s in run.data_stats.items()]
-    shown = {name.upper(): pairs[: e.samples_in_report] for name, pairs in samples.items()}
+    shown = {model_label(run, name): pairs[: e.samples_in_report]
+             for name, pairs in samples.items()}
     report = write_report(run.out, title=f"rlhf_jax report: {run.cfg.name}", stages=records,
                           summary_rows=rows, samples=shown, notes=notes,
                           judged=judged or None, baseline=base_label if judged else None,

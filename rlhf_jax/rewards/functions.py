@@ -49,19 +49,7 @@ class Reward:
         except Exception as e:  # noqa: BLE001 - re-raised with the function named
             raise RewardFunctionError(f"{label} raised {type(e).__name__}: {e} on a batch of "
                                       f"{n} samples (first response {responses[0]!r})") from e
-        try:
-            values = np.asarray(out, np.float64)
-        except (TypeError, ValueError) as e:
-            raise RewardFunctionError(f"{label} returned {type(out).__name__}, which is not "
-                                      f"a sequence of {n} numbers: {e}") from e
-        if values.shape != (n,):
-            raise RewardFunctionError(f"{label} returned shape {values.shape} for {n} "
-                                      f"responses; expected ({n},)")
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            i = int(bad[0])
-            raise RewardFunctionError(f"{label} returned {values[i]} for sample {i} (prompt "
-                                      f"{prompts[i]!r}, response {responses[i]!r})")
+        values = checked_scores(out, label, prompts, responses, RewardFunctionError)
         if self.kind == "verifier":
             bad = np.flatnonzero((values != 0) & (values != 1))
             if bad.size:
@@ -69,6 +57,26 @@ class Reward:
                 raise RewardFunctionError(f"{label} is a verifier but returned {values[i]} for "
                                           f"sample {i} (response {responses[i]!r}); expected 0 or 1")
         return values
+
+
+def checked_scores(out: Any, label: str, prompts: Sequence[str], responses: Sequence[str],
+                   error: type[Exception] = ValueError) -> np.ndarray:
+    """``out`` as ``[B]`` float64 scores of ``responses``, or ``error`` naming ``label`` and the
+    first bad sample: not numbers, a shape other than ``[B]``, a non-finite value."""
+    n = len(responses)
+    try:
+        values = np.asarray(out, np.float64)
+    except (TypeError, ValueError) as e:
+        raise error(f"{label} returned {type(out).__name__}, which is not a sequence of {n} "
+                    f"numbers: {e}") from e
+    if values.shape != (n,):
+        raise error(f"{label} returned shape {values.shape} for {n} responses; expected ({n},)")
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = int(bad[0])
+        raise error(f"{label} returned {values[i]} for sample {i} (prompt {prompts[i]!r}, "
+                    f"response {responses[i]!r})")
+    return values
 
 
 def verifier(fn: RewardFn) -> RewardFn:

@@ -99,17 +99,9 @@ class Task:
         """
         if self.judge is None:
             raise ValueError(f"task {self.name!r} has no judge")
-        scores = np.asarray(self.judge(list(prompts), list(responses),
-                                       **_accepted(self.judge, columns or {})), np.float64)
-        if scores.shape != (len(responses),):
-            raise ValueError(f"task {self.name!r}: judge returned shape {scores.shape} for "
-                             f"{len(responses)} responses; expected ({len(responses)},)")
-        bad = np.flatnonzero(~np.isfinite(scores))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"task {self.name!r}: judge returned {scores[i]} for sample {i} "
-                             f"(response {responses[i]!r})")
-        return scores
+        from rlhf_jax.rewards.functions import checked_scores
+        out = self.judge(list(prompts), list(responses), **_accepted(self.judge, columns or {}))
+        return checked_scores(out, f"task {self.name!r}: judge", prompts, responses)
 
 
 def _accepted(fn: Callable, columns: Mapping[str, Any]) -> dict[str, Any]:
