@@ -206,28 +206,22 @@ def bench_steps(name: str, variant: dict, workload: dict, matmul, *, which: list
     return [emit(**line) for line in lines.values()]
 
 
-def bench_ppo(name: str, variant: dict, workload: dict, matmul) -> list:
-    cfg = model_config(variant, workload.get("dtype", "float32"))
-    b, p, r = variant["batch_size"], variant["prompt_len"], variant["response_len"]
+def rollout_sampling(cfg: ModelConfig, s: dict, r: int) -> SamplingConfig:
+    """The workload's ``sampling`` section as a ``SamplingConfig`` of ``r`` new tokens (all of
+    them drawn: no early stop; the last id is EOS, 0 is padding)."""
+    return SamplingConfig(max_new_tokens=r, temperature=s.get("temperature", 1.0),
+                          top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
+                          greedy=not s.get("do_sample", True),
+                          eos_token_id=cfg.vocab_size - 1, pad_token_id=0, stop_early=False)
+
+
+def fused_iteration(cfg, policy, scalar, tx, pcfg, params, reward_params, prompts, prompt_mask,
+                    b: int, p: int, r: int):
+    """``(fresh, runner, f_sc, f_pol, flops_sample)``: a factory of fresh ``PPOState`` s, the
+    fused ``make_ppo_iteration`` runner on ``prompts``, and the FLOP counts of one scoring
+    token (``f_sc``, no LM head), one policy/reference forward per completion (``f_pol``: the
+    head on the ``r`` response positions only) and of sampling ``b`` completions."""
     t = p + r
-    w = workload["ppo"]
-    s = workload.get("sampling", {})
-    seed = workload["seed"]
-    policy, scalar = Model(cfg, kind="lm_value"), Model(cfg, kind="scalar")
-    params = jax.jit(policy.init)(jax.random.key(seed))
-    reward_params = jax.jit(scalar.init)(jax.random.key(seed + 1))
-    sampling = SamplingConfig(max_new_tokens=r, temperature=s.get("temperature", 1.0),
-                              top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
-                              greedy=not s.get("do_sample", True),
-                              eos_token_id=cfg.vocab_size - 1, pad_token_id=0, stop_early=False)
-    pcfg = ppo.PPOConfig(sampling=sampling, num_ppo_epochs=w["num_ppo_epochs"],
-                         num_minibatches=w["num_mini_batches"], gamma=w["gamma"], lam=w["lam"],
-                         clip_eps=w["cliprange"], clip_eps_value=w["cliprange_value"],
-                         vf_coef=w["vf_coef"], kl=KLController(init_kl_coef=w["kl_coef"]))
-    tx = make_optimizer(optimizer_config(workload["optimizer"]), params)
-    rng = np.random.default_rng(seed)
-    prompts = jnp.asarray(rng.integers(0, cfg.vocab_size - 1, (b, p), dtype=np.int32))
-    prompt_mask = jnp.ones((b, p), bool)
 
     def fresh():
         return ppo.init_ppo_state(create_train_state(params, tx, jax.random.key(1)), pcfg.kl,
@@ -241,10 +235,34 @@ def bench_ppo(name: str, variant: dict, workload: dict, matmul) -> list:
             return m["objective/score"][0]
 
     f_sc = cfg.flops_per_token(t) - head_flops(cfg)
-    f_pol = f_sc * t + head_flops(cfg) * r  # policy / reference forward per sequence
-    flops_sample = sample_flops(cfg, b, p, r)
+    f_pol = f_sc * t + head_flops(cfg) * r
+    return fresh, Fused(it, fresh(), loss_key=""), f_sc, f_pol, sample_flops(cfg, b, p, r)
+
+
+def bench_ppo(name: str, variant: dict, workload: dict, matmul) -> list:
+    cfg = model_config(variant, workload.get("dtype", "float32"))
+    b, p, r = variant["batch_size"], variant["prompt_len"], variant["response_len"]
+    t = p + r
+    w = workload["ppo"]
+    s = workload.get("sampling", {})
+    seed = workload["seed"]
+    policy, scalar = Model(cfg, kind="lm_value"), Model(cfg, kind="scalar")
+    params = jax.jit(policy.init)(jax.random.key(seed))
+    reward_params = jax.jit(scalar.init)(jax.random.key(seed + 1))
+    sampling = rollout_sampling(cfg, s, r)
+    pcfg = ppo.PPOConfig(sampling=sampling, num_ppo_epochs=w["num_ppo_epochs"],
+                         num_minibatches=w["num_mini_batches"], gamma=w["gamma"], lam=w["lam"],
+                         clip_eps=w["cliprange"], clip_eps_value=w["cliprange_value"],
+                         vf_coef=w["vf_coef"], kl=KLController(init_kl_coef=w["kl_coef"]))
+    tx = make_optimizer(optimizer_config(workload["optimizer"]), params)
+    rng = np.random.default_rng(seed)
+    prompts = jnp.asarray(rng.integers(0, cfg.vocab_size - 1, (b, p), dtype=np.int32))
+    prompt_mask = jnp.ones((b, p), bool)
+
+    fresh, runner, f_sc, f_pol, flops_sample = fused_iteration(
+        cfg, policy, scalar, tx, pcfg, params, reward_params, prompts, prompt_mask, b, p, r)
     flops = {"ppo_iteration": flops_sample + 5 * f_pol * b + f_sc * t * b}
-    runners = {"ppo_iteration": Fused(it, fresh(), loss_key="")}
+    runners = {"ppo_iteration": runner}
 
     # Staged phases (diagnostics): the same pure phases, one jit each.
     gen = jax.jit(lambda st: ppo.generate(st, prompts, prompt_mask, policy_model=policy, cfg=pcfg))
@@ -299,10 +317,7 @@ def bench_grpo(name: str, variant: dict, workload: dict, matmul) -> list:
     policy, scalar = Model(cfg, kind="lm"), Model(cfg, kind="scalar")
     params = jax.jit(policy.init)(jax.random.key(seed))
     reward_params = jax.jit(scalar.init)(jax.random.key(seed + 1))
-    sampling = SamplingConfig(max_new_tokens=r, temperature=s.get("temperature", 1.0),
-                              top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
-                              greedy=not s.get("do_sample", True),
-                              eos_token_id=cfg.vocab_size - 1, pad_token_id=0, stop_early=False)
+    sampling = rollout_sampling(cfg, s, r)
     pcfg = ppo.PPOConfig(sampling=sampling, num_samples=k, advantage="grpo", policy_loss="ppo",
                          loss_aggregation="sequence_mean", kl_penalty="loss",
                          kl_estimator=g.get("kl_estimator", "k3"),
@@ -314,22 +329,10 @@ def bench_grpo(name: str, variant: dict, workload: dict, matmul) -> list:
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size - 1, (n_prompts, p), dtype=np.int32))
     prompt_mask = jnp.ones((n_prompts, p), bool)
 
-    def fresh():
-        return ppo.init_ppo_state(create_train_state(params, tx, jax.random.key(1)), pcfg.kl,
-                                  jax.random.key(2))
-
-    it = ppo.make_ppo_iteration(policy_model=policy, reward_model=scalar, policy_tx=tx, cfg=pcfg)
-
-    class Fused(_Runner):
-        def __call__(self):
-            self.state, m = self.step(self.state, prompts, prompt_mask, params, reward_params)
-            return m["objective/score"][0]
-
-    f_sc = cfg.flops_per_token(t) - head_flops(cfg)
-    f_pol = f_sc * t + head_flops(cfg) * r  # policy / reference forward per completion
-    flops_sample = sample_flops(cfg, b, p, r)
+    fresh, runner, f_sc, f_pol, flops_sample = fused_iteration(
+        cfg, policy, scalar, tx, pcfg, params, reward_params, prompts, prompt_mask, b, p, r)
     flops = {"grpo_iteration": flops_sample + 5 * f_pol * b + f_sc * t * b}
-    runners = {"grpo_iteration": Fused(it, fresh(), loss_key="")}
+    runners = {"grpo_iteration": runner}
 
     # Staged phases (diagnostics), one jit each.
     gen = jax.jit(lambda st: ppo.generate(st, prompts, prompt_mask, policy_model=policy, cfg=pcfg))
