@@ -295,7 +295,6 @@ def _staged_rl_step(run: Run, policy: Model, tx, ppo_cfg, value_model, value_tx,
         return rows, metrics
 
     def step(state, batch: PromptBatch, ref, reward_params):
-        step_no = int(jax.device_get(state.policy.step))
         rounds, metrics = [], {}
         prompts = batch
         local_groups = len(local_rows(batch.index))
@@ -311,7 +310,8 @@ def _staged_rl_step(run: Run, policy: Model, tx, ppo_cfg, value_model, value_tx,
             # every process samples the same number of rounds (the sampler is collective)
             if gather_rows(np.asarray([found >= local_groups])).all():
                 break
-            if r + 1 < c.max_sampling_rounds:
+            if r + 1 < c.max_sampling_rounds:  # refill prompts: a stream seeded by step and round
+                step_no = int(jax.device_get(state.policy.step))
                 refill = dataclasses.replace(bcfg, seed=bcfg.seed + 1_000_003 * (step_no + 1) + r)
                 prompts = run.place(next(iter(run.batches(data, refill))))
         rows = concat_rounds(rounds, r_len)

@@ -177,7 +177,7 @@ def test_every_registered_surrogate_is_tested_here():
 def test_the_three_aggregations():
     logp, old, a, mask = _surrogate_inputs(seed=4)
     cfg = PPOConfig(sampling=SamplingConfig(max_new_tokens=R), advantage="grpo", num_samples=2)
-    per_token = -np.exp(logp - old) * a  # ratio within the clip range for these inputs
+    per_token = -np.exp(logp - old) * a  # the unclipped surrogate -ρ A
     ratio = np.exp(logp - old)
     ref_tok = np.where(mask, np.maximum(per_token, -a * np.clip(ratio, 0.8, 1.2)), 0.0)
     want = {"token_mean": ref_tok.sum() / mask.sum(),

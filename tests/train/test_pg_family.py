@@ -18,7 +18,7 @@ from rlhf_jax.models.model import Model
 from rlhf_jax.rewards import Reward, RewardFunctionError, RewardSum
 from rlhf_jax.rollout.groups import concat_rounds, informative_groups, select_groups
 from rlhf_jax.rollout.sampler import SamplingConfig
-from rlhf_jax.sharding import MeshConfig, batch_sharding, make_mesh, shard_batch
+from rlhf_jax.sharding import MeshConfig, make_mesh, shard_batch
 from rlhf_jax.train import ppo
 from rlhf_jax.train.state import OptimizerConfig, create_train_state, make_optimizer
 from tests.train._tiny import EOS, PAD, TINY, prompts, reduced
@@ -60,7 +60,7 @@ def test_k_samples_per_prompt_in_one_call_with_distinct_noise():
     assert min(distinct) > 1, distinct
 
 
-def _experience(state, rollout, ref, mesh=None):
+def _experience(state, rollout, ref):
     fn = functools.partial(ppo.make_experience, policy_model=POLICY, value_model=None, cfg=CFG)
     return jax.jit(fn)(state, *rollout, ref)
 
