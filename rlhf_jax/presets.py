@@ -12,6 +12,11 @@
 * ``gpt2-sentiment`` - GPT-2 with the PPO settings of Ziegler et al. 2019 (lm-human-preferences,
   sentiment task), for users with a network who downloaded ``gpt2`` to ``--policy.path``.
 * ``tldr`` - TL;DR summarisation (Stiennon et al. 2020) on HF data sets, for users with a network.
+* ``tldr-pythia`` - the same TL;DR task and data with Pythia-1B-deduped and the SFT / RM / PPO /
+  DPO settings of Huang et al. 2024 (the N+ implementation details of RLHF with PPO), for users
+  with a network and accelerators who downloaded the checkpoint to ``--policy.path``.
+* ``gemma3-sentiment`` - the main job's sentiment task with Gemma 3 1B-it (``gemma3_text``)
+  downloaded to ``--policy.path``, every block trained, sized for one accelerator or a TPU VM.
 
 See ``experiments/`` for what each reproduces and the results to expect.
 """
@@ -165,17 +170,25 @@ def gpt2_sentiment() -> PipelineConfig:
     )
 
 
+def _tldr_data() -> DataConfig:
+    """The TL;DR data of the ``tldr*`` presets: TRL's copies of the filtered Reddit TL;DR posts
+    (SFT and RL prompts) and of OpenAI's summary comparisons (RM and DPO), with their
+    validation splits; prompts up to 512 tokens, prompt + summary up to 640 (longer records
+    are skipped and counted). See experiments/tldr.md, "Data"."""
+    return DataConfig(kind="files", sft="hf:trl-lib/tldr:train",
+                      preferences="hf:trl-lib/tldr-preference:train",
+                      eval_preferences="hf:trl-lib/tldr-preference:validation",
+                      prompts="hf:trl-lib/tldr:train", eval_prompts="hf:trl-lib/tldr:validation",
+                      buckets=(512, 640), prompt_buckets=(512,))
+
+
 def tldr() -> PipelineConfig:
     """TL;DR summarisation (Stiennon et al. 2020) from HF data sets (needs a network)."""
     return PipelineConfig(
         name="tldr",
         out_dir=Path("runs/tldr"),
         policy=PolicyConfig(source="hf", path=Path("checkpoints/Qwen2-0.5B")),
-        data=DataConfig(kind="files", sft="hf:trl-lib/tldr:train",
-                        preferences="hf:trl-lib/tldr-preference:train",
-                        eval_preferences="hf:trl-lib/tldr-preference:validation",
-                        prompts="hf:trl-lib/tldr:train", eval_prompts="hf:trl-lib/tldr:validation",
-                        buckets=(512, 640), prompt_buckets=(512,)),
+        data=_tldr_data(),
         sft=SFTStageConfig(steps=2000, batch_size=64,
                            optimizer=OptimizerConfig(lr=1e-5, warmup_steps=100, schedule="cosine",
                                                      total_steps=2000)),
@@ -193,9 +206,90 @@ def tldr() -> PipelineConfig:
     )
 
 
+def _huang_adamw(steps: int, schedule: str = "cosine") -> OptimizerConfig:
+    """The optimizer of every stage of Huang et al. 2024: AdamW (torch's, so weight decay 0.01)
+    with eps 1e-5 and lr 3e-6, no warm-up, then ``schedule`` (a decay ends at 0)."""
+    return OptimizerConfig(lr=3e-6, eps=1e-5, weight_decay=0.01, warmup_steps=0,
+                           schedule=schedule, total_steps=steps)
+
+
+def tldr_pythia() -> PipelineConfig:
+    """TL;DR summarisation with Pythia-1B-deduped and the settings of Huang et al. 2024, "The
+    N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization" (their
+    code: ``vwxyzjn/summarize_from_feedback_details``): one epoch of SFT (batch 128) and of
+    RM / DPO training (batch 64), lr 3e-6 everywhere; PPO on 1M episodes in rollouts of 512
+    (4 epochs, one minibatch), 53-token summaries at temperature 0.7, a fixed KL coefficient
+    of 0.05, a penalty on summaries without EOS, a separate value model initialised from the
+    reward model, advantage (not reward) whitening; DPO with beta 0.05. The 2.8B and 6.9B runs
+    of the paper use the same numbers (``--policy.path``). Settings the library cannot express
+    exactly (reward normalisation, the EOS penalty's form) are listed in
+    experiments/tldr.md."""
+    sft_steps, pair_steps, ppo_iterations = 911, 1450, 1953  # 116,722 / 128; 92,858 / 64; 1e6 / 512
+    return PipelineConfig(
+        name="tldr-pythia",
+        out_dir=Path("runs/tldr-pythia"),
+        # bfloat16 compute on float32 parameters: the paper's bf16 mixed precision
+        policy=PolicyConfig(source="hf", path=Path("checkpoints/pythia-1b-deduped"),
+                            dtype="bfloat16"),
+        data=_tldr_data(),
+        sft=SFTStageConfig(steps=sft_steps, batch_size=128, optimizer=_huang_adamw(sft_steps)),
+        rm=RMStageConfig(steps=pair_steps, batch_size=64, normalize_prompts=512,
+                         optimizer=_huang_adamw(pair_steps)),
+        # PPO's lr decays linearly to 0 over the optimizer updates: 4 epochs x 1 minibatch
+        # per iteration.
+        ppo=PPOStageConfig(iterations=ppo_iterations, batch_size=512,
+                           optimizer=_huang_adamw(4 * ppo_iterations, "linear"),
+                           value_optimizer=_huang_adamw(4 * ppo_iterations, "linear"),
+                           ppo=PPOConfig(sampling=_sampling(53, temperature=0.7), num_ppo_epochs=4,
+                                         num_minibatches=1, gamma=1.0, lam=0.95, clip_eps=0.2,
+                                         clip_eps_value=0.2, vf_coef=0.1, whiten_rewards=False,
+                                         missing_eos_penalty=1.0, value_model="separate",
+                                         kl=KLController(kind="fixed", init_kl_coef=0.05))),
+        dpo=DPOStageConfig(steps=pair_steps, batch_size=64, dpo=DPOConfig(beta=0.05),
+                           optimizer=_huang_adamw(pair_steps)),
+        # their validation summaries are sampled at temperature 0.01, i.e. nearly greedy
+        eval=EvalConfig(num_prompts=256, batch_size=64, max_new_tokens=53, temperature=0.0),
+    )
+
+
+def gemma3_sentiment() -> PipelineConfig:
+    """The main job's task (positive continuations of movie-review openings, a reward model on
+    human sentiment ratings, VADER as judge) with Gemma 3 1B-it from ``--policy.path``: every
+    block trains, the reward model keeps the full trunk, bfloat16 compute; sized for one
+    accelerator (or ``--mesh.fsdp 8`` on a v5e-8). Sampling, KL and PPO settings are the main
+    job's. Gemma's tokenizer names ``<eos>`` as its EOS while its chat turns end with
+    ``<end_of_turn>``: experiments/gemma_sentiment.md shows the one-line fix to apply after
+    downloading."""
+    return PipelineConfig(
+        name="gemma3-sentiment",
+        out_dir=Path("runs/gemma3-sentiment"),
+        policy=PolicyConfig(source="hf", path=Path("checkpoints/gemma-3-1b-it"), dtype="bfloat16"),
+        # the main job's records; the larger buckets leave room for Gemma's chat markup
+        data=DataConfig(domains=("movie_reviews",), margin=1.5, min_words=6, max_words=20,
+                        opening_words=3, buckets=(64, 96), prompt_buckets=(32, 48)),
+        sft=SFTStageConfig(steps=300, batch_size=32,
+                           optimizer=OptimizerConfig(lr=1e-5, warmup_steps=20, schedule="cosine",
+                                                     total_steps=300)),
+        rm=RMStageConfig(steps=300, batch_size=32, step=RewardConfig(loss="pairwise"),
+                         optimizer=OptimizerConfig(lr=1e-5, warmup_steps=20, schedule="cosine",
+                                                   total_steps=300),
+                         eval_pairs=512, normalize_prompts=128),
+        ppo=PPOStageConfig(iterations=100, batch_size=64,
+                           optimizer=OptimizerConfig(lr=3e-6, max_grad_norm=1.0),
+                           ppo=PPOConfig(sampling=_sampling(20, temperature=0.7, min_new_tokens=10),
+                                         num_ppo_epochs=4, num_minibatches=2, vf_coef=0.1,
+                                         kl=KLController(kind="fixed", init_kl_coef=0.05))),
+        dpo=DPOStageConfig(steps=300, batch_size=32, dpo=DPOConfig(beta=0.1), eval_pairs=512,
+                           optimizer=OptimizerConfig(lr=5e-7, warmup_steps=20, total_steps=300)),
+        eval=EvalConfig(num_prompts=512, batch_size=64, max_new_tokens=20, min_new_tokens=10,
+                        temperature=0.7),
+    )
+
+
 PRESETS = {"smollm2-sentiment": smollm2_sentiment, "smollm2-arithmetic": smollm2_arithmetic,
-           "smollm2-arithmetic-rloo": lambda: smollm2_arithmetic("rloo"), "tiny": tiny, "gpt2-sentiment": gpt2_sentiment,
-           "tldr": tldr}
+           "smollm2-arithmetic-rloo": lambda: smollm2_arithmetic("rloo"), "tiny": tiny,
+           "gpt2-sentiment": gpt2_sentiment, "tldr": tldr, "tldr-pythia": tldr_pythia,
+           "gemma3-sentiment": gemma3_sentiment}
 
 
 def get_preset(name: str) -> PipelineConfig:
