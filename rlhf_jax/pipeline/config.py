@@ -150,6 +150,9 @@ class PPOStageConfig:
         batch, for at most ``max_sampling_rounds`` sampler calls per iteration (then the
         batch is topped up with the groups that were dropped, and the number is logged).
       max_sampling_rounds: see ``dynamic_sampling``.
+      optimizer: the policy's optimizer. Its schedule's ``total_steps`` is set by the stage
+        to the number of updates, ``iterations x ppo.num_ppo_epochs x ppo.num_minibatches``
+        (one per minibatch), so a decay ends with the last iteration.
       value_optimizer: optimizer of the separate value model (``ppo.value_model =
         "separate"``; initialised from the reward model, as in Ouyang et al. 2022 §3.5);
         unused with a shared value head or a critic-free estimator.

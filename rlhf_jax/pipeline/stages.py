@@ -219,8 +219,9 @@ def run_ppo(run: Run) -> None:
         _share_frozen(c.ppo, policy), sampling=run.sampling(c.ppo.sampling),
         # fused: the weighted, normalised RM score is applied inside the step; staged: on the host
         reward_gain=1.0 if staged else w * gain, reward_bias=0.0 if staged else w * bias)
-    tx, policy_state, policy_shardings = run.train_state(policy, params, c.optimizer,
-                                                         c.iterations, 3)
+    # one optimizer update per minibatch: the learning-rate schedule spans all of them
+    updates = c.iterations * c.ppo.num_ppo_epochs * c.ppo.num_minibatches
+    tx, policy_state, policy_shardings = run.train_state(policy, params, c.optimizer, updates, 3)
     value_model = value_tx = value_state = value_shardings = None
     if separate:
         if rm is None:
@@ -229,7 +230,7 @@ def run_ppo(run: Run) -> None:
                              "value_model='shared')")
         value_model = rm
         value_tx, value_state, value_shardings = run.train_state(
-            rm, rm_params, c.value_optimizer, c.iterations, 5)
+            rm, rm_params, c.value_optimizer, updates, 5)
     state_shardings = ppo_state_shardings(policy_shardings, run.mesh, value_shardings)
     # Built under jit with out_shardings: the controller scalars and the key are born
     # replicated on the (possibly multi-process) mesh, the trained states are moved, not copied.
