@@ -62,22 +62,72 @@ def config_to_dict(cfg: Any) -> dict:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """RoPE frequency scaling as found in HF ``config.json`` (``rope_scaling``).
+    """RoPE frequency scaling as found in HF ``config.json`` (``rope_scaling`` /
+    ``rope_parameters``), computed as transformers 5 does (``rlhf_jax.models.rope``).
+
+    The fields added after ``original_max_position_embeddings`` default to off (``None`` /
+    ``False``), so configs of the older types compare (and fingerprint) as before.
 
     Attributes:
-      rope_type: ``"linear"`` (position interpolation, Chen et al. 2023) or ``"llama3"``
-        (Llama 3.1 wavelength-dependent scaling, Meta 2024).
-      factor: scale factor applied to the wavelengths.
+      rope_type: ``"linear"`` (position interpolation, Chen et al. 2023), ``"llama3"``
+        (Llama 3.1 wavelength-dependent scaling, Meta 2024), ``"yarn"`` (Peng et al. 2023,
+        "YaRN": per-frequency ramp between interpolation and extrapolation, Sec. 3.2, and an
+        attention temperature, Sec. 3.4) or ``"dynamic"`` (dynamic NTK-aware scaling,
+        bloc97 / emozilla 2023: the base grows with the batch's longest position once it
+        exceeds ``ModelConfig.max_positions``; see ``rlhf_jax.models.rope``).
+      factor: scale factor applied to the wavelengths (yarn: the context extension ``s``;
+        dynamic: the NTK factor).
       low_freq_factor: llama3 only.
       high_freq_factor: llama3 only.
-      original_max_position_embeddings: llama3 only: the pre-training context length.
+      original_max_position_embeddings: llama3 and yarn: the pre-training context length
+        ``L``. Not used by dynamic, whose threshold is ``ModelConfig.max_positions``
+        (transformers' ``max_position_embeddings``).
+      beta_fast: yarn: frequencies that rotate more than ``beta_fast`` times over ``L`` are
+        extrapolated (kept); ``None``: 32 (the paper's ``beta``, Peng et al. 2023 Sec. 3.2).
+      beta_slow: yarn: frequencies that rotate fewer than ``beta_slow`` times over ``L`` are
+        interpolated (divided by ``factor``); ``None``: 1 (the paper's ``alpha``).
+      mscale: yarn: with ``mscale_all_dim`` (DeepSeek's form), the attention factor is
+        ``(0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1)``; transformers uses the two
+        only together. ``None``: unset.
+      mscale_all_dim: yarn: see ``mscale``. ``None``: unset.
+      attention_factor: yarn: the multiplier of cos and sin (so of q and k; the scores scale
+        by its square). ``None``: ``0.1 ln s + 1`` (Peng et al. 2023 eq. 22, ``sqrt(1/t)``)
+        or the ``mscale`` ratio above; 1 for ``s <= 1``.
+      no_truncate: yarn: keep the correction range's bounds fractional (HF
+        ``truncate: false``); ``False``: floor / ceil them (HF's default ``truncate: true``).
     """
 
-    rope_type: Literal["linear", "llama3"] = "linear"
+    rope_type: Literal["linear", "llama3", "yarn", "dynamic"] = "linear"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    no_truncate: bool = False
+
+    def __post_init__(self):
+        if self.rope_type not in ("linear", "llama3", "yarn", "dynamic"):
+            raise ValueError("RopeScaling.rope_type must be 'linear', 'llama3', 'yarn' or "
+                             f"'dynamic', got {self.rope_type!r}")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor must be positive, got {self.factor}")
+        if self.rope_type in ("llama3", "yarn") and not self.original_max_position_embeddings > 0:
+            raise ValueError("RopeScaling.original_max_position_embeddings must be positive, got "
+                             f"{self.original_max_position_embeddings}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(f"RopeScaling.attention_factor must be positive, got "
+                             f"{self.attention_factor}")
+        yarn_only = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                     "no_truncate")
+        if self.rope_type != "yarn":
+            for name in yarn_only:
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(f"RopeScaling.{name}={getattr(self, name)!r} is only used "
+                                     f"by rope_type 'yarn', got rope_type {self.rope_type!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,7 +150,8 @@ class ModelConfig:
       head_dim: per-head width ``K``; ``None`` means ``d_model // n_heads``.
       mlp_dim: hidden width of the MLP ``F``.
       max_positions: learned position table size (GPT-2) / the longest sequence the sampler
-        is allowed to build a cache for.
+        is allowed to build a cache for (HF ``max_position_embeddings``); dynamic NTK RoPE
+        (``RopeScaling``) grows its base beyond it.
       rope_theta: RoPE base (Su et al. 2021); Llama 2 10000, Llama 3 500000, SmolLM2 100000.
       rope_scaling: optional frequency scaling (see ``RopeScaling``).
       norm_eps: epsilon of RMSNorm / LayerNorm.
@@ -134,6 +185,25 @@ class ModelConfig:
         ``None``: the family's own.
       parallel_residual: ``x + attn(norm1 x) + mlp(norm2 x)`` (GPT-J / GPT-NeoX) instead of
         two sequential residual updates.
+      num_experts: ``E`` routed experts in every block's MLP (mixture-of-experts families:
+        Mixtral, Qwen3-MoE); each expert is a gated MLP of width ``mlp_dim``. ``None``: a
+        dense MLP.
+      num_experts_per_tok: experts ``k`` each token is routed to (top-k of the router's
+        softmax; Shazeer et al. 2017, Fedus et al. 2022).
+      norm_topk_prob: renormalise the ``k`` selected router probabilities to sum to 1
+        (Mixtral always does; Qwen3-MoE's ``norm_topk_prob``). ``None``: the family's rule.
+      router_aux_loss_coef: weight ``alpha`` of the router's load-balancing loss (Fedus et
+        al. 2022 eq. 4; ``ModelOutput.router_aux_loss``) that the trainers add to their loss
+        for a mixture-of-experts model (HF ``router_aux_loss_coef``); ``None``: 0.
+      rope_layers: per layer, whether it applies RoPE; ``False`` marks a NoPE layer (no
+        position encoding in its attention: SmolLM3, after Kazemnejad et al. 2023). ``None``:
+        every layer (a tuple of all ``True`` is stored as ``None``). Length ``n_layers``.
+      embedding_multiplier: the embeddings are multiplied by it (Granite 3.0, IBM 2024:
+        HF ``embedding_multiplier``); ``None``: 1.
+      residual_multiplier: each residual branch's output (attention, MLP) is multiplied by
+        it before it is added (Granite's ``residual_multiplier``); ``None``: 1.
+      logits_scaling: the LM logits are *divided* by it (Granite's ``logits_scaling``);
+        ``None``: 1.
     """
 
     arch: str = "llama"
@@ -164,10 +234,24 @@ class ModelConfig:
     final_softcap: float | None = None
     activation: str | None = None
     parallel_residual: bool = False
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    norm_topk_prob: bool | None = None
+    router_aux_loss_coef: float | None = None
+    rope_layers: tuple[bool, ...] | None = None
+    embedding_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
 
     def __post_init__(self):
         if self.layer_types is not None:  # JSON gives a list; keep the config hashable
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.rope_layers is not None:  # a tuple of bools; all True is the default (None)
+            rope_layers = tuple(bool(v) for v in self.rope_layers)
+            if len(rope_layers) != self.n_layers:
+                raise ValueError(f"ModelConfig.rope_layers has {len(rope_layers)} entries for "
+                                 f"n_layers={self.n_layers}")
+            object.__setattr__(self, "rope_layers", None if all(rope_layers) else rope_layers)
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         from rlhf_jax.models.families import validate  # the registry (pure Python)
@@ -205,9 +289,17 @@ class ModelConfig:
                     "full", "sliding"}:
                 raise ValueError(f"ModelConfig.layer_types must hold n_layers={self.n_layers} "
                                  f"entries 'full'/'sliding', got {self.layer_types}")
-        for name in ("attn_softcap", "final_softcap", "attn_scale", "rope_local_theta"):
+        for name in ("attn_softcap", "final_softcap", "attn_scale", "rope_local_theta",
+                     "embedding_multiplier", "residual_multiplier", "logits_scaling"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_experts is not None and not (
+                self.num_experts >= 1 and 1 <= (self.num_experts_per_tok or 0) <= self.num_experts):
+            raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} must be "
+                             f"in [1, num_experts={self.num_experts}]")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError("ModelConfig.router_aux_loss_coef must be >= 0, got "
+                             f"{self.router_aux_loss_coef}")
         if self.activation not in (None, "silu", "gelu_tanh", "gelu"):
             raise ValueError(f"ModelConfig.activation must be 'silu', 'gelu_tanh', 'gelu' or None, "
                              f"got {self.activation!r}")
@@ -247,7 +339,8 @@ class ModelConfig:
         the family's HF checkpoint."""
         fam = self.family
         specs = fam.tensors(self, "")
-        n = sum(int(np.prod(s.shape)) * (self.n_layers if s.per_layer else 1) for s in specs)
+        n = sum(int(np.prod(s.shape)) * (self.n_layers if s.per_layer else 1) * max(s.experts, 1)
+                for s in specs)
         return n + (0 if self.tie_embeddings else self.d_model * self.vocab_size)
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -258,7 +351,9 @@ class ModelConfig:
         """
         d, f, v, l = self.d_model, self.mlp_dim, self.vocab_size, self.n_layers
         hk, kvk = self.n_heads * self.per_head_dim, self.num_kv_heads * self.per_head_dim
-        n_mlp = (3 if self.family.block.mlp == "gated" else 2) * d * f
+        n_mlp = (3 if self.family.block.mlp in ("gated", "moe") else 2) * d * f
+        if self.num_experts is not None:  # k active experts per token, plus the router
+            n_mlp = self.num_experts_per_tok * n_mlp + d * self.num_experts
         matmul_params = l * (d * hk + 2 * d * kvk + hk * d + n_mlp) + d * v
         return 2 * matmul_params + 2 * l * seq_len * hk
 

@@ -1,11 +1,15 @@
 """Device mesh, the logical-axis rule table, and shardings of states and batches.
 
 Model code names *logical* axes (``batch, seq, embed, heads, kv_heads, kv, mlp, vocab,
-layers``); the tables below map them to the axes of a ``(data, fsdp, tensor)`` mesh:
+layers, expert``); the tables below map them to the axes of a ``(data, fsdp, expert,
+tensor)`` mesh:
 
 * ``data``  - pure data parallelism (parameters replicated),
 * ``fsdp``  - data parallelism with parameters, gradients and optimizer state sharded
   (ZeRO-3 / FSDP, Rajbhandari et al. 2020),
+* ``expert`` - the experts of a mixture-of-experts model split across devices (GShard,
+  Lepikhin et al. 2021): each device holds ``E / expert`` experts of every layer; it is also
+  a data axis (batches are split over it), and it has size 1 for dense models,
 * ``tensor`` - Megatron-style tensor parallelism over heads and MLP width (Shoeybi et al. 2019).
 
 Parameters and activations use separate tables: a parameter's ``embed`` axis is sharded
@@ -29,8 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-DATA_AXES = ("data", "fsdp")  # the mesh axes a batch dimension is split over
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+DATA_AXES = ("data", "fsdp", "expert")  # the mesh axes a batch dimension is split over
 
 LogicalRules = Mapping[str, str | tuple[str, ...] | None]
 
@@ -46,6 +50,7 @@ PARAM_RULES: LogicalRules = {
     "norm": "fsdp",  # norm scales are split like the width they scale (FSDP shards every tensor)
     "positions": None,
     "scalar": None,
+    "expert": "expert",
 }
 
 #: Logical axis -> mesh axis for activations (``constrain``).
@@ -66,46 +71,50 @@ ACTIVATION_RULES: LogicalRules = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Shape of the ``(data, fsdp, tensor)`` device mesh.
+    """Shape of the ``(data, fsdp, expert, tensor)`` device mesh.
 
     Attributes:
       data: size of the data-parallel axis; ``-1`` takes every device not used by the others.
       fsdp: size of the fully-sharded data-parallel axis.
+      expert: size of the expert-parallel axis (must divide a mixture-of-experts model's
+        ``num_experts``; batches are split over it too).
       tensor: size of the tensor-parallel axis (must divide heads, kv heads and MLP width).
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
 
     def __post_init__(self):
-        for name in ("fsdp", "tensor"):
+        for name in ("fsdp", "tensor", "expert"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MeshConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.data == 0 or self.data < -1:
             raise ValueError(f"MeshConfig.data must be -1 or >= 1, got {self.data}")
 
-    def shape(self, num_devices: int) -> tuple[int, int, int]:
-        """Resolved ``(data, fsdp, tensor)`` for ``num_devices``; raises if they do not multiply."""
-        inner = self.fsdp * self.tensor
+    def shape(self, num_devices: int) -> tuple[int, int, int, int]:
+        """Resolved ``(data, fsdp, expert, tensor)`` for ``num_devices``; raises if they do
+        not multiply."""
+        inner = self.fsdp * self.expert * self.tensor
         data = num_devices // inner if self.data == -1 else self.data
         if data * inner != num_devices:
             raise ValueError(
-                f"mesh data={self.data} x fsdp={self.fsdp} x tensor={self.tensor} does not match "
-                f"the {num_devices} available devices")
-        return data, self.fsdp, self.tensor
+                f"mesh data={self.data} x fsdp={self.fsdp} x expert={self.expert} x "
+                f"tensor={self.tensor} does not match the {num_devices} available devices")
+        return data, self.fsdp, self.expert, self.tensor
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all, across processes).
+    """A ``(data, fsdp, expert, tensor)`` mesh over ``devices`` (default: all, across processes).
 
     Axis types are ``Auto`` (GSPMD propagation; ``with_sharding_constraint`` is a hint).
     """
     devices = jax.devices() if devices is None else list(devices)
     shape = cfg.shape(len(devices))
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
 def _mesh_axis_size(mesh: Mesh | jax.sharding.AbstractMesh, axes) -> int:

@@ -63,12 +63,17 @@ class ModelOutput:
       values: ``[B, T]`` float32 scalar-head outputs (value or reward at each position), or
         ``None`` when the model has no scalar head.
       cache: the updated ``KVCache`` or ``None``.
+      router_aux_loss: scalar float32 load-balancing loss of a mixture-of-experts model's
+        routers over this call's real tokens and trainable blocks (Fedus et al. 2022 eq. 4;
+        ``rlhf_jax.models.transformer.router_load_balancing_loss``), not yet multiplied by
+        ``cfg.router_aux_loss_coef``; ``None`` for a dense model.
     """
 
     hidden: jax.Array
     logits: jax.Array | None
     values: jax.Array | None
     cache: KVCache | None
+    router_aux_loss: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -159,13 +164,14 @@ class Model:
           ValueError: ``frozen_hidden`` given with ``cfg.frozen_layers == 0`` or a cache.
         """
         net = self._merge(params)
-        hidden, cache = net.trunk(tokens, positions, attn_mask, cache, cache_index,
-                                  frozen_hidden=frozen_hidden)
+        hidden, cache, aux = net.trunk(tokens, positions, attn_mask, cache, cache_index,
+                                       frozen_hidden=frozen_hidden)
         logits = self.logits(params, hidden) if compute_logits and self.kind != "scalar" else None
         values = None
         if net.value_head is not None:
             values = net.value_head(hidden).astype(jnp.float32)
-        return ModelOutput(hidden=hidden, logits=logits, values=values, cache=cache)
+        return ModelOutput(hidden=hidden, logits=logits, values=values, cache=cache,
+                           router_aux_loss=aux)
 
     def frozen_hidden(self, params: Params, tokens: jax.Array, positions: jax.Array,
                       attn_mask: jax.Array) -> jax.Array:
@@ -184,7 +190,8 @@ class Model:
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         """LM head: ``hidden [..., D] -> logits [..., V]`` float32 (tied: ``hidden @ embed.T``),
-        soft-capped ``c tanh(z / c)`` when ``cfg.final_softcap`` is set (Gemma 2)."""
+        divided by ``cfg.logits_scaling`` when set (Granite), soft-capped ``c tanh(z / c)``
+        when ``cfg.final_softcap`` is set (Gemma 2)."""
         dt = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
             w = params["trunk"]["embed"].astype(dt)
@@ -194,7 +201,10 @@ class Model:
             logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w)
         if logits.ndim == 3:
             logits = constrain(logits, ("batch", "seq", "vocab"))
-        return softcap(logits.astype(jnp.float32), self.cfg.final_softcap)
+        logits = logits.astype(jnp.float32)
+        if self.cfg.logits_scaling is not None:  # Granite
+            logits = logits / self.cfg.logits_scaling
+        return softcap(logits, self.cfg.final_softcap)
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """Empty ``KVCache`` with ``length`` slots (a masked full cache: sliding layers keep

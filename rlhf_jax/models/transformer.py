@@ -7,14 +7,18 @@ A family (``rlhf_jax.models.families``, named by ``ModelConfig.arch``) declares 
   (Ba et al. 2016), always computed in float32; optional q/k norms per head (Qwen3, Gemma 3)
   or over the projected width (OLMo 2);
 * positions: rotary embeddings (Su et al. 2021) in the rotate-half convention of HF
-  transformers, full or partial (``rotary_dim``, GPT-NeoX/Phi), with linear / llama3
-  scaling and a separate base for sliding layers (Gemma 3); or a learned table (GPT-2);
+  transformers, full or partial (``rotary_dim``, GPT-NeoX/Phi), with linear / llama3 /
+  yarn / dynamic NTK scaling (``rlhf_jax.models.rope``), a separate base for sliding
+  layers (Gemma 3) and NoPE layers (SmolLM3); or a learned table (GPT-2);
 * attention: multi-head / grouped-query (Ainslie et al. 2023), a score scale, tanh
   soft-capping of the scores (Gemma 2), a sliding window per layer with local/global
   interleaving (``layer_types``);
-* MLP: gated (SwiGLU / GeGLU, Shazeer 2020) or plain, with SiLU, tanh-GELU or erf-GELU;
+* MLP: gated (SwiGLU / GeGLU, Shazeer 2020) or plain, with SiLU, tanh-GELU or erf-GELU; or
+  a dropless top-k mixture of gated experts (Mixtral, Qwen3-MoE) whose routers' summed
+  statistics ride in the layer scan's carry and give the load-balancing loss;
 * residual layouts: pre-norm, parallel (GPT-NeoX), sandwich (pre- and post-norms, Gemma
-  2/3) and post-norm (OLMo 2); embedding scaling by ``sqrt(D)`` (Gemma).
+  2/3) and post-norm (OLMo 2); embedding scaling by ``sqrt(D)`` (Gemma) or by
+  ``embedding_multiplier``, residual branches scaled by ``residual_multiplier`` (Granite).
 
 The ``L`` blocks are *stacked* (each block parameter has a leading ``layers`` axis, created
 with ``nnx.vmap``) and run with one ``jax.lax.scan``: one block is traced and compiled, never
@@ -47,7 +51,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.models.rope import apply_rope, rope_inv_freq
+from rlhf_jax.models.rope import rope_qk
 from rlhf_jax.sharding import constrain
 
 
@@ -210,13 +214,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         windows = layer_windows(cfg)
-        if self.use_rope:
-            inv_freq = rope_inv_freq(cfg)
-            if cfg.rope_local_theta is not None and windows is not None:
-                local = jnp.asarray([t == "sliding" for t in cfg.layer_kinds])[layer]
-                inv_freq = jnp.where(local, rope_inv_freq(cfg, local=True), inv_freq)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
+        if self.use_rope:  # per-layer base / NoPE tables, dynamic NTK from these positions
+            q, k = rope_qk(cfg, q, k, positions, layer)
         if k_cache is not None:
             at = (layer, 0, cache_index, 0, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
@@ -269,6 +268,98 @@ class MLP(nnx.Module):
         return self.down(h)
 
 
+class MoE(nnx.Module):
+    """Top-k routed mixture of gated experts (Shazeer et al. 2017; Mixtral, Jiang et al. 2024;
+    Qwen3-MoE), dropless.
+
+    The router's softmax over ``E`` experts (float32) picks each token's top ``k``; their
+    probabilities (renormalised to sum to 1 with ``norm_topk_prob``) weight the experts'
+    outputs ``down_e(act(gate_e x) * up_e x)``. Every token reaches its ``k`` experts (no
+    capacity limit, no dropped tokens, as in transformers): the ``N k`` (token, expert) pairs
+    are sorted by expert and each expert's contiguous group goes through one grouped matmul
+    (``jax.lax.ragged_dot``, the MegaBlocks formulation of Gale et al. 2023) — static shapes,
+    no loop over experts. On GPU/TPU that is a grouped GEMM; XLA:CPU runs it as a masked
+    matmul per expert (``E`` times the FLOPs), which only the tests see.
+
+    Parameters: ``router [D, E]`` (logical ``embed, expert``), ``gate``/``up`` ``[E, D, F]``
+    and ``down [E, F, D]`` (``expert, embed, mlp``): the ``expert`` axis is what expert
+    parallelism shards (``rlhf_jax.sharding``).
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, e = cfg.d_model, cfg.mlp_dim, cfg.num_experts
+        pdt = _dtype(cfg.param_dtype)
+        self.router = Dense((d,), (e,), ("embed", "expert"), bias=False, cfg=cfg, rngs=rngs)
+
+        def w(shape, axes):
+            return _param(0.02 * jax.random.normal(rngs.params(), shape, pdt), axes)
+
+        self.gate = w((e, d, f), ("expert", "embed", "mlp"))
+        self.up = w((e, d, f), ("expert", "embed", "mlp"))
+        self.down = w((e, f, d), ("expert", "mlp", "embed"))
+        self.act = cfg.activation or cfg.family.block.activation
+        self.k = cfg.num_experts_per_tok
+        self.renormalise = cfg.norm_topk_prob is not False
+        self.dtype = _dtype(cfg.dtype)
+
+    def __call__(self, x, token_mask):
+        """``x [B, T, D]``, ``token_mask [B, T] bool`` (real tokens) ->
+        ``(y [B, T, D], stats)``.
+
+        ``stats = (selected [E], prob_sum [E], rows [])`` float32 over the real tokens: how
+        many of the top-k slots chose each expert, the summed router probability of each
+        expert, and the number of tokens; ``router_load_balancing_loss`` turns sums over
+        layers into the auxiliary loss.
+        """
+        b, t, d = x.shape
+        e, k = self.gate.shape[0], self.k
+        xf = x.reshape(b * t, d)
+        probs = jax.nn.softmax(self.router(xf).astype(jnp.float32), axis=-1)  # [N, E]
+        top_p, top_e = jax.lax.top_k(probs, k)  # [N, k]
+        if self.renormalise:
+            top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        flat_e = top_e.reshape(-1)  # [N k], token-major
+        order = jnp.argsort(flat_e, stable=True)
+        group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
+        xs = jnp.take(xf, order // k, axis=0)  # [N k, D] grouped by expert
+        dt = self.dtype
+
+        def grouped(lhs, rhs):
+            return jax.lax.ragged_dot(lhs.astype(dt), rhs[...].astype(dt), group_sizes,
+                                      preferred_element_type=jnp.float32)
+
+        act = _ACTIVATIONS[self.act]
+        h = (act(grouped(xs, self.gate)) * grouped(xs, self.up)).astype(dt)
+        ys = grouped(h, self.down)  # [N k, D] float32
+        y = jnp.zeros_like(ys).at[order].set(ys).reshape(b * t, k, d)
+        y = jnp.einsum("nkd,nk->nd", y, top_p).astype(x.dtype).reshape(b, t, d)
+        m = token_mask.reshape(-1).astype(jnp.float32)
+        selected = jnp.zeros((e,), jnp.float32).at[flat_e].add(jnp.repeat(m, k))
+        stats = (selected, jnp.sum(probs * m[:, None], axis=0), jnp.sum(m))
+        return y, stats
+
+
+def router_load_balancing_loss(selected: jax.Array, prob_sum: jax.Array, rows: jax.Array,
+                               ) -> jax.Array:
+    """Switch Transformer's auxiliary load-balancing loss (Fedus et al. 2022 eq. 4-6), the
+    form transformers' Mixtral / Qwen3-MoE train with.
+
+    ``E * sum_e f_e P_e`` with ``f_e = selected_e / rows`` (the fraction of top-k slots
+    routed to expert ``e``; it sums to ``k``) and ``P_e = prob_sum_e / rows`` (the mean router
+    probability of ``e``); the counts are summed over layers and real tokens first, so
+    ``rows`` is layers x tokens. Minimal (``k``) when routing is uniform.
+
+    Args:
+      selected, prob_sum: ``[E]`` float32 sums over layers of ``MoE``'s stats.
+      rows: scalar float32, layers x real tokens.
+
+    Returns:
+      Scalar float32. Gradients flow through ``prob_sum`` only (the top-k choice is discrete).
+    """
+    rows = jnp.maximum(rows, 1.0)
+    return selected.shape[-1] * jnp.sum((selected / rows) * (prob_sum / rows))
+
+
 class Block(nnx.Module):
     """One residual block in the family's layout.
 
@@ -288,22 +379,40 @@ class Block(nnx.Module):
         self.attn_norm = nnx.data(Norm(cfg, spec.norm) if pre else None)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = nnx.data(Norm(cfg, spec.norm) if pre else None)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if spec.mlp == "moe" else MLP(cfg, rngs)
         self.post_attn_norm = nnx.data(Norm(cfg, spec.norm) if post else None)
         self.post_mlp_norm = nnx.data(Norm(cfg, spec.norm) if post else None)
 
-    def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index, layer):
+    def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index, layer,
+                 token_mask):
+        """Returns ``(x, k_cache, v_cache, router_stats)``; ``router_stats`` is ``MoE``'s
+        ``(selected, prob_sum, rows)`` or ``()`` for a dense MLP. ``token_mask [B, T]``:
+        this call's real tokens."""
         def norm(n, y):
             return y if n is None else n(y)
 
+        stats = ()
+
+        def mlp(y):
+            nonlocal stats
+            if isinstance(self.mlp, MoE):
+                y, stats = self.mlp(y, token_mask)
+                return y
+            return self.mlp(y)
+
         y, k_cache, v_cache = self.attn(norm(self.attn_norm, x), positions, q_slots, k_cache,
                                         v_cache, valid, cache_index, layer)
+        res = self.attn.cfg.residual_multiplier  # Granite: x + m f(x); None: m = 1
+
+        def scaled(y):
+            return y if res is None else y * res
+
         if self.parallel:
-            x = x + y + self.mlp(norm(self.mlp_norm, x))
+            x = x + scaled(y) + scaled(mlp(norm(self.mlp_norm, x)))
         else:
-            x = x + norm(self.post_attn_norm, y)
-            x = x + norm(self.post_mlp_norm, self.mlp(norm(self.mlp_norm, x)))
-        return constrain(x, ("batch", "seq", "embed")), k_cache, v_cache
+            x = x + scaled(norm(self.post_attn_norm, y))
+            x = x + scaled(norm(self.post_mlp_norm, mlp(norm(self.mlp_norm, x))))
+        return constrain(x, ("batch", "seq", "embed")), k_cache, v_cache, stats
 
 
 class Transformer(nnx.Module):
@@ -344,11 +453,15 @@ class Transformer(nnx.Module):
           frozen_hidden: ``[B, T, D]`` output of the embeddings and the lowest
             ``cfg.frozen_layers`` blocks (from ``stop_after_frozen=True``): only the upper blocks
             run. Needs ``cache=None``.
-          stop_after_frozen: return ``(x [B, T, D], None)`` right after the frozen blocks (no
+          stop_after_frozen: return ``(x [B, T, D], None, None)`` right after the frozen blocks (no
             final norm), under ``stop_gradient``.
 
         Returns:
-          ``(hidden [B, T, D], cache)``; ``cache`` has this call's keys/values written.
+          ``(hidden [B, T, D], cache, router_aux_loss)``; ``cache`` has this call's
+          keys/values written; ``router_aux_loss`` is the load-balancing loss
+          (``router_load_balancing_loss``) over this call's real tokens and the *trainable*
+          blocks (those above ``cfg.frozen_layers``, whose routers can learn) for a
+          mixture-of-experts model, else ``None``.
 
         Raises:
           ValueError: ``frozen_hidden`` / ``stop_after_frozen`` with ``cfg.frozen_layers == 0``
@@ -365,6 +478,8 @@ class Transformer(nnx.Module):
             x = jnp.take(self.embed[...], tokens, axis=0)
             if self.embed_scale:  # Gemma: sqrt(D), rounded to the parameter dtype as in HF
                 x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+            if cfg.embedding_multiplier is not None:  # Granite
+                x = x * cfg.embedding_multiplier
             x = x.astype(dt)
             if self.pos_embed is not None:
                 x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
@@ -388,11 +503,13 @@ class Transformer(nnx.Module):
         # place. (Scanning over per-layer cache slices and stacking them as outputs would
         # rewrite the entire cache at every decode step.)
         def body(carry, layer):
-            x, k_all, v_all = carry
+            x, k_all, v_all, router = carry
             params, index = layer
             block = nnx.merge(graphdef, params)
-            x, k_all, v_all = block(x, positions, q_slots, k_all, v_all, valid, cache_index, index)
-            return (x, k_all, v_all), None
+            x, k_all, v_all, stats = block(x, positions, q_slots, k_all, v_all, valid,
+                                           cache_index, index, attn_mask)
+            router = jax.tree.map(jnp.add, router, stats)  # summed over layers
+            return (x, k_all, v_all, router), None
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False,
@@ -407,15 +524,19 @@ class Transformer(nnx.Module):
             part = xs if (lo, hi) == (0, n) else jax.tree.map(lambda a: a[lo:hi], xs)
             return jax.lax.scan(body, carry, part, unroll=cfg.scan_unroll)[0]
 
-        carry = (x, *kv)
+        e = cfg.num_experts
+        router0 = () if e is None else (jnp.zeros((e,), jnp.float32),
+                                        jnp.zeros((e,), jnp.float32), jnp.zeros((), jnp.float32))
+        carry = (x, *kv, router0)
         if f:
             # Frozen lower blocks: their own scan, no backward pass through them.
             if frozen_hidden is None:
-                x, *kv = run(carry, 0, f)
+                x, *kv, _ = run(carry, 0, f)
                 x = jax.lax.stop_gradient(x)
                 if stop_after_frozen:
-                    return x, None
-            carry = (x, *kv)
-        x, *kv = run(carry, f, n)
+                    return x, None, None
+            carry = (x, *kv, router0)
+        x, *kv, router = run(carry, f, n)
         new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid)
-        return self.final_norm(x), new_cache
+        aux = router_load_balancing_loss(*router) if e is not None and f < n else None
+        return self.final_norm(x), new_cache, aux

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.logprobs import sequence_logprobs
-from rlhf_jax.models.model import Model, Params
+from rlhf_jax.models.model import Model, ModelOutput, Params
 
 
 def flatten_candidates(x: jax.Array) -> jax.Array:
@@ -14,33 +14,63 @@ def flatten_candidates(x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def token_logprobs(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
-                   attn_mask: jax.Array, temperature: float = 1.0, *,
-                   frozen_hidden: jax.Array | None = None) -> jax.Array:
-    """``logp[b, t] = log π(tokens[b, t] | tokens[b, <t])`` ``[B, T]`` float32 (0 at t = 0).
+def add_router_aux_loss(loss: jax.Array, metrics: dict, model: Model,
+                        aux: jax.Array | None, share: jax.Array | float = 1.0):
+    """Add a mixture-of-experts model's load-balancing loss to a trainer's loss.
 
-    One forward (from ``frozen_hidden [B, T, D]`` when given: ``Model.frozen_hidden``); logits
-    are divided by ``temperature`` (the sampler's distribution).
+    ``loss + alpha * share * aux`` with ``alpha = cfg.router_aux_loss_coef`` (Fedus et al.
+    2022 eq. 4; nothing is added when it is ``None`` or 0), and the metric
+    ``router/aux_loss`` as the ``(sum, count)`` pair ``(share * aux, share)``. ``share``: this
+    (micro)batch's fraction of the full batch's loss denominator, so that microbatches add up
+    to the share-weighted mean of their auxiliary losses (1 without microbatching).
+
+    Args:
+      aux: ``ModelOutput.router_aux_loss`` (scalar float32) or ``None`` for a dense model
+        (then ``(loss, metrics)`` come back unchanged).
     """
-    logits = model.apply(params, tokens, positions, attn_mask, frozen_hidden=frozen_hidden).logits
+    if aux is None:
+        return loss, metrics
+    share = jnp.asarray(share, jnp.float32)
+    metrics = dict(metrics, **{"router/aux_loss": (share * aux, share)})
+    coef = model.cfg.router_aux_loss_coef
+    return (loss + coef * share * aux if coef else loss), metrics
+
+
+def _token_logprobs(out: ModelOutput, tokens: jax.Array, temperature: float) -> jax.Array:
+    logits = out.logits
     if temperature != 1.0:
         logits = logits / temperature
     return sequence_logprobs(logits, tokens)
 
 
+def token_logprobs(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
+                   attn_mask: jax.Array, temperature: float = 1.0, *,
+                   frozen_hidden: jax.Array | None = None, with_router_aux: bool = False):
+    """``logp[b, t] = log π(tokens[b, t] | tokens[b, <t])`` ``[B, T]`` float32 (0 at t = 0).
+
+    One forward (from ``frozen_hidden [B, T, D]`` when given: ``Model.frozen_hidden``); logits
+    are divided by ``temperature`` (the sampler's distribution). ``with_router_aux``: return
+    ``(logp, ModelOutput.router_aux_loss)`` (``None`` for a dense model).
+    """
+    out = model.apply(params, tokens, positions, attn_mask, frozen_hidden=frozen_hidden)
+    logp = _token_logprobs(out, tokens, temperature)
+    return (logp, out.router_aux_loss) if with_router_aux else logp
+
+
 def sequence_logps(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
                    attn_mask: jax.Array, loss_mask: jax.Array, *,
-                   frozen_hidden: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   frozen_hidden: jax.Array | None = None, with_router_aux: bool = False):
     """Summed response log-probs ``[B]`` (nats) and response lengths ``[B]`` (tokens).
 
     ``sum_t loss_mask[b, t] * log π(tokens[b, t] | tokens[b, <t])`` - the quantity the DPO
     family is defined on (Rafailov et al. 2023 eq. 7). ``frozen_hidden``: see
-    ``token_logprobs``.
+    ``token_logprobs``; ``with_router_aux``: a third result, ``ModelOutput.router_aux_loss``.
     """
-    logp = token_logprobs(model, params, tokens, positions, attn_mask,
-                          frozen_hidden=frozen_hidden)
+    logp, aux = token_logprobs(model, params, tokens, positions, attn_mask,
+                               frozen_hidden=frozen_hidden, with_router_aux=True)
     mask = loss_mask.astype(jnp.float32)
-    return jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1)
+    sums = (jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1))
+    return (*sums, aux) if with_router_aux else sums
 
 
 def last_token_index(attn_mask: jax.Array) -> jax.Array:
@@ -50,15 +80,17 @@ def last_token_index(attn_mask: jax.Array) -> jax.Array:
 
 
 def sequence_scores(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
-                    attn_mask: jax.Array) -> jax.Array:
+                    attn_mask: jax.Array, *, with_router_aux: bool = False):
     """Scalar-head output at the last real token ``[B]`` float32: the reward of a sequence.
 
     Ouyang et al. 2022 §3.5 / Stiennon et al. 2020: the reward model reads the final token's
-    hidden state (the end-of-turn token of the response).
+    hidden state (the end-of-turn token of the response). ``with_router_aux``: return
+    ``(scores, ModelOutput.router_aux_loss)``.
     """
-    values = model.apply(params, tokens, positions, attn_mask, compute_logits=False).values
+    out = model.apply(params, tokens, positions, attn_mask, compute_logits=False)
     idx = last_token_index(attn_mask)
-    return jnp.take_along_axis(values, idx[:, None], axis=-1)[:, 0]
+    scores = jnp.take_along_axis(out.values, idx[:, None], axis=-1)[:, 0]
+    return (scores, out.router_aux_loss) if with_router_aux else scores
 
 
 def rowwise_mean(loss_fn, counted: jax.Array, denominator: jax.Array, *rows: jax.Array):

@@ -41,7 +41,8 @@ import optax
 from rlhf_jax.losses.dpo import DPO_LOSSES, DPOLoss, LossType, dpo_loss, get_dpo_loss
 from rlhf_jax.losses.kto import kto_reference_point
 from rlhf_jax.models.model import Model, Params
-from rlhf_jax.train.common import flatten_candidates, rowwise_mean, sequence_logps
+from rlhf_jax.train.common import (add_router_aux_loss, flatten_candidates, rowwise_mean,
+                                   sequence_logps)
 from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
 from rlhf_jax.types import PreferenceBatch, UnpairedBatch
 
@@ -128,16 +129,18 @@ class DPOConfig:
 
 
 def pair_logps(model: Model, params: Params, batch: PreferenceBatch,
-               frozen_hidden: jax.Array | None = None):
+               frozen_hidden: jax.Array | None = None, *, with_router_aux: bool = False):
     """Summed response log-probs ``[B, 2]`` and lengths ``[B, 2]`` in one forward over ``2B``
-    (from ``frozen_hidden [B, 2, T, D]`` of ``pair_frozen_hidden`` when given)."""
+    (from ``frozen_hidden [B, 2, T, D]`` of ``pair_frozen_hidden`` when given);
+    ``with_router_aux``: a third result, ``ModelOutput.router_aux_loss``."""
     b, n = batch.tokens.shape[:2]
     hidden = None if frozen_hidden is None else flatten_candidates(frozen_hidden)
-    logps, lengths = sequence_logps(model, params, flatten_candidates(batch.tokens),
-                                    flatten_candidates(batch.positions),
-                                    flatten_candidates(batch.attn_mask),
-                                    flatten_candidates(batch.loss_mask), frozen_hidden=hidden)
-    return logps.reshape(b, n), lengths.reshape(b, n)
+    logps, lengths, aux = sequence_logps(
+        model, params, flatten_candidates(batch.tokens), flatten_candidates(batch.positions),
+        flatten_candidates(batch.attn_mask), flatten_candidates(batch.loss_mask),
+        frozen_hidden=hidden, with_router_aux=True)
+    out = logps.reshape(b, n), lengths.reshape(b, n)
+    return (*out, aux) if with_router_aux else out
 
 
 def pair_frozen_hidden(model: Model, params: Params, batch: PreferenceBatch) -> jax.Array:
@@ -223,10 +226,14 @@ def dpo_loss_fn(params: Params, batch: PreferenceBatch, ref_logps: jax.Array, to
     """Loss of one (micro)batch given reference log-probs ``[B, 2]``: summed over its valid
     pairs, divided by the full batch's valid pairs. ``frozen_hidden``: the policy's
     ``[B, 2, T, D]`` from ``pair_frozen_hidden``, or ``None``; ``stats``: the full batch's
-    ``pair_statistics``."""
-    policy_logps, lengths = pair_logps(model, params, batch, frozen_hidden)
-    return masked_dpo_loss(policy_logps, lengths, ref_logps, batch.valid, total_pairs, cfg,
-                           stats)
+    ``pair_statistics``. A mixture-of-experts policy adds its load-balancing loss, weighted
+    by this microbatch's share of the valid pairs (``add_router_aux_loss``)."""
+    policy_logps, lengths, aux = pair_logps(model, params, batch, frozen_hidden,
+                                            with_router_aux=True)
+    loss, metrics = masked_dpo_loss(policy_logps, lengths, ref_logps, batch.valid, total_pairs,
+                                    cfg, stats)
+    share = jnp.sum(valid_pairs(batch.valid)) / total_pairs
+    return add_router_aux_loss(loss, metrics, model, aux, share)
 
 
 def _update(state, batch, ref_logps, hidden=None, *, model, tx, cfg):

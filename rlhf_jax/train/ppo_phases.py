@@ -42,6 +42,7 @@ from rlhf_jax.losses.ppo import kl_shaped_rewards, overlong_penalty, ppo_loss
 from rlhf_jax.sharding import constrain
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.rollout.sampler import SamplingConfig, sample, suppress_eos
+from rlhf_jax.train.common import add_router_aux_loss
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.types import positions_from_mask
 
@@ -291,7 +292,8 @@ def _values_before(values: jax.Array, prompt_len: int) -> jax.Array:
 
 
 def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, prompt_len: int,
-                   sampling: SamplingConfig, *, frozen_hidden: jax.Array | None = None):
+                   sampling: SamplingConfig, *, frozen_hidden: jax.Array | None = None,
+                   with_router_aux: bool = False):
     """Response log-probs ``[B, R]``, per-token entropy ``[B, R]`` and values ``[B, R]`` (or
     ``None`` for an ``"lm"`` model), from one forward, under the policy the sampler draws from:
     logits divided by ``sampling.temperature`` and EOS suppressed before
@@ -303,6 +305,7 @@ def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, p
     that window do the one-token shift as everywhere else (its first column, which nothing
     predicts, is dropped). ``frozen_hidden``: ``[B, T, D]`` from ``Model.frozen_hidden`` of
     the same tokens, to skip the frozen layers. Log-probs and entropies are in nats.
+    ``with_router_aux``: a fourth result, ``ModelOutput.router_aux_loss``.
     """
     out = model.apply(params, tokens, positions, attn_mask, compute_logits=False,
                       frozen_hidden=frozen_hidden)
@@ -313,13 +316,17 @@ def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, p
     logp = sequence_logprobs(logits, tokens[:, window])[:, 1:]
     entropy = entropy_from_logits(logits, shift=True)[:, 1:]
     values = None if out.values is None else _values_before(out.values, prompt_len)
-    return logp, entropy, values
+    return (logp, entropy, values, out.router_aux_loss) if with_router_aux else (
+        logp, entropy, values)
 
 
-def value_forward(model: Model, params: Params, tokens, positions, attn_mask, prompt_len: int):
-    """Values ``[B, R]`` of a separate scalar value model (``V(x, y_<r)``, reward units)."""
+def value_forward(model: Model, params: Params, tokens, positions, attn_mask, prompt_len: int,
+                  *, with_router_aux: bool = False):
+    """Values ``[B, R]`` of a separate scalar value model (``V(x, y_<r)``, reward units);
+    ``with_router_aux``: ``(values, ModelOutput.router_aux_loss)``."""
     out = model.apply(params, tokens, positions, attn_mask, compute_logits=False)
-    return _values_before(out.values, prompt_len)
+    values = _values_before(out.values, prompt_len)
+    return (values, out.router_aux_loss) if with_router_aux else values
 
 
 def generate(state: PPOState, prompt_tokens, prompt_mask, *, policy_model: Model, cfg: PPOConfig):
@@ -448,6 +455,8 @@ def minibatch_loss(trainable, mb: Experience, kl_coef: jax.Array, *, policy_mode
     the ``ppo`` surrogate); the value term only with a critic, the KL term only when
     ``cfg.kl_penalty == "loss"`` (Shao et al. 2024 eq. 3-4), with ``β = kl_coef`` and the
     estimator ``cfg.kl_estimator``. With ``entropy_coef == 0`` the entropy is a metric only.
+    Mixture-of-experts policy / value models add their load-balancing losses
+    (``add_router_aux_loss``).
 
     Args:
       trainable: ``(policy_params, value_params)``; ``value_params`` is ``None`` unless a
@@ -461,23 +470,30 @@ def minibatch_loss(trainable, mb: Experience, kl_coef: jax.Array, *, policy_mode
     """
     policy_params, value_params = trainable
     prompt_len = mb.tokens.shape[1] - mb.response_mask.shape[1]
-    logp, entropy, values = policy_forward(policy_model, policy_params, mb.tokens, mb.positions,
-                                           mb.attn_mask, prompt_len, cfg.sampling,
-                                           frozen_hidden=mb.frozen_hidden)
+    logp, entropy, values, aux = policy_forward(
+        policy_model, policy_params, mb.tokens, mb.positions, mb.attn_mask, prompt_len,
+        cfg.sampling, frozen_hidden=mb.frozen_hidden, with_router_aux=True)
     critic = {}
+    value_aux = None
     if cfg.needs_critic:
         if cfg.value_model == "separate":
-            values = value_forward(value_model, value_params, mb.tokens, mb.positions,
-                                   mb.attn_mask, prompt_len)
+            values, value_aux = value_forward(value_model, value_params, mb.tokens, mb.positions,
+                                              mb.attn_mask, prompt_len, with_router_aux=True)
         critic = dict(values=values, old_values=mb.old_values, returns=mb.returns,
                       clip_eps_value=cfg.clip_eps_value, vf_coef=cfg.vf_coef)
     kl = {}
     if cfg.kl_penalty == "loss":
         kl = dict(ref_logp=mb.ref_logp, kl_loss_coef=kl_coef, kl_loss_estimator=cfg.kl_estimator)
-    return ppo_loss(logp, mb.old_logp, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
-                    clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
-                    policy_loss=cfg.policy_loss, entropy=entropy, entropy_coef=cfg.entropy_coef,
-                    **critic, **kl, **cfg.aggregation(*mb.response_mask.shape))
+    loss, metrics = ppo_loss(
+        logp, mb.old_logp, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
+        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, policy_loss=cfg.policy_loss,
+        entropy=entropy, entropy_coef=cfg.entropy_coef, **critic, **kl,
+        **cfg.aggregation(*mb.response_mask.shape))
+    loss, metrics = add_router_aux_loss(loss, metrics, policy_model, aux)
+    if value_aux is not None:
+        loss, value_metrics = add_router_aux_loss(loss, {}, value_model, value_aux)
+        metrics["router/value_aux_loss"] = value_metrics["router/aux_loss"]
+    return loss, metrics
 
 
 def update_kl(state: PPOState, exp: Experience, cfg: PPOConfig, batch_size: int) -> PPOState:

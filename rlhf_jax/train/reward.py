@@ -28,7 +28,8 @@ import optax
 
 from rlhf_jax.losses.reward import best_of_n_loss, bradley_terry_loss, ranking_loss
 from rlhf_jax.models.model import Model, Params
-from rlhf_jax.train.common import flatten_candidates, rowwise_mean, sequence_scores
+from rlhf_jax.train.common import (add_router_aux_loss, flatten_candidates, rowwise_mean,
+                                   sequence_scores)
 from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
 from rlhf_jax.types import PreferenceBatch
 
@@ -48,12 +49,15 @@ class RewardConfig:
     num_microbatches: int = 1
 
 
-def candidate_scores(model: Model, params: Params, batch: PreferenceBatch) -> jax.Array:
-    """Scores ``[B, N]`` float32 of every candidate, one forward over ``B * N`` sequences."""
+def candidate_scores(model: Model, params: Params, batch: PreferenceBatch, *,
+                     with_router_aux: bool = False):
+    """Scores ``[B, N]`` float32 of every candidate, one forward over ``B * N`` sequences;
+    ``with_router_aux``: ``(scores, ModelOutput.router_aux_loss)``."""
     b, n = batch.tokens.shape[:2]
-    scores = sequence_scores(model, params, flatten_candidates(batch.tokens),
-                             flatten_candidates(batch.positions), flatten_candidates(batch.attn_mask))
-    return scores.reshape(b, n)
+    scores, aux = sequence_scores(model, params, flatten_candidates(batch.tokens),
+                                  flatten_candidates(batch.positions),
+                                  flatten_candidates(batch.attn_mask), with_router_aux=True)
+    return (scores.reshape(b, n), aux) if with_router_aux else scores.reshape(b, n)
 
 
 def preference_loss(scores: jax.Array, valid: jax.Array, cfg: RewardConfig):
@@ -94,9 +98,13 @@ def masked_preference_loss(scores: jax.Array, valid: jax.Array, total_prompts: j
 
 def reward_loss_fn(params: Params, batch: PreferenceBatch, total_prompts: jax.Array, *,
                    model: Model, cfg: RewardConfig):
-    """Loss of one (micro)batch: summed over its counted prompts, divided by the full batch's."""
-    return masked_preference_loss(candidate_scores(model, params, batch), batch.valid,
-                                  total_prompts, cfg)
+    """Loss of one (micro)batch: summed over its counted prompts, divided by the full batch's
+    (plus a mixture-of-experts trunk's load-balancing loss, weighted by this microbatch's
+    share of the counted prompts: ``add_router_aux_loss``)."""
+    scores, aux = candidate_scores(model, params, batch, with_router_aux=True)
+    loss, metrics = masked_preference_loss(scores, batch.valid, total_prompts, cfg)
+    share = jnp.sum(counted_prompts(batch.valid, cfg)) / total_prompts
+    return add_router_aux_loss(loss, metrics, model, aux, share)
 
 
 def reward_step(state: TrainState, batch: PreferenceBatch, *, model: Model,

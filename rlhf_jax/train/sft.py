@@ -17,6 +17,7 @@ import optax
 
 from rlhf_jax.losses.sft import sft_loss
 from rlhf_jax.models.model import Model, Params
+from rlhf_jax.train.common import add_router_aux_loss
 from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
 from rlhf_jax.types import SFTBatch
 
@@ -41,13 +42,20 @@ class SFTConfig:
 
 def sft_loss_fn(params: Params, batch: SFTBatch, num_targets: jax.Array, num_sequences: jax.Array,
                 *, model: Model, cfg: SFTConfig):
-    """``(loss, metrics)`` of one (micro)batch with global denominators."""
-    logits = model.apply(params, batch.tokens, batch.positions, batch.attn_mask).logits
+    """``(loss, metrics)`` of one (micro)batch with global denominators (plus a
+    mixture-of-experts model's load-balancing loss, weighted by this microbatch's share of
+    the denominator: ``add_router_aux_loss``)."""
+    out = model.apply(params, batch.tokens, batch.positions, batch.attn_mask)
+    targets = batch.loss_mask.at[:, 0].set(False)
     if cfg.reduction == "token":
-        return sft_loss(logits, batch.tokens, batch.loss_mask, reduction="token",
-                        num_targets=num_targets)
-    return sft_loss(logits, batch.tokens, batch.loss_mask, reduction="sequence",
-                    num_sequences=num_sequences)
+        loss, metrics = sft_loss(out.logits, batch.tokens, batch.loss_mask, reduction="token",
+                                 num_targets=num_targets)
+        share = jnp.sum(targets) / num_targets
+    else:
+        loss, metrics = sft_loss(out.logits, batch.tokens, batch.loss_mask, reduction="sequence",
+                                 num_sequences=num_sequences)
+        share = jnp.sum(jnp.any(targets, axis=-1)) / num_sequences
+    return add_router_aux_loss(loss, metrics, model, out.router_aux_loss, share)
 
 
 def sft_step(state: TrainState, batch: SFTBatch, *, model: Model, tx: optax.GradientTransformation,

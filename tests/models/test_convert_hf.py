@@ -336,8 +336,8 @@ def test_config_errors():
         config_from_hf({"model_type": "bert"})
     base = dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
                 intermediate_size=64, vocab_size=10)
-    with pytest.raises(ValueError, match="'yarn'"):
-        config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="'longrope'"):  # yarn and dynamic are supported now
+        config_from_hf({**base, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
     with pytest.raises(ValueError, match="gelu"):
         config_from_hf({**base, "hidden_act": "gelu"})
     cfg = config_from_hf({**base, "rope_scaling": {"type": "linear", "factor": 2.0},

@@ -263,6 +263,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, kind: str = "lm", dtype=None,
             for j, leaf in enumerate(s.ours):
                 if s.per_layer:
                     host = np.stack([s.to_ours(read(n))[j] for n in _expand(s, cfg.n_layers)])
+                    if s.experts:  # [L E, ...] layer-major -> [L, E, ...]
+                        host = host.reshape(cfg.n_layers, s.experts, *host.shape[1:])
                 else:
                     host = s.to_ours(read(s.hf))[j]
                 host = np.asarray(host.astype(np_dt), order="C")
@@ -407,6 +409,8 @@ def save_hf_checkpoint(model: Model, params: Params, path: str | os.PathLike, *,
 
     for s in specs:
         leaves = [_to_host(_get_path(params, p)) for p in s.ours]  # one gather per leaf
+        if s.experts:  # [L, E, ...] -> [L E, ...], the order of _expand's names
+            leaves = [x.reshape(-1, *x.shape[2:]) for x in leaves]
         for i, name in enumerate(_expand(s, cfg.n_layers)):
             parts = [x[i] for x in leaves] if s.per_layer else leaves
             t = np.asarray(np.asarray(s.to_hf(*parts)).astype(np_dt), order="C")

@@ -36,6 +36,10 @@ def _specs(cfg: ModelConfig, prefix: str, *, lm_head: bool, score: bool) -> list
 
 
 def _expand(spec: Spec, n_layers: int) -> list[str]:
+    """HF names of ``spec``: one, one per layer, or (``spec.experts``) one per layer and
+    expert, layer-major."""
+    if spec.experts:
+        return [spec.hf.format(i=i, j=j) for i in range(n_layers) for j in range(spec.experts)]
     return [spec.hf.format(i=i) for i in range(n_layers)] if spec.per_layer else [spec.hf]
 
 

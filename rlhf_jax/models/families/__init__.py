@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from rlhf_jax.models.families.base import OPTION_FIELDS, BlockSpec, Family
+from rlhf_jax.models.families.base import OPTION_FIELDS, BlockSpec, Family, check_rope
 
 _FIRST = ("llama", "gpt2")
 _REGISTRY: dict[str, Family] | None = None
@@ -89,6 +89,7 @@ def validate(cfg) -> dict:
         if value != default and name not in fam.options:
             raise ValueError(f"ModelConfig.{name}={value!r} is not supported by arch "
                              f"{cfg.arch!r} (its options: {', '.join(fam.options) or 'none'})")
+    check_rope(cfg)
     if fam.check is not None:
         fam.check(cfg)
     return fix

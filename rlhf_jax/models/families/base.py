@@ -41,8 +41,9 @@ class BlockSpec:
         ``x + attn(norm1 x) + mlp(norm2 x)``, GPT-J/GPT-NeoX), ``"sandwich"``
         (``x + post_norm(f(pre_norm x))``, Gemma 2/3) or ``"post"`` (``x + norm(f(x))``,
         OLMo 2, Groeneveld et al. 2024 / OLMo 2 report 2025).
-      mlp: ``"gated"`` (``down(act(gate x) * up x)``, Shazeer 2020) or ``"plain"``
-        (``down(act(up x))``).
+      mlp: ``"gated"`` (``down(act(gate x) * up x)``, Shazeer 2020), ``"plain"``
+        (``down(act(up x))``) or ``"moe"`` (``ModelConfig.num_experts`` gated experts behind a
+        top-k softmax router; Shazeer et al. 2017, Mixtral: Jiang et al. 2024).
       activation: default activation (``"silu"``, ``"gelu_tanh"``, ``"gelu"``), overridable
         by ``ModelConfig.activation``.
       positions: ``"rope"`` (Su et al. 2021, HF rotate-half convention) or ``"learned"``
@@ -56,7 +57,7 @@ class BlockSpec:
 
     norm: Literal["rms", "rms1p", "layer"] = "rms"
     residual: Literal["pre", "sandwich", "post"] = "pre"
-    mlp: Literal["gated", "plain"] = "gated"
+    mlp: Literal["gated", "plain", "moe"] = "gated"
     activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"
     positions: Literal["rope", "learned"] = "rope"
     qk_norm: Literal["head", "width"] | None = None
@@ -69,7 +70,8 @@ class Spec:
     """One HF tensor and the per-layer slices of our leaves it maps to.
 
     ``to_ours(hf) -> tuple`` (one array per ``ours`` path, without the layer axis) and
-    ``to_hf(*ours) -> hf`` are inverse layout maps.
+    ``to_hf(*ours) -> hf`` are inverse layout maps. ``experts > 0``: one HF tensor per
+    expert (names contain ``"{j}"`` too), stacked on our leaf's axis 1 (after the layers).
     """
 
     hf: str  # name; per-layer names contain "{i}"
@@ -78,6 +80,7 @@ class Spec:
     to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
     per_layer: bool
+    experts: int = 0
 
 
 def linear(name, out_shape, in_shape, path, per_layer=True) -> Spec:
@@ -162,7 +165,11 @@ class Family:
 OPTION_FIELDS = {"qkv_bias": False, "rope_scaling": None, "sliding_window": None,
                  "layer_types": None, "rope_local_theta": None, "rotary_dim": None,
                  "attn_scale": None, "attn_softcap": None, "final_softcap": None,
-                 "activation": None, "parallel_residual": False}
+                 "activation": None, "parallel_residual": False, "num_experts": None,
+                 "num_experts_per_tok": None, "norm_topk_prob": None,
+                 "router_aux_loss_coef": None, "rope_layers": None,
+                 "embedding_multiplier": None, "residual_multiplier": None,
+                 "logits_scaling": None}
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,12 +194,17 @@ def activation_from_hf(value: str | None, where: str, key: str) -> str:
 #: Our activation name -> the HF ``hidden_act`` value written on export.
 ACTIVATION_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 
-_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor",
-              "high_freq_factor", "original_max_position_embeddings", "partial_rotary_factor"}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "partial_rotary_factor"}
+#: The keys a rope-parameter dict of each new scaling type may hold (anything else is refused).
+_YARN_KEYS = _ROPE_KEYS | {"original_max_position_embeddings", "beta_fast", "beta_slow",
+                           "mscale", "mscale_all_dim", "attention_factor", "truncate"}
+_DYNAMIC_KEYS = _ROPE_KEYS | {"original_max_position_embeddings"}
 
 
-def _one_rope(params: Mapping[str, Any], where: str):
-    """``RopeScaling | None`` of one rope-parameter dict."""
+def _one_rope(params: Mapping[str, Any], where: str, max_positions: int | None = None):
+    """``RopeScaling | None`` of one rope-parameter dict; ``max_positions``: the config's
+    ``max_position_embeddings`` (yarn's default original length and factor, dynamic's
+    threshold)."""
     from rlhf_jax.config import RopeScaling
 
     rope_type = params.get("rope_type", params.get("type")) if params else None
@@ -206,14 +218,60 @@ def _one_rope(params: Mapping[str, Any], where: str):
             low_freq_factor=float(params["low_freq_factor"]),
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    if rope_type in ("yarn", "dynamic"):
+        allowed = _YARN_KEYS if rope_type == "yarn" else _DYNAMIC_KEYS
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ValueError(f"{where}: rope scaling {rope_type!r} keys {unknown} are not "
+                             f"supported (supported: {', '.join(sorted(allowed))})")
+    if rope_type == "dynamic":
+        # transformers grows the base from max_position_embeddings and never reads an
+        # original_max_position_embeddings here: one that differs would be silently ignored.
+        orig = params.get("original_max_position_embeddings")
+        if orig is not None and orig != max_positions:
+            raise ValueError(f"{where}: rope scaling 'dynamic' original_max_position_embeddings="
+                             f"{orig} is not supported (transformers' dynamic NTK scaling grows "
+                             f"from max_position_embeddings={max_positions} and ignores it)")
+        if params.get("factor") is None:
+            raise ValueError(f"{where}: rope scaling 'dynamic' needs a factor")
+        return RopeScaling(rope_type="dynamic", factor=float(params["factor"]))
+    if rope_type == "yarn":
+        # transformers: original length defaults to max_position_embeddings, factor to
+        # max_position_embeddings / original length; beta 0/None -> 32/1.
+        orig = params.get("original_max_position_embeddings") or max_positions
+        if orig is None:
+            raise ValueError(f"{where}: rope scaling 'yarn' needs "
+                             "original_max_position_embeddings (or max_position_embeddings)")
+        factor = params.get("factor")
+        if factor is None:
+            if max_positions is None:
+                raise ValueError(f"{where}: rope scaling 'yarn' needs a factor (or "
+                                 "max_position_embeddings)")
+            factor = max_positions / orig
+        truncate = params.get("truncate", True)
+        if truncate not in (True, False):
+            raise ValueError(f"{where}: rope scaling 'yarn' truncate={truncate!r} must be a bool")
+
+        def opt(key):
+            v = params.get(key)
+            return None if v is None else float(v)
+
+        return RopeScaling(rope_type="yarn", factor=float(factor),
+                           original_max_position_embeddings=int(orig),
+                           beta_fast=opt("beta_fast") or None, beta_slow=opt("beta_slow") or None,
+                           mscale=opt("mscale"), mscale_all_dim=opt("mscale_all_dim"),
+                           attention_factor=opt("attention_factor"), no_truncate=not truncate)
     raise ValueError(f"{where}: rope scaling type {rope_type!r} is not supported "
-                     "(supported: default, linear, llama3)")
+                     "(supported: default, linear, llama3, yarn, dynamic)")
 
 
 def rope_from_hf(d: Mapping[str, Any], where: str, default_theta: float,
-                 per_layer_type: bool = False):
+                 per_layer_type: bool = False, max_positions: int | None = None):
     """RoPE settings from legacy (``rope_theta``/``rope_scaling``) or transformers>=5
     (``rope_parameters``) keys.
+
+    ``max_positions``: the config's ``max_position_embeddings`` (default: read from ``d``),
+    which yarn defaults its original length / factor to and dynamic NTK grows from.
 
     Returns:
       ``(rope_theta, RopeScaling | None, partial_rotary_factor | None, local_theta | None)``;
@@ -222,8 +280,11 @@ def rope_from_hf(d: Mapping[str, Any], where: str, default_theta: float,
 
     Raises:
       ValueError: per-layer-type parameters where the family has none, a scaling type other
-        than default/linear/llama3, or scaling on sliding layers.
+        than default/linear/llama3/yarn/dynamic, a yarn/dynamic key transformers would not
+        honour as written (naming it), or scaling on sliding layers.
     """
+    if max_positions is None:
+        max_positions = d.get("max_position_embeddings")
     params = d.get("rope_parameters") or {}
     nested = bool(params) and all(isinstance(v, Mapping) for v in params.values())
     local_theta = None
@@ -235,7 +296,7 @@ def rope_from_hf(d: Mapping[str, Any], where: str, default_theta: float,
             raise ValueError(f"{where}: rope_parameters for layer types {sorted(unknown)} are "
                              "not supported")
         local = params.get("sliding_attention") or {}
-        if _one_rope(local, where) is not None:
+        if _one_rope(local, where, max_positions) is not None:
             raise ValueError(f"{where}: rope scaling on sliding_attention layers is not supported")
         if local.get("rope_theta") is not None:
             local_theta = float(local["rope_theta"])
@@ -247,11 +308,25 @@ def rope_from_hf(d: Mapping[str, Any], where: str, default_theta: float,
     if nested and d.get("rope_scaling"):
         scaling = d["rope_scaling"]
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
-    return theta, _one_rope(scaling, where), partial, local_theta
+    one = _one_rope(scaling, where, max_positions)
+    if one is not None and one.rope_type == "yarn":
+        if nested and "truncate" in scaling:
+            # transformers reads `truncate` from the outer (per-layer-type) dict: ignored here
+            raise ValueError(f"{where}: rope scaling 'yarn' truncate inside per-layer-type "
+                             "rope_parameters is not supported (transformers ignores it there)")
+        top = d.get("original_max_position_embeddings")
+        if top is not None and top != one.original_max_position_embeddings:
+            raise ValueError(f"{where}: original_max_position_embeddings={top} disagrees with "
+                             "the rope scaling's original_max_position_embeddings="
+                             f"{one.original_max_position_embeddings}")
+    return theta, one, partial, local_theta
 
 
 def rope_to_hf(cfg) -> dict:
-    """``rope_parameters`` (transformers>=5) plus the legacy ``rope_theta``/``rope_scaling``."""
+    """``rope_parameters`` (transformers>=5) plus the legacy ``rope_theta``/``rope_scaling``.
+
+    yarn writes every field that is set (``truncate: false`` for ``no_truncate``); dynamic
+    writes its factor only (its threshold is ``max_position_embeddings``)."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     legacy = None
     if cfg.rope_scaling is not None:
@@ -260,8 +335,29 @@ def rope_to_hf(cfg) -> dict:
         if s.rope_type == "llama3":
             legacy.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                           original_max_position_embeddings=s.original_max_position_embeddings)
+        if s.rope_type == "yarn":
+            legacy["original_max_position_embeddings"] = s.original_max_position_embeddings
+            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+                if getattr(s, key) is not None:
+                    legacy[key] = getattr(s, key)
+            if s.no_truncate:
+                legacy["truncate"] = False
         rope = {**legacy, "rope_theta": cfg.rope_theta}
     return {"rope_theta": cfg.rope_theta, "rope_scaling": legacy, "rope_parameters": rope}
+
+
+def check_rope(cfg) -> None:
+    """Raise ``ValueError`` when ``cfg.rope_scaling`` cannot be computed for ``cfg``'s sizes:
+    dynamic NTK's exponent ``R / (R - 2)`` needs ``R = rope_dim > 2``; YaRN's correction
+    range divides by ``ln(rope_theta)`` (needs ``rope_theta > 1``)."""
+    s = cfg.rope_scaling
+    if s is None:
+        return
+    if s.rope_type == "dynamic" and cfg.rope_dim <= 2:
+        raise ValueError(f"rope scaling 'dynamic' needs more than 2 rotated features per head, "
+                         f"got rope_dim={cfg.rope_dim}")
+    if s.rope_type == "yarn" and not cfg.rope_theta > 1:
+        raise ValueError(f"rope scaling 'yarn' needs rope_theta > 1, got {cfg.rope_theta}")
 
 
 def layer_types_from_hf(d: Mapping[str, Any], where: str, n_layers: int,
@@ -352,10 +448,58 @@ def rotary_buffer(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq") or name.endswith("rotary_emb.original_inv_freq")
 
 
+def moe_tensors(cfg, prefix: str, module: str, gate: str, up: str, down: str) -> list[Spec]:
+    """A mixture-of-experts MLP saved one ``nn.Linear`` per expert:
+    ``layers.{i}.<module>.gate.weight [E, D]`` (the router) and
+    ``layers.{i}.<module>.experts.{j}.<gate|up|down>.weight`` (Mixtral: ``w1``/``w3``/``w2``,
+    Qwen3-MoE: ``gate_proj``/``up_proj``/``down_proj``) <-> our stacked ``router`` kernel
+    ``[L, D, E]`` and expert tensors ``[L, E, D, F]`` / ``[L, E, F, D]``."""
+    d, f, e = cfg.d_model, cfg.mlp_dim, cfg.num_experts
+    m = BLOCKS + ("mlp",)
+    p = f"{prefix}layers.{{i}}.{module}."
+    return [
+        linear(p + "gate.weight", (e,), (d,), m + ("router", "kernel")),
+        dataclasses.replace(linear(p + f"experts.{{j}}.{gate}.weight", (f,), (d,), m + ("gate",)),
+                            experts=e),
+        dataclasses.replace(linear(p + f"experts.{{j}}.{up}.weight", (f,), (d,), m + ("up",)),
+                            experts=e),
+        dataclasses.replace(linear(p + f"experts.{{j}}.{down}.weight", (d,), (f,), m + ("down",)),
+                            experts=e),
+    ]
+
+
+def moe_from_hf(d: Mapping[str, Any], where: str, defaults: Mapping[str, Any]) -> dict:
+    """``num_experts`` (``num_local_experts``, or the older ``num_experts``),
+    ``num_experts_per_tok`` and, when the config trains with it (``output_router_logits``),
+    ``router_aux_loss_coef``.
+
+    Raises:
+      ValueError: ``router_jitter_noise`` > 0 (training-time router noise, not implemented).
+    """
+    reject(d, where, "router_jitter_noise", lambda v: not v, "router noise is not implemented")
+    e = d.get("num_local_experts", d.get("num_experts", defaults["num_local_experts"]))
+    kw = dict(num_experts=int(e),
+              num_experts_per_tok=int(d.get("num_experts_per_tok",
+                                            defaults["num_experts_per_tok"])))
+    if d.get("output_router_logits"):
+        kw["router_aux_loss_coef"] = float(d.get("router_aux_loss_coef",
+                                                 defaults["router_aux_loss_coef"]))
+    return kw
+
+
+def moe_to_hf(cfg) -> dict:
+    """The mixture-of-experts keys of ``config.json`` (inverse of ``moe_from_hf``)."""
+    coef = cfg.router_aux_loss_coef
+    return dict(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                output_router_logits=coef is not None,
+                router_aux_loss_coef=0.001 if coef is None else coef)
+
+
 def llama_layout_tensors(cfg, prefix: str, *, q_norm: str | None = None,
                          post_norms: bool = False, pre_norms: bool = True,
                          pre_mlp_name: str = "post_attention_layernorm",
-                         post_attn_name: str = "post_attention_layernorm") -> list[Spec]:
+                         post_attn_name: str = "post_attention_layernorm",
+                         mlp: bool = True) -> list[Spec]:
     """The ``model.layers.{i}.self_attn.*`` / ``mlp.{gate,up,down}_proj`` layout shared by
     Llama, Qwen2/3, Mistral, Gemma 1-3 and OLMo 2.
 
@@ -364,6 +508,8 @@ def llama_layout_tensors(cfg, prefix: str, *, q_norm: str | None = None,
       post_norms: post-attention/post-MLP norms (``post_attn_name`` and
         ``post_feedforward_layernorm``).
       pre_norms: ``input_layernorm`` and the pre-MLP norm named ``pre_mlp_name``.
+      mlp: the dense ``mlp.{gate,up,down}_proj`` (``False`` for a mixture of experts, whose
+        tensors ``moe_tensors`` lists).
     """
     d, f, v = cfg.d_model, cfg.mlp_dim, cfg.vocab_size
     h, hkv, k = cfg.n_heads, cfg.num_kv_heads, cfg.per_head_dim
@@ -384,11 +530,14 @@ def llama_layout_tensors(cfg, prefix: str, *, q_norm: str | None = None,
     elif q_norm == "width":
         out += [same(p + f"self_attn.{n}_norm.weight", (hh * k,), (hh, k),
                      A + (f"{n}_norm", "scale")) for n, hh in (("q", h), ("k", hkv))]
+    out.append(linear(p + "self_attn.o_proj.weight", (d,), (h, k), A + ("o", "kernel")))
+    if mlp:
+        out += [
+            linear(p + "mlp.gate_proj.weight", (f,), (d,), B + ("mlp", "gate", "kernel")),
+            linear(p + "mlp.up_proj.weight", (f,), (d,), B + ("mlp", "up", "kernel")),
+            linear(p + "mlp.down_proj.weight", (d,), (f,), B + ("mlp", "down", "kernel")),
+        ]
     out += [
-        linear(p + "self_attn.o_proj.weight", (d,), (h, k), A + ("o", "kernel")),
-        linear(p + "mlp.gate_proj.weight", (f,), (d,), B + ("mlp", "gate", "kernel")),
-        linear(p + "mlp.up_proj.weight", (f,), (d,), B + ("mlp", "up", "kernel")),
-        linear(p + "mlp.down_proj.weight", (d,), (f,), B + ("mlp", "down", "kernel")),
         same(prefix + "embed_tokens.weight", (v, d), (v, d), ("trunk", "embed"), False),
         same(prefix + "norm.weight", (d,), (d,), ("trunk", "final_norm", "scale"), False),
     ]
@@ -421,7 +570,8 @@ def common_from_hf(d: Mapping[str, Any], where: str, *, arch: str, defaults: Map
     ``partial_rotary``: the family reads ``partial_rotary_factor`` (else it must be 1)."""
     get = lambda key: d.get(key, defaults.get(key))  # noqa: E731
     theta, scaling, partial, local_theta = rope_from_hf(
-        d, where, float(defaults.get("rope_theta", 10000.0)), per_layer_rope)
+        d, where, float(defaults.get("rope_theta", 10000.0)), per_layer_rope,
+        max_positions=get("max_position_embeddings"))
     if partial not in (None, 1.0) and not partial_rotary:
         raise ValueError(f"{where}: partial_rotary_factor={partial} is not supported by this "
                          "family")

@@ -48,6 +48,9 @@ def _check(cfg):
     if cfg.attn_softcap is not None:
         raise ValueError("arch 'gemma3' has no attention soft-capping (transformers' Gemma 3 "
                          f"does not apply it), got attn_softcap={cfg.attn_softcap}")
+    if cfg.rope_scaling is not None and cfg.rope_scaling.no_truncate:
+        raise ValueError("arch 'gemma3' cannot express yarn no_truncate (transformers reads "
+                         "`truncate` from the outer per-layer-type rope_parameters, always True)")
 
 
 FAMILY = Family(

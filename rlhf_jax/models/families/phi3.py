@@ -34,6 +34,13 @@ def _to_hf(cfg, mt):
     return d
 
 
+def _check(cfg):
+    s = cfg.rope_scaling
+    if s is not None and s.rope_type in ("yarn", "dynamic"):
+        raise ValueError(f"arch 'phi3' cannot use rope scaling {s.rope_type!r} (transformers' "
+                         "Phi3Config reads 'yarn' as longrope and refuses 'dynamic')")
+
+
 def _tensors(cfg, prefix):
     d, f, v = cfg.d_model, cfg.mlp_dim, cfg.vocab_size
     h, hkv, k = cfg.n_heads, cfg.num_kv_heads, cfg.per_head_dim
@@ -65,4 +72,5 @@ FAMILY = Family(
     tensors=_tensors,
     ignorable=lambda name: name.endswith("rotary_emb.inv_freq"),
     options=("rope_scaling", "sliding_window", "rotary_dim", "activation"),
+    check=_check,
 )
