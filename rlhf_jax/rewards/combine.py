@@ -52,7 +52,9 @@ class RewardSum:
                  ) -> tuple[np.ndarray, dict[str, tuple[float, float]]]:
         """The summed reward ``[B]`` float64 and ``(sum, count)`` metrics:
         ``reward/<name>/mean`` for every source (unweighted), ``reward/<name>/seconds`` (wall
-        time of each function's call) and ``reward/total/mean``.
+        time of each function's call), ``reward/<name>/violation_rate`` for every rule
+        (``kind="rule"``: the share of responses whose penalty is < 0) and
+        ``reward/total/mean``.
 
         Raises:
           ValueError: ``model_scores`` missing (or shaped wrong) while the model has a weight.
@@ -73,6 +75,8 @@ class RewardSum:
             values = f(prompts, responses, **dict(columns or {}))
             metrics[f"reward/{f.name}/seconds"] = (time.perf_counter() - start, 1.0)
             metrics[f"reward/{f.name}/mean"] = (float(values.sum()), float(n))
+            if f.kind == "rule":
+                metrics[f"reward/{f.name}/violation_rate"] = (float((values < 0).sum()), float(n))
             total += f.weight * values
         metrics["reward/total/mean"] = (float(total.sum()), float(n))
         return total, metrics
