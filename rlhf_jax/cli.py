@@ -6,6 +6,9 @@ Commands:
             (``rlhf_jax.presets``) with any field overridden:
             ``rlhf-jax pipeline --preset tiny --ppo.iterations 5``.
   <stage>   one registered stage of the same configuration (``rlhf_jax.pipeline.registry``).
+  sweep     the pipeline over a grid of field values x seeds, stage outputs shared by content
+            address, then mean ± s.e. over seeds per grid point (``rlhf_jax.sweeps``):
+            ``rlhf-jax sweep --preset tiny --grid ppo.ppo.kl.init_kl_coef=0.05,0.2 --seeds 3``.
   chat      Fetch SmolLM2-135M-Instruct (or load ``--model-dir``), apply its chat template to
             a prompt and sample an answer with the jitted KV-cache sampler.
 
@@ -84,6 +87,7 @@ USAGE = """usage: rlhf-jax COMMAND [--preset NAME] [--FIELD VALUE ...]
 commands:
   pipeline   every stage below, in order
 {stages}
+  sweep      the pipeline over a grid x seeds, shared stages (`rlhf-jax sweep --help`)
   chat       sample an answer from a chat model (default SmolLM2-135M-Instruct)
 
 presets: {presets} (default smollm2-sentiment); `rlhf-jax pipeline --help` lists every field.
@@ -104,7 +108,6 @@ def usage() -> str:
 
 def parse_pipeline_args(command: str, argv: list[str]):
     """``PipelineConfig`` for ``command`` from ``--preset`` and field overrides (tyro)."""
-    from rlhf_jax.pipeline.config import PipelineConfig
     from rlhf_jax.presets import get_preset, with_stages
 
     preset = "smollm2-sentiment"
@@ -115,6 +118,21 @@ def parse_pipeline_args(command: str, argv: list[str]):
             raise SystemExit("--preset needs a name")
         preset = rest[i + 1]
         del rest[i:i + 2]
+    try:
+        default = get_preset(preset)
+    except KeyError as e:
+        raise SystemExit(str(e)) from None
+    if command != "pipeline":
+        default = with_stages(default, command)
+    return _override(default, rest, prog=f"rlhf-jax {command}", description=f"preset {preset}")
+
+
+def _override(default, rest: list[str], *, prog: str, description: str):
+    """``default`` (a ``PipelineConfig``) with the command-line field overrides ``rest``
+    (tyro; ``--reward`` is a repeatable alias of ``--ppo.rewards``)."""
+    from rlhf_jax.pipeline.config import PipelineConfig
+
+    rest = list(rest)
     rewards = []
     while "--reward" in rest:  # repeatable alias of --ppo.rewards
         i = rest.index("--reward")
@@ -124,14 +142,178 @@ def parse_pipeline_args(command: str, argv: list[str]):
         del rest[i:i + 2]
     if rewards:
         rest += ["--ppo.rewards", *rewards]
+    return tyro.cli(PipelineConfig, default=default, args=rest, prog=prog,
+                    description=description)
+
+
+SWEEP_USAGE = """usage: rlhf-jax sweep (--sweep NAME | --preset NAME --grid PATH=V1,V2,...)
+                      [--grid ...] [--seeds N] [--seed-field PATH] [--out DIR]
+                      [--index I] [--list] [--report-only] [--metric PATTERN]
+                      [--plot METRIC[:AXIS]] [--FIELD VALUE ...]
+
+Run the pipeline for every point of the cartesian product of the grid axes x N seeds, each
+stage output stored once under <out>/stages/<stage>-<address> (its configuration and inputs
+hashed) and shared by the points that need it; then write <out>/results.json and
+<out>/results.md: every summary number as mean ± s.e. over seeds per grid point
+(s.e. = sample std / sqrt(n), shown for n >= 2), and plots in <out>/plots/.
+
+  --sweep NAME        a named sweep (base preset, grid, seeds, numbers, plots; below)
+  --preset NAME       base pipeline preset (below); with --sweep: replaces its preset
+  --grid PATH=V1,V2   a grid axis: a PipelineConfig field path (as the pipeline overrides
+                      it, e.g. ppo.ppo.kl.init_kl_coef) and its values, converted to the
+                      field's type; PATH=[JSON list] for values with commas. Repeatable; with
+                      --sweep: adds an axis or replaces the one of that path.
+  --seeds N           seeds per grid point: the seed field's base value + 0..N-1 (default 1,
+                      or the named sweep's)
+  --seed-field PATH   the int field the seeds set (default seed, which every stage reads:
+                      each seed is a whole independent pipeline)
+  --out DIR           sweep directory (alias --out-dir; default runs/sweeps/<name>)
+  --index I           run only point I (and the stages it needs), e.g. one job per point;
+                      repeatable. The table is rebuilt from every finished point.
+  --list              print the points with their indices and status; run nothing
+  --report-only       rebuild results.json / results.md / plots from finished points
+  --metric PATTERN    summary numbers in results.md's main table (fnmatch, repeatable;
+                      e.g. 'ppo.*'); results.json has all of them
+  --plot METRIC[:AXIS]  also plot a summary number against a grid axis (default the first)
+  --FIELD VALUE       any pipeline field override, applied to every point
+                      (`rlhf-jax pipeline --help` lists them)
+
+Exit codes as `pipeline`: 0 done; 75 preempted (rerun the same command: finished points and
+stages are skipped, the interrupted stage continues from its checkpoint); 76 / 77 a point's
+training diverged / stalled (the other points still ran); 1 other errors.
+
+{names}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepArgs:
+    """A parsed ``rlhf-jax sweep`` command: the plan (``rlhf_jax.sweeps.SweepPlan``), the
+    selected point indices (``None``: all) and the mode."""
+
+    plan: object
+    indices: tuple[int, ...] | None = None
+    list: bool = False
+    report_only: bool = False
+
+
+def sweep_usage() -> str:
+    """``rlhf-jax sweep --help``, with the named sweeps and presets."""
+    import textwrap
+
+    from rlhf_jax.presets import PRESETS
+    from rlhf_jax.sweeps import SWEEPS
+    names = "\n".join(textwrap.fill(f"{what}: {', '.join(items) or '-'}", width=90,
+                                     subsequent_indent="  ")
+                       for what, items in (("named sweeps", SWEEPS), ("presets", PRESETS)))
+    return SWEEP_USAGE.format(names=names)
+
+
+def parse_sweep_args(argv: list[str]) -> SweepArgs:
+    """The sweep for ``rlhf-jax sweep ARGS``: its options (``SWEEP_USAGE``), the base
+    configuration (named sweep or preset, its overrides, then the ``--FIELD VALUE``
+    overrides) and the plan. Pure Python: no JAX backend is touched.
+
+    Raises:
+      SystemExit: bad arguments, an unknown sweep or preset, a bad grid path or value, a point
+        the configuration checks refuse, an index out of range (the message names it).
+    """
+    import argparse
+
+    from rlhf_jax import sweeps
+
+    parser = argparse.ArgumentParser(prog="rlhf-jax sweep", add_help=False, allow_abbrev=False)
+    parser.add_argument("--sweep")
+    parser.add_argument("--preset")
+    parser.add_argument("--grid", action="append", default=[])
+    parser.add_argument("--seeds", type=int)
+    parser.add_argument("--seed-field")
+    parser.add_argument("--out", "--out-dir", dest="out")
+    parser.add_argument("--index", type=int, action="append")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--metric", action="append", default=[])
+    parser.add_argument("--plot", action="append", default=[])
+    parser.add_argument("-h", "--help", action="store_true")
     try:
-        default = get_preset(preset)
-    except KeyError as e:
-        raise SystemExit(str(e)) from None
-    if command != "pipeline":
-        default = with_stages(default, command)
-    return tyro.cli(PipelineConfig, default=default, args=rest,
-                    prog=f"rlhf-jax {command}", description=f"preset {preset}")
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit as e:
+        raise SystemExit(f"rlhf-jax sweep: bad arguments ({e.code}); see rlhf-jax sweep --help")
+    if args.help:
+        print(sweep_usage())
+        raise SystemExit(0)
+    try:
+        if args.sweep:
+            spec = sweeps.get_sweep(args.sweep)
+        else:
+            spec = sweeps.SweepSpec(name="", preset=args.preset or "smollm2-sentiment")
+        axes = list(spec.axes)
+        for text in args.grid:
+            axis = sweeps.parse_grid(text)
+            axes = [a for a in axes if a.path != axis.path] + [axis]
+        changes = {"grid": tuple(axes)}
+        if args.preset:
+            changes["preset"] = args.preset
+        if args.seeds is not None:
+            changes["seeds"] = args.seeds
+        if args.seed_field:
+            changes["seed_field"] = args.seed_field
+        if args.metric:
+            changes["metrics"] = tuple(args.metric)
+        plots = list(spec.plots)
+        for text in args.plot:
+            metric, _, axis = text.partition(":")
+            plots.append(sweeps.SweepPlot("metric_vs_axis", {"metric": metric.strip(),
+                                                             "axis": axis.strip() or None}))
+        changes["plots"] = tuple(plots)
+        spec = dataclasses.replace(spec, **changes)
+        default = sweeps.base_config(spec)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"rlhf-jax sweep: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    base = _override(default, rest, prog="rlhf-jax sweep",
+                     description=f"sweep {spec.name or spec.preset}: field overrides")
+    if not spec.name:
+        spec = dataclasses.replace(spec, name=base.name)
+    out = Path(args.out) if args.out else Path("runs/sweeps") / spec.name
+    try:
+        plan = sweeps.plan_sweep(spec, base, out)
+        indices = None
+        if args.index:
+            indices = tuple(dict.fromkeys(args.index))
+            for i in indices:
+                plan.point(i)
+    except (ValueError, IndexError) as e:
+        raise SystemExit(f"rlhf-jax sweep: {e}") from None
+    return SweepArgs(plan=plan, indices=indices, list=args.list, report_only=args.report_only)
+
+
+def sweep_command(argv: list[str]) -> int:
+    """Run ``rlhf-jax sweep ARGS``; returns the exit code (module docstring)."""
+    import logging
+
+    from rlhf_jax import sweeps
+
+    args = parse_sweep_args(argv)
+    plan = args.plan
+    if args.list:
+        print(sweeps.list_points(plan))
+        return 0
+    if args.report_only:
+        print(f"results: {sweeps.write_results(plan)}")
+        return 0
+    from rlhf_jax.pipeline import StagePreempted
+    from rlhf_jax.sharding import initialize_distributed
+    from rlhf_jax.train.loop import exit_code
+
+    initialize_distributed()
+    try:
+        result = sweeps.run_sweep(plan, args.indices)
+    except StagePreempted as e:
+        logging.getLogger("rlhf_jax").error("%s", e)
+        return exit_code(e)
+    if result.report is not None:
+        print(f"results: {result.report}")
+    return result.exit_code
 
 
 def run_command(cfg) -> int:
@@ -167,6 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "chat":
         chat(tyro.cli(ChatArgs, args=rest, prog="rlhf-jax chat"))
+    elif command == "sweep":
+        code = sweep_command(rest)
+        if code:
+            raise SystemExit(code)
     elif command == "pipeline" or command in stage_names():
         cfg = parse_pipeline_args(command, rest)  # pure Python: no JAX backend touched yet
         code = run_command(cfg)

@@ -11,6 +11,8 @@ state are never touched); ``rlhf_jax.report.write_report`` saves them next to th
   the noise (one bar per model, mean ±1 s.e., and the paired difference to a baseline);
   ``judge_kl_figure`` answers how much judge score each model bought per nat of KL from the
   reference (the reward–KL plane of Rafailov et al. 2023, Figure 2).
+- Sweeps (``sweep_metric_figure``): how does a summary metric move along one grid axis? The
+  mean over seeds per grid point with ±1 s.e. bars, one line per value of the other axes.
 """
 
 from __future__ import annotations
@@ -352,6 +354,80 @@ def judge_kl_figure(data: JudgedPlotData, *, judge_name: str = "judge score"):
     return fig
 
 
+# ---- sweeps --------------------------------------------------------------------------------
+def _numeric_axis(xs: Sequence[Any]) -> bool:
+    return bool(xs) and all(_is_number(x) and math.isfinite(float(x)) for x in xs)
+
+
+def sweep_metric_figure(series: Mapping[str, tuple[Sequence[Any], Sequence[float],
+                                                   Sequence[float | None]]],
+                        *, xlabel: str, ylabel: str, title: str = "",
+                        xscale: str = "auto"):
+    """One summary metric against one sweep axis: per series (e.g. one per value of the other
+    grid axes) the mean over seeds at each axis value with ±1 s.e. error bars.
+
+    Args:
+      series: ``{label: (xs [n], means [n], ses [n])}``; ``xs`` are the axis values in grid
+        order, ``ses`` the standard errors over seeds (``None`` or NaN: fewer than two seeds,
+        no bar). One series is drawn without a legend.
+      xlabel, ylabel, title: axis labels and title.
+      xscale: ``"linear"``, ``"log"`` or ``"auto"`` (log when every x is a positive number
+        and they span a factor of 10 or more). Non-numeric x values (strings, tuples,
+        booleans) are drawn at evenly spaced categorical positions in first-seen order.
+
+    Returns:
+      A matplotlib ``Figure`` (no pyplot state).
+
+    Raises:
+      ValueError: a series whose three sequences differ in length, or ``xscale`` unknown.
+    """
+    from matplotlib.figure import Figure
+
+    if xscale not in ("auto", "linear", "log"):
+        raise ValueError(f"xscale must be 'auto', 'linear' or 'log', got {xscale!r}")
+    for label, (xs, ms, ss) in series.items():
+        if not len(xs) == len(ms) == len(ss):
+            raise ValueError(f"series {label!r}: xs, means and ses differ in length "
+                             f"({len(xs)}, {len(ms)}, {len(ss)})")
+    all_x = [x for xs, _, _ in series.values() for x in xs]
+    numeric = _numeric_axis(all_x)
+    categories: list[str] = []
+    if not numeric:
+        categories = list(dict.fromkeys(str(x) for x in all_x))
+    fig = Figure(figsize=(5.4, 3.9))
+    ax = fig.subplots()
+    for i, (label, (xs, ms, ss)) in enumerate(series.items()):
+        pos = (np.asarray(xs, np.float64) if numeric
+               else np.asarray([categories.index(str(x)) for x in xs], np.float64))
+        means = np.asarray(ms, np.float64)
+        ses = np.asarray([math.nan if s is None else float(s) for s in ss], np.float64)
+        order = np.argsort(pos, kind="stable")
+        pos, means, ses = pos[order], means[order], ses[order]
+        ax.errorbar(pos, means, yerr=np.where(np.isfinite(ses), ses, 0.0), fmt="o-",
+                    color=f"C{i % 10}", capsize=4, markersize=5, linewidth=1.3,
+                    label=label if len(series) > 1 else None)
+    if numeric:
+        xs_all = np.asarray(all_x, np.float64)
+        log = xscale == "log" or (xscale == "auto" and xs_all.min() > 0
+                                  and xs_all.max() / xs_all.min() >= 10)
+        if log:
+            ax.set_xscale("log")
+        ticks = sorted(set(xs_all.tolist()))
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    else:
+        ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0)
+        ax.margins(x=0.15)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(f"{ylabel} (mean ±1 s.e. over seeds)", fontsize=8)
+    ax.set_title(title or f"{ylabel} against {xlabel}", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 __all__ = ["RAW_ALPHA", "plot_curves", "curve_figure", "curve_series", "smooth_ema",
            "smoothing_span", "judged_plot_data", "JudgedPlotData", "judge_figure",
-           "judge_kl_figure"]
+           "judge_kl_figure", "sweep_metric_figure"]

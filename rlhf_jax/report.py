@@ -16,15 +16,22 @@ saying which question it answers:
   s.e. bars on both axes.
 - ``plots/<group>.png``: how did the training metrics move? Raw values faint, a bias-corrected
   exponential moving average (``rlhf_jax.plots.smooth_ema``) solid on top.
+
+Sweeps (``rlhf_jax.sweeps``): ``build_sweep_table`` turns the finished runs' ``summary.json``
+files into mean ± s.e. over seeds per grid point (``SE_DEFINITION``), and
+``write_sweep_report`` writes it as ``results.json`` and ``results.md`` with the plots of
+registered kinds (``register_sweep_plot``; built in: ``metric_vs_axis``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import html
+import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,5 +255,387 @@ def write_report(out_dir, *, title: str, stages: Mapping[str, Sequence[Mapping[s
     return path
 
 
+# ---- sweeps: mean ± s.e. over seeds per grid point -----------------------------------------
+#: How the sweep tables define the standard error (written into their JSON and Markdown).
+SE_DEFINITION = ("s.e. = sample standard deviation over seeds (ddof=1) / sqrt(n), n = the "
+                 "number of seeds finished at that grid point; no s.e. when n < 2")
+
+#: Summary numbers shown in a sweep's Markdown table when none are chosen (fnmatch patterns
+#: over the flattened names, in the summaries' order); the JSON and the "All summary numbers"
+#: table hold every number.
+DEFAULT_SWEEP_METRICS = ("*.judge_mean", "*.judge_mean_at_k", "*.kl", "*.rm_score",
+                         "rm_heldout_accuracy")
+
+
+def summary_numbers(summary: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every number of a run's ``summary.json`` flattened to dotted names
+    (``{"ppo": {"kl": 1.2}}`` -> ``{"ppo.kl": 1.2}``), in order; strings, ``None`` and
+    booleans are not numbers and are left out."""
+    out: dict[str, float] = {}
+    for k, v in summary.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(summary_numbers(v, name))
+        elif _is_number(v):
+            out[name] = float(v)
+    return out
+
+
+def mean_se_over_seeds(values: Sequence[float]) -> tuple[float, float | None]:
+    """``(mean, s.e.)`` of one number over seeds: s.e. = sample standard deviation
+    (``ddof=1``) / sqrt(n); ``None`` when ``n < 2`` (one seed says nothing about the spread).
+
+    Raises:
+      ValueError: no values.
+    """
+    if not len(values):
+        raise ValueError("mean_se_over_seeds needs at least one value")
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricStat:
+    """One summary number at one grid point over seeds: ``mean``, ``se`` (``None`` when
+    ``n < 2``, see ``SE_DEFINITION``), ``n`` seeds and their ``values`` in seed order."""
+    mean: float
+    se: float | None
+    n: int
+    values: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRow:
+    """One grid point.
+
+    Attributes:
+      values: ``{axis (dotted field path): value}`` in axis order.
+      seeds: the seeds finished at this point (those that count in ``metrics``).
+      runs: their run directories, relative to the sweep directory.
+      metrics: ``{summary number: MetricStat}`` over the finished seeds that have it.
+      numbers: each finished run's summary numbers (``summary_numbers``), in seed order: for
+        plots of one point per run (e.g. a score against KL).
+    """
+    values: Mapping[str, Any]
+    seeds: tuple[int, ...]
+    runs: tuple[str, ...]
+    metrics: Mapping[str, MetricStat]
+    numbers: tuple[Mapping[str, float], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``axis=value, ...`` with each axis's last path component."""
+        return ", ".join(f"{a.rsplit('.', 1)[-1]}={format_value(v)}"
+                         for a, v in self.values.items()) or "(base)"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepTable:
+    """Mean ± s.e. over seeds of every summary number, per grid point (``build_sweep_table``).
+
+    Attributes:
+      name: the sweep's name.
+      axes: grid axes (dotted ``PipelineConfig`` field paths), in product order.
+      seed_field: the field the seeds set.
+      seeds: every seed of the sweep.
+      rows: one per grid point, in grid order (also those with no finished seed).
+      missing: the runs not finished: ``{"index", "values", "seed", "dir"}``.
+    """
+    name: str
+    axes: tuple[str, ...]
+    seed_field: str
+    seeds: tuple[int, ...]
+    rows: tuple[SweepRow, ...]
+    missing: tuple[Mapping[str, Any], ...] = ()
+
+    def metric_names(self) -> list[str]:
+        """Every summary number of any row, in first-seen order."""
+        return list(dict.fromkeys(m for r in self.rows for m in r.metrics))
+
+    def to_json(self) -> dict:
+        """The table as JSON-able data (what ``results.json`` holds)."""
+        return {"sweep": self.name, "axes": list(self.axes), "seed_field": self.seed_field,
+                "seeds": list(self.seeds), "se": SE_DEFINITION,
+                "rows": [{"values": {a: _jsonable(v) for a, v in r.values.items()},
+                          "label": r.label, "n": len(r.seeds), "seeds": list(r.seeds),
+                          "runs": list(r.runs),
+                          "metrics": {k: dataclasses.asdict(m) | {"values": list(m.values)}
+                                      for k, m in r.metrics.items()}}
+                         for r in self.rows],
+                "missing": [{k: _jsonable(v) for k, v in m.items()} for m in self.missing]}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def format_value(v: Any) -> str:
+    """A grid value as short text: floats with ``%g``, tuples as ``(a,b)``."""
+    if isinstance(v, tuple):
+        return "(" + ",".join(format_value(x) for x in v) + ")"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def build_sweep_table(name: str, axes: Sequence[str], grid: Sequence[Mapping[str, Any]],
+                      runs: Sequence[Mapping[str, Any]], *, seed_field: str = "seed",
+                      seeds: Sequence[int] = (), missing: Sequence[Mapping[str, Any]] = ()
+                      ) -> SweepTable:
+    """Aggregate finished runs into mean ± s.e. over seeds per grid point.
+
+    Args:
+      name: the sweep's name.
+      axes: grid axes in product order.
+      grid: every grid point's ``{axis: value}``, in grid order (rows follow it; a point with
+        no finished run gets a row with no metrics).
+      runs: finished runs: ``{"values": {axis: value}, "seed": int, "dir": str, "summary":
+        the run's summary.json}``; each summary number is averaged over the runs of its grid
+        point that have it (``n`` per number).
+      seed_field, seeds, missing: recorded in the table.
+
+    Raises:
+      ValueError: a run whose values are not a grid point, or two runs of one point with
+        the same seed.
+    """
+    keys = [tuple(_freeze(g[a]) for a in axes) for g in grid]
+    by_point: dict[tuple, list[Mapping[str, Any]]] = {k: [] for k in keys}
+    for r in runs:
+        k = tuple(_freeze(r["values"][a]) for a in axes)
+        if k not in by_point:
+            raise ValueError(f"run {r.get('dir')} has grid values {dict(r['values'])}, which are "
+                             f"not a point of the grid over {list(axes)}")
+        if any(o["seed"] == r["seed"] for o in by_point[k]):
+            raise ValueError(f"two runs of grid point {dict(r['values'])} have seed {r['seed']}")
+        by_point[k].append(r)
+    rows = []
+    for g, k in zip(grid, keys):
+        point_runs = sorted(by_point[k], key=lambda r: r["seed"])
+        numbers = [summary_numbers(r["summary"]) for r in point_runs]
+        metrics = {}
+        for m in dict.fromkeys(n for nums in numbers for n in nums):
+            vals = tuple(nums[m] for nums in numbers if m in nums)
+            mean, se = mean_se_over_seeds(vals)
+            metrics[m] = MetricStat(mean=mean, se=se, n=len(vals), values=vals)
+        rows.append(SweepRow(values={a: g[a] for a in axes},
+                             seeds=tuple(int(r["seed"]) for r in point_runs),
+                             runs=tuple(str(r["dir"]) for r in point_runs), metrics=metrics,
+                             numbers=tuple(numbers)))
+    return SweepTable(name=name, axes=tuple(axes), seed_field=seed_field, seeds=tuple(seeds),
+                      rows=tuple(rows), missing=tuple(missing))
+
+
+def _freeze(v: Any) -> Any:
+    return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def format_mean_se(stat: MetricStat | None) -> str:
+    """``"mean ± se"`` (4 and 2 significant digits), ``"mean (n=1)"`` without an s.e., ``"-"``
+    for no value."""
+    if stat is None:
+        return "-"
+    if stat.se is None:
+        return f"{stat.mean:.4g} (n={stat.n})"
+    return f"{stat.mean:.4g} ± {stat.se:.2g}"
+
+
+def select_metrics(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The ``names`` matching any fnmatch pattern, in ``names``' order."""
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+# ---- sweep plots: a registry of figure kinds ----------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SweepFigure:
+    """A figure a sweep plot wrote: its PNG and the one-line question it answers."""
+    path: Path
+    caption: str
+
+
+#: kind -> ``fn(table, plots_dir, **params) -> list[SweepFigure]``
+_SWEEP_PLOTS: dict[str, Callable[..., list[SweepFigure]]] = {}
+
+
+def register_sweep_plot(kind: str):
+    """Decorator: register ``fn(table: SweepTable, plots_dir: Path, **params) ->
+    list[SweepFigure]`` as sweep plot ``kind`` (sweep presets name plots by kind and
+    parameters, ``rlhf_jax.sweeps.SweepPlot``). ``fn`` writes its PNGs into ``plots_dir``
+    (``<sweep>/plots``; the rows' ``runs`` are relative to ``plots_dir.parent``, so a plot
+    can also read each run's ``metrics.jsonl`` or ``summary.json``), builds its figures with
+    ``rlhf_jax.plots`` conventions (a bare ``Figure``, ±1 s.e. bars), and raises
+    ``ValueError`` for parameters that do not fit the table (the report then notes it).
+
+    Raises:
+      ValueError: ``kind`` is already registered.
+    """
+    def decorate(fn):
+        if kind in _SWEEP_PLOTS:
+            raise ValueError(f"sweep plot {kind!r} is already registered")
+        _SWEEP_PLOTS[kind] = fn
+        return fn
+    return decorate
+
+
+def sweep_plot_kinds() -> tuple[str, ...]:
+    """The registered sweep plot kinds."""
+    return tuple(_SWEEP_PLOTS)
+
+
+def get_sweep_plot(kind: str) -> Callable[..., list[SweepFigure]]:
+    """The sweep plot called ``kind``.
+
+    Raises:
+      KeyError: unknown kind (lists the known ones).
+    """
+    if kind not in _SWEEP_PLOTS:
+        raise KeyError(f"unknown sweep plot {kind!r}; known: {list(_SWEEP_PLOTS)}")
+    return _SWEEP_PLOTS[kind]
+
+
+@register_sweep_plot("metric_vs_axis")
+def metric_vs_axis_plot(table: SweepTable, plots_dir: Path, *, metric: str,
+                        axis: str | None = None) -> list[SweepFigure]:
+    """``metric`` (a summary number, e.g. ``ppo.judge_mean``) against grid ``axis`` (default:
+    the first), mean ±1 s.e. over seeds, one line per combination of the other axes; written
+    to ``plots_dir/<metric>_vs_<axis>.png``.
+
+    Raises:
+      ValueError: ``axis`` is not a grid axis, or no grid point has ``metric`` (lists the
+        summary numbers there are).
+    """
+    if not table.axes:
+        raise ValueError("metric_vs_axis needs a grid axis; the sweep has none")
+    axis = axis or table.axes[0]
+    if axis not in table.axes:
+        raise ValueError(f"plot axis {axis!r} is not a grid axis; axes: {list(table.axes)}")
+    if not any(metric in r.metrics for r in table.rows):
+        raise ValueError(f"no finished grid point has summary number {metric!r}; there are "
+                         f"{table.metric_names()}")
+    others = [a for a in table.axes if a != axis]
+    series: dict[str, tuple[list, list, list]] = {}
+    for r in table.rows:
+        if metric not in r.metrics:
+            continue
+        label = ", ".join(f"{a.rsplit('.', 1)[-1]}={format_value(r.values[a])}"
+                          for a in others) or metric
+        xs, ms, ss = series.setdefault(label, ([], [], []))
+        xs.append(r.values[axis])
+        ms.append(r.metrics[metric].mean)
+        ss.append(r.metrics[metric].se)
+    from rlhf_jax.plots import sweep_metric_figure
+    png = Path(plots_dir) / f"{_slug(metric)}_vs_{_slug(axis)}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    sweep_metric_figure(series, xlabel=axis, ylabel=metric).savefig(png, dpi=100, format="png")
+    n = sorted({s.n for r in table.rows for k, s in r.metrics.items() if k == metric})
+    return [SweepFigure(png, f"How does {metric} change with {axis}? Mean over seeds at each "
+                             f"grid point (n = {', '.join(map(str, n))}), ±1 s.e." +
+                             (f"; one line per {', '.join(others)}" if others else ""))]
+
+
+def write_sweep_report(out_dir, table: SweepTable, *, title: str, metrics: Sequence[str] = (),
+                       plots: Sequence[tuple[str, Mapping[str, Any]]] = (),
+                       notes: str = "") -> Path:
+    """Write ``out_dir/results.json`` (``table.to_json()``, every summary number) and
+    ``out_dir/results.md``: the table of the chosen summary numbers (mean ± s.e. over seeds,
+    one row per grid point), the plots (each with its question), every summary number (one
+    row each, a column per grid point), and the runs not finished yet.
+
+    Args:
+      out_dir: the sweep directory; plots go to ``out_dir/plots/``.
+      table: ``build_sweep_table``'s result.
+      title: the Markdown heading.
+      metrics: fnmatch patterns of the summary numbers in the main table (default
+        ``DEFAULT_SWEEP_METRICS``); a pattern that matches nothing is noted.
+      plots: ``(kind, params)`` of registered sweep plots (``register_sweep_plot``). A plot
+        that cannot be drawn yet (e.g. no finished point has its metric) is noted under the
+        table instead of failing the report.
+      notes: free Markdown appended under "Notes".
+
+    Returns:
+      The path of ``results.md``.
+
+    Raises:
+      KeyError: an unknown plot kind.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write = _atomic_writer(out_dir)
+    write("results.json", json.dumps(table.to_json(), indent=1, default=str))
+    names = table.metric_names()
+    patterns = tuple(metrics) or DEFAULT_SWEEP_METRICS
+    shown = select_metrics(names, patterns)
+    unmatched = [p for p in patterns if not select_metrics(names, [p])] if metrics else []
+    done = sum(len(r.seeds) for r in table.rows)
+    parts = [f"# {title}", "",
+             f"Grid: {', '.join(f'`{a}`' for a in table.axes) or '(none)'}; seeds "
+             f"({table.seed_field}): {', '.join(map(str, table.seeds))}; "
+             f"{done} of {done + len(table.missing)} runs finished.", "",
+             f"Each cell: mean ± s.e. over seeds; {SE_DEFINITION}.", ""]
+    rows = []
+    for r in table.rows:
+        row = {a: format_value(v) for a, v in r.values.items()}
+        row["n"] = len(r.seeds)
+        row.update({m: format_mean_se(r.metrics.get(m)) for m in shown})
+        rows.append(row)
+    parts += ["## Summary", "", markdown_table(rows), ""]
+    if unmatched:
+        parts += [f"No summary number matches {', '.join(f'`{p}`' for p in unmatched)}.", ""]
+    figures, failed = [], []
+    for kind, params in plots:
+        fn = get_sweep_plot(kind)
+        try:
+            figures += fn(table, out_dir / "plots", **dict(params))
+        except ValueError as e:
+            failed.append(f"{kind} {dict(params)}: {e}")
+    if figures or failed:
+        parts += ["## Plots", ""]
+        for f in figures:
+            parts += _figure_md(f.caption, Path(f.path).relative_to(out_dir).as_posix(), f.caption)
+        parts += [f"Not drawn: {md_escape(m)}" for m in failed] + ([""] if failed else [])
+    if names:  # every number: one row each, one column per grid point
+        labels = [r.label for r in table.rows]
+        if len(set(labels)) < len(labels):
+            labels = [f"{i}: {lab}" for i, lab in enumerate(labels)]
+        all_rows = [{"summary number": m, **{lab: format_mean_se(r.metrics.get(m))
+                                             for lab, r in zip(labels, table.rows)}}
+                    for m in names]
+        parts += ["## All summary numbers", "",
+                  "Mean ± s.e. over seeds (n=1: a single seed, no s.e.; -: not in any "
+                  "finished run of that point).", "",
+                  markdown_table(all_rows, ["summary number", *labels]), ""]
+    if table.missing:
+        parts += ["## Not finished", "", markdown_table(
+            [{"index": m.get("index"), **{a: format_value(v) for a, v in m["values"].items()},
+              "seed": m.get("seed"), "run": m.get("dir")} for m in table.missing]), ""]
+    if notes:
+        parts += ["## Notes", "", notes.strip(), ""]
+    write("results.md", "\n".join(parts))
+    return out_dir / "results.md"
+
+
+def _atomic_writer(out_dir: Path):
+    """``write(name, text)``: through a temporary file and ``os.replace`` (concurrent sweep
+    jobs may rebuild the same table)."""
+    import os
+
+    def write(name: str, text: str) -> None:
+        tmp = out_dir / f".{name}.tmp{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out_dir / name)
+    return write
+
+
 __all__ = ["write_report", "markdown_table", "md_escape", "DEFAULT_PLOTS", "CURVE_QUESTIONS",
-           "JUDGE_PLOT", "JUDGE_KL_PLOT"]
+           "JUDGE_PLOT", "JUDGE_KL_PLOT", "SE_DEFINITION", "DEFAULT_SWEEP_METRICS",
+           "summary_numbers", "mean_se_over_seeds", "MetricStat", "SweepRow", "SweepTable",
+           "build_sweep_table", "format_mean_se", "format_value", "select_metrics", "SweepFigure",
+           "register_sweep_plot", "sweep_plot_kinds", "get_sweep_plot", "metric_vs_axis_plot",
+           "write_sweep_report"]

@@ -7,12 +7,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 usage() {
   cat <<EOF
 usage: tpu_scripts/launch.sh [--preset NAME] [--command CMD] [--fsdp N] [--tensor M]
-                             [--data D] [--max-resubmits K] [-h] [-- OVERRIDES...]
+                             [--data D] [--max-resubmits K] [--sweep NAME] [--index I]
+                             [-h] [-- OVERRIDES...]
 
 Run, on every worker of \$TPU_NAME at once and detached from the ssh session (nohup):
 
-  cd ~/\$REMOTE_DIR && .venv/bin/rlhf-jax CMD --preset NAME --name \$RUN_NAME \\
-      [--mesh.fsdp N] [--mesh.tensor M] [--mesh.data D] OVERRIDES... --out-dir \$OUT_DIR
+  cd ~/\$REMOTE_DIR && .venv/bin/rlhf-jax CMD --preset NAME [--sweep S] [--index I] \\
+      --name \$RUN_NAME [--mesh.fsdp N] [--mesh.tensor M] [--mesh.data D] OVERRIDES... \\
+      --out-dir \$OUT_DIR
 
 under a small supervisor script (~/rlhf_runs/\$RUN_NAME.sh) that runs the command again with
 --resume, up to K times, while it exits with status 75 (EXIT_PREEMPTED: a training loop got
@@ -30,11 +32,17 @@ takes what fsdp x tensor leave. Batch sizes must divide by data x fsdp.
 
 options:
   --preset NAME   rlhf_jax preset (default: smollm2-sentiment; see experiments/README.md)
-  --command CMD   pipeline (default), or one stage: sft, rm, ppo, dpo, eval
+  --command CMD   pipeline (default), one stage (sft, rm, ppo, dpo, eval) or sweep
   --fsdp N        --mesh.fsdp N   (shard parameters and optimizer state over N devices)
   --tensor M      --mesh.tensor M (tensor parallelism; must divide heads, kv heads, MLP)
   --data D        --mesh.data D   (default -1: all remaining devices)
   --max-resubmits K  resubmissions after exit status 75 (default \$MAX_RESUBMITS or 3; 0: none)
+  --sweep NAME    run the named sweep (rlhf_jax.sweeps): CMD becomes sweep, and --preset is
+                  passed only when given (it replaces the sweep's base preset)
+  --index I       sweep only: run point I of the sweep (rlhf-jax sweep --index I), e.g. one
+                  slice per point; repeatable. Give every such job the same OUT_DIR on
+                  shared storage (stage outputs are shared) and its own RUN_NAME. Ad-hoc
+                  grids go after --: --command sweep -- --grid PATH=V1,V2 --seeds 3
   -h, --help      this text (runs nothing)
   -- ...          any further pipeline overrides, passed unchanged, e.g.
                   -- --ppo.iterations 200 --policy.dtype bfloat16
@@ -56,9 +64,11 @@ current stage continues from its last checkpoint (the pipeline's --resume is on 
 EOF
 }
 
-preset="smollm2-sentiment" command="pipeline" max_resubmits="$MAX_RESUBMITS"
+preset="" command="pipeline" max_resubmits="$MAX_RESUBMITS"
 mesh=()
 overrides=()
+sweep_args=()
+named_sweep=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -68,15 +78,33 @@ while [[ $# -gt 0 ]]; do
     --tensor) [[ $# -ge 2 ]] || die "--tensor needs a number"; mesh+=(--mesh.tensor "$2"); shift ;;
     --data) [[ $# -ge 2 ]] || die "--data needs a number"; mesh+=(--mesh.data "$2"); shift ;;
     --max-resubmits) [[ $# -ge 2 ]] || die "--max-resubmits needs a number"; max_resubmits="$2"; shift ;;
+    --sweep) [[ $# -ge 2 ]] || die "--sweep needs a name"; command="sweep"; named_sweep="$2"; shift ;;
+    --index)
+      [[ $# -ge 2 ]] || die "--index needs a number"
+      [[ "$2" =~ ^[0-9]+$ ]] || die "--index must be a number, got '$2'"
+      sweep_args+=(--index "$2"); shift ;;
     --) shift; overrides=("$@"); break ;;
     *) usage >&2; die "unknown argument '$1' (pipeline overrides go after --)" ;;
   esac
   shift
 done
 case "$command" in
-  pipeline|sft|rm|ppo|dpo|eval) ;;
-  *) die "--command must be pipeline, sft, rm, ppo, dpo or eval, got '$command'" ;;
+  pipeline|sft|rm|ppo|dpo|eval|sweep) ;;
+  *) die "--command must be pipeline, sft, rm, ppo, dpo, eval or sweep, got '$command'" ;;
 esac
+if [[ ${#sweep_args[@]} -gt 0 && "$command" != sweep ]]; then
+  die "--index applies to --command sweep only (got --command $command)"
+fi
+if [[ -n "$named_sweep" ]]; then
+  sweep_args=(--sweep "$named_sweep" ${sweep_args[@]+"${sweep_args[@]}"})
+fi
+preset_args=()
+if [[ -z "$preset" && -z "$named_sweep" ]]; then
+  preset="smollm2-sentiment"  # a named sweep brings its own preset
+fi
+if [[ -n "$preset" ]]; then
+  preset_args=(--preset "$preset")
+fi
 [[ "$max_resubmits" =~ ^[0-9]+$ ]] || die "--max-resubmits must be a number, got '$max_resubmits'"
 
 resolve_config
@@ -107,7 +135,8 @@ if [[ -n "${LAUNCH_ENV:-}" ]]; then
   done
 fi
 
-cli_args="$(quote_args "$command" --preset "$preset" --name "$RUN_NAME" \
+cli_args="$(quote_args "$command" ${preset_args[@]+"${preset_args[@]}"} \
+  ${sweep_args[@]+"${sweep_args[@]}"} --name "$RUN_NAME" \
   ${mesh[@]+"${mesh[@]}"} ${overrides[@]+"${overrides[@]}"})"
 rdir="$(printf '%q' "$REMOTE_DIR")"
 
@@ -146,6 +175,6 @@ echo \$! > ~/$pid_file
 echo "\$(hostname): started $RUN_NAME (pid \$!), log ~/$log_file"
 EOF
 
-log "launching '$command --preset $preset' as $RUN_NAME on $workers worker(s) of $TPU_NAME"
+log "launching '$command ${preset_args[*]-} ${sweep_args[*]-}' as $RUN_NAME on $workers worker(s) of $TPU_NAME"
 tpu_ssh_all "$remote"
 log "follow with: RUN_NAME=$RUN_NAME tpu_scripts/logs.sh -f"

@@ -10,7 +10,8 @@ Each stage writes ``<out_dir>/<stage>/``: ``stage.json`` (what it ran with), ``c
 (full state, for resuming), ``final/`` (the trained parameters + ``model.json``, what the next
 stage reads, and ``COMPLETE.json`` last) and, for policies, ``hf/`` (an HF checkpoint
 directory transformers can load). A finished stage is not run again, so a killed
-``pipeline`` resumes where it stopped.
+``pipeline`` resumes where it stopped. ``<out_dir>/<stage>`` may be a symbolic link to a stage
+output shared with other runs (``rlhf_jax.sweeps``); such a stage trains under its own lock.
 """
 
 from __future__ import annotations
@@ -52,9 +53,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
             if stage.writes_final and run.done(name):
                 log.info("%s: already finished in %s, skipping", name, run.files(name).dir)
                 continue
-            t = time.perf_counter()
-            result = stage.run(run)
-            log.info("%s: %.0f s", name, time.perf_counter() - t)
+            with run.stage_lock(name):  # a shared stage directory: one trainer at a time
+                if stage.writes_final and run.done(name):  # another run finished it meanwhile
+                    log.info("%s: finished by another run in %s, skipping", name,
+                             run.files(name).dir)
+                    continue
+                t = time.perf_counter()
+                result = stage.run(run)
+                log.info("%s: %.0f s", name, time.perf_counter() - t)
     finally:
         run.close()
     log.info("pipeline: %.0f s in all", time.perf_counter() - t0)

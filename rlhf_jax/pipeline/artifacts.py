@@ -209,19 +209,57 @@ class StageFiles:
                           {"fingerprint": fingerprint(record), "time": time.time()})
 
 
+def _stage_config(cfg: PipelineConfig, stage: Stage, full: dict | None = None) -> dict:
+    """The ``PipelineConfig`` sections ``stage``'s result depends on, as a dict."""
+    full = config_to_dict(cfg) if full is None else full
+    # a task's own section (e.g. ``arithmetic``) counts only in runs of that task
+    sections = stage.sections + tuple(sec for task, sec in TASK_SECTIONS.items()
+                                      if cfg.task_spec == task)
+    return {s: _section(full, s) for s in sections}
+
+
 def stage_record(cfg: PipelineConfig, stage: Stage, out_dir: Path) -> dict:
     """What ``stage`` depends on: its config sections, the task and its inputs' fingerprints.
 
     Raises:
       FileNotFoundError: an input stage has not finished.
     """
-    full = config_to_dict(cfg)
-    # a task's own section (e.g. ``arithmetic``) counts only in runs of that task
-    sections = stage.sections + tuple(sec for task, sec in TASK_SECTIONS.items()
-                                      if cfg.task_spec == task)
-    config = {s: _section(full, s) for s in sections}
+    config = _stage_config(cfg, stage)
     inputs = {s: StageFiles(out_dir, s).completed_fingerprint() for s in stage.inputs_for(cfg)}
     return {"stage": stage.name, "task": cfg.task_spec, "config": config, "inputs": inputs}
+
+
+def stage_identity_record(cfg: PipelineConfig, stage: str, *,
+                          _memo: dict | None = None) -> dict:
+    """The content address of ``stage``'s output under ``cfg``, from the configuration alone.
+
+    The record is ``stage_record``'s with the off options dropped (``without_off``: an
+    option added to the library later, off by default, keeps every address) and each input's
+    fingerprint replaced by the input's own address, recursively; nothing on disk is read.
+    Runs with the same address train the same output, so they can share one directory.
+
+    Returns:
+      ``{"identity": hex SHA-256 of the record's canonical JSON, "record": {"stage",
+      "task", "config", "inputs": {input stage: its identity}}}``.
+
+    Raises:
+      KeyError: ``stage`` is not registered.
+    """
+    memo = {} if _memo is None else _memo
+    if stage not in memo:
+        st = get_stage(stage)
+        full = memo.setdefault(None, config_to_dict(cfg))
+        inputs = {s: stage_identity_record(cfg, s, _memo=memo)["identity"]
+                  for s in st.inputs_for(cfg)}
+        record = without_off({"stage": st.name, "task": cfg.task_spec,
+                              "config": _stage_config(cfg, st, full), "inputs": inputs})
+        memo[stage] = {"identity": fingerprint(record), "record": record}
+    return memo[stage]
+
+
+def stage_identity(cfg: PipelineConfig, stage: str) -> str:
+    """``stage_identity_record(cfg, stage)["identity"]``: 64 hex digits."""
+    return stage_identity_record(cfg, stage)["identity"]
 
 
 def check_stage(cfg: PipelineConfig, stage: Stage, out_dir: Path) -> dict:

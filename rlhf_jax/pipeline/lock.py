@@ -10,6 +10,11 @@ but the file names a holder) is logged as a takeover.
 In a multi-process (multi-host) run only process 0 takes the lock; the others share the
 directory with it.
 
+``RunLock(dir, timeout=T)`` waits up to ``T`` seconds (``None``: as long as it takes) for a
+live holder to let go instead of failing at once: the pipeline holds such a lock on a stage
+directory shared by several runs (content-addressed sweep stages) while the stage trains, so a
+second run waits and then finds the stage finished.
+
 Limits: ``flock`` is enforced on local file systems and on NFS (Linux maps it to NFS byte-range
 locks). Cloud Storage FUSE mounts (gcsfuse) do not support it; there the lock is skipped
 with a warning and only the holder file is written.
@@ -24,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -64,16 +70,23 @@ class RunLock:
       out_dir: the run directory (created if missing).
       process_index: this process's index; only index 0 locks. ``None``: ask
         ``jax.process_index()`` when entering (after ``jax.distributed.initialize``).
+      timeout: seconds to wait for a live holder to release the lock (polled every ``poll``
+        seconds; the wait is logged once, naming the holder); ``0`` fails at once (the
+        default), ``None`` waits as long as it takes.
+      poll: seconds between attempts while waiting.
 
     Raises:
       RunLockedError: on entering, another live process holds the lock (names its host and
-        pid).
+        pid) and still held it after ``timeout`` seconds.
     """
 
-    def __init__(self, out_dir, *, process_index: int | None = None):
+    def __init__(self, out_dir, *, process_index: int | None = None,
+                 timeout: float | None = 0.0, poll: float = 1.0):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / LOCK_NAME
         self.process_index = process_index
+        self.timeout = timeout
+        self.poll = poll
         self._fd: int | None = None
         self.locked = False
 
@@ -89,18 +102,29 @@ class RunLock:
             return self
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise RunLockedError(self.path, holder) from None
-            log.warning("cannot lock %s (%s: the file system does not support flock); "
-                        "continuing without a lock: make sure no other run uses %s", self.path,
-                        e.strerror, self.out_dir)
-        else:
-            self.locked = True
+        start, waiting = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    holder = _read_holder(fd)
+                    if self.timeout is not None and time.monotonic() - start >= self.timeout:
+                        os.close(fd)
+                        raise RunLockedError(self.path, holder) from None
+                    if not waiting:
+                        waiting = True
+                        log.info("%s is in use by host %s, pid %s; waiting for it to finish",
+                                 self.out_dir, holder.get("host", "?"), holder.get("pid", "?"))
+                    time.sleep(self.poll if self.timeout is None else max(0.0, min(
+                        self.poll, self.timeout - (time.monotonic() - start))))
+                    continue
+                log.warning("cannot lock %s (%s: the file system does not support flock); "
+                            "continuing without a lock: make sure no other run uses %s",
+                            self.path, e.strerror, self.out_dir)
+            else:
+                self.locked = True
+            break
         previous = _read_holder(fd)
         if previous:
             log.warning("taking over the stale lock %s of host %s, pid %s (started %s), "

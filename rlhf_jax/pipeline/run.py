@@ -14,6 +14,7 @@ orbax saves and restores the sharded arrays without gathering them on a host.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -206,6 +207,25 @@ class Run:
         """Whether ``stage`` finished (``COMPLETE.json``) and ``resume`` lets it be skipped."""
         return self.cfg.resume and self.files(stage).complete
 
+    @contextlib.contextmanager
+    def stage_lock(self, stage: str):
+        """Context manager held while ``stage`` runs. A stage directory that is a symbolic link
+        is shared with other runs (``rlhf_jax.sweeps`` stores each stage output once under its
+        content address): its own lock (``<target>/.lock``) is taken, waiting as long as another
+        run trains it, so two processes never train the same output; otherwise a no-op (the
+        run directory's lock covers it)."""
+        path = self.files(stage).dir
+        if not path.is_symlink():
+            yield
+            return
+        lock = RunLock(path.resolve(), timeout=None)
+        lock.acquire()  # process 0 waits; the others wait for it at the barrier
+        try:
+            artifacts.barrier(f"{stage}_stage_lock")
+            yield
+        finally:
+            lock.release()
+
     def begin(self, stage: Stage) -> dict:
         """Check and record the stage's configuration and inputs; returns the record."""
         record = artifacts.check_stage(self.cfg, stage, self.out)
@@ -263,14 +283,16 @@ class Run:
         return NamedSharding(self.mesh, PartitionSpec(sharding.DATA_AXES))
 
     def loop(self, stage: str, step_fn, state, batches, steps: int, model: Model, *, frozen=(),
-             loss_key=None, eval_fn=None):
-        """``run_loop`` on the mesh with the run's checkpoint cadence and health checks.
+             loss_key=None, eval_fn=None, eval_every: int = 0):
+        """``run_loop`` on the mesh with the run's checkpoint cadence and health checks;
+        ``eval_fn(state, step)`` every ``eval_every`` steps (0: at the end only).
 
         Raises:
           StagePreempted: SIGTERM; a checkpoint was saved.
         """
         loop_cfg = LoopConfig(total_steps=steps, checkpoint_every=self.cfg.checkpoint_every,
-                              resume=self.cfg.resume, stall_steps=self.cfg.stall_steps)
+                              resume=self.cfg.resume, stall_steps=self.cfg.stall_steps,
+                              eval_every=eval_every)
         with jax.set_mesh(self.mesh):
             result = run_loop(stage=stage, step_fn=step_fn, state=state, batches=batches,
                               place=self.place, out_dir=self.files(stage).dir, cfg=loop_cfg,
