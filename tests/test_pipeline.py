@@ -546,3 +546,38 @@ def test_checkpoint_round_trip_keeps_the_shardings(tiny_run):
         for (where, a), (_, b) in zip(_arrays(state), _arrays(restored)):
             assert b.sharding.is_equivalent_to(a.sharding, a.ndim), (stage, where)
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+
+
+def test_gold_proxy_probe_logs_curves_and_survives_resume(tiny_run, tmp_path):
+    """``ppo.probe_every``: gold (the task's gold reward, here VADER), proxy (the normalised
+    reward model) and KL to the starting policy on a fixed probe set, before the first
+    iteration (KL exactly 0: the policy is the reference) and every iteration after; a run
+    killed after iteration 1 resumes without duplicating or losing probe rows."""
+    cfg = _copy(tiny_run, tmp_path, stages=("ppo",), force_restart=("ppo",), checkpoint_every=1)
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, probe_every=1,
+                                                           probe_prompts=8))
+    with pytest.MonkeyPatch.context() as mp:
+        calls = []
+        original = stages.gold_proxy_probe
+
+        def probe_then_sigterm(*a, **k):
+            probe = original(*a, **k)
+
+            def wrapped(state, step):
+                out = probe(state, step)
+                calls.append(step)
+                if step == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return out
+            return wrapped
+        mp.setattr(stages, "gold_proxy_probe", probe_then_sigterm)
+        first, _ = _run_logged(cfg)
+    assert isinstance(first, StagePreempted) and calls == [0, 1]
+    run_pipeline(dataclasses.replace(cfg, force_restart=()))
+    probe = _stage(read_jsonl(cfg.out_dir / "metrics.jsonl"), "ppo_eval")
+    assert [r["step"] for r in probe] == [0, 1, 2]
+    assert abs(probe[0]["probe/kl"]) < 1e-5 and probe[0]["probe/sqrt_kl"] < 1e-2
+    for r in probe:
+        assert -1 <= r["gold/score"] <= 1  # VADER compound
+        assert np.isfinite(r["proxy/score"]) and np.isfinite(r["probe/kl"])
+        assert r["probe/sqrt_kl"] == pytest.approx(np.sqrt(max(r["probe/kl"], 0.0)))

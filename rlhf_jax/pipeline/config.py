@@ -150,6 +150,16 @@ class PPOStageConfig:
         batch, for at most ``max_sampling_rounds`` sampler calls per iteration (then the
         batch is topped up with the groups that were dropped, and the number is logged).
       max_sampling_rounds: see ``dynamic_sampling``.
+      probe_every: every this many iterations (and before the first and after the last),
+        sample the policy on a fixed probe set of held-out prompts (``eval_prompts``, same
+        key each time) and log ``gold/score`` (the task's gold reward, ``Task.gold``, which
+        the reward model never trains on), ``proxy/score`` (the normalised reward model:
+        what RL optimises) and ``probe/kl`` (nats per sequence to the starting policy, the
+        sampled distribution's; ``probe/sqrt_kl`` too) as ``ppo_eval`` records: the
+        gold-vs-proxy curves of Gao et al. 2023 ("Scaling Laws for Reward Model
+        Overoptimization", Fig. 1). ``None``: no probe.
+      probe_prompts: size of the probe set (default 64), sampled in ``eval.batch_size``
+        batches.
       optimizer: the policy's optimizer. Its schedule's ``total_steps`` is set by the stage
         to the number of updates, ``iterations x ppo.num_ppo_epochs x ppo.num_minibatches``
         (one per minibatch), so a decay ends with the last iteration.
@@ -166,6 +176,8 @@ class PPOStageConfig:
     task_rewards: bool = True
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    probe_every: int | None = None
+    probe_prompts: int | None = None
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
     value_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
     ppo: PPOConfig = PPOConfig(sampling=SamplingConfig(max_new_tokens=24, eos_token_id=2,

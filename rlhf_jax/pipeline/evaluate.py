@@ -63,10 +63,11 @@ def _local_row_indices(mesh, batch_size: int) -> np.ndarray:
 
 def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns, sampling,
                    sampler, logp_fn, score_fn, key_offset: int = 1000, num_samples: int = 1,
-                   judge_only: bool = False):
+                   judge_only: bool = False, gold: bool = False):
     """Per-row results of one policy on this process's rows, gathered across processes; with
     a ``sampler`` of ``num_samples = k`` responses per prompt, ``k`` consecutive rows per
-    prompt. ``judge_only``: no KL and reward-model forwards (the mean@k samples)."""
+    prompt. ``judge_only``: no KL and reward-model forwards (the mean@k samples); ``gold``:
+    the ``"judge"`` column holds the task's gold reward (``Task.gold_score``)."""
     ref_model, ref_params = ref
     e = run.cfg.eval
     rows = _local_row_indices(run.mesh, e.batch_size)
@@ -101,8 +102,9 @@ def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns,
     full = [prefixes[j] + t for j, t in zip(index, texts)]
     local = {k: np.concatenate(v).astype(np.float64) for k, v in cols.items()
              if v and k != "index"}
-    if run.task.judge is not None:
-        local["judge"] = run.task.score(prompts, full, {
+    if (run.task.gold_judge if gold else run.task.judge) is not None:
+        judge = run.task.gold_score if gold else run.task.score
+        local["judge"] = judge(prompts, full, {
             name: [col[j % len(col)] for j in index] for name, col in columns.items()})
     order = np.argsort(gather_rows(index), kind="stable")
     result = {k: gather_rows(v)[order][: e.num_prompts * num_samples] for k, v in local.items()}

@@ -25,7 +25,7 @@ from rlhf_jax.rollout.postprocess import decode
 from rlhf_jax.rollout.sampler import make_sampler
 from rlhf_jax.train.common import sequence_scores
 from rlhf_jax.train.dpo import make_dpo_eval, make_dpo_step
-from rlhf_jax.train.ppo import (PPOStages, init_ppo_state, make_ppo_iteration,
+from rlhf_jax.train.ppo import (PPOStages, init_ppo_state, make_ppo_iteration, policy_forward,
                                 ppo_state_shardings)
 from rlhf_jax.train.reward import make_reward_eval, make_reward_step
 from rlhf_jax.train.sft import make_sft_step
@@ -253,9 +253,61 @@ def run_ppo(run: Run) -> None:
         def step(state, batch: PromptBatch, ref, reward_params):
             return iteration(state, batch.tokens, batch.attn_mask, ref, reward_params)
 
+    probe = None
+    if c.probe_every:
+        probe_ref = ref_params if ref_params is not None else jax.tree.map(jnp.copy, params)
+        probe = gold_proxy_probe(run, policy, probe_ref, rm and (rm, rm_params, rm_meta))
+        ckpts = run.files("ppo").checkpoints
+        if not (ckpts.exists() and any(ckpts.iterdir())):  # a fresh start: the step-0 point
+            run.logger.drop_after(-1, "ppo_eval")
+            run.logger.log(0, probe(state, 0), stage="ppo_eval")
     result = run.loop("ppo", step, state, run.batches(data, bcfg), c.iterations, policy,
-                      frozen=(ref_params, rm_params), loss_key="ppo/loss/total")
+                      frozen=(ref_params, rm_params), loss_key="ppo/loss/total", eval_fn=probe,
+                      eval_every=c.probe_every or 0)
     run.finish_policy("ppo", policy, result.state.policy.params)
+
+
+def gold_proxy_probe(run: Run, policy: Model, ref_params, rm):
+    """The RL stage's gold-vs-proxy probe ``(state, step) -> metrics`` (``ppo.probe_every``).
+
+    Samples the policy in ``state`` on the first ``ppo.probe_prompts`` held-out prompts with
+    the RL sampling settings and the same key every time, then reports means over the probe
+    set: ``gold/score`` (``Task.gold_score``), ``proxy/score`` (the reward model's score with
+    the stage's normalisation; absent without a reward model), ``probe/kl`` (nats per
+    sequence, ``log pi - log pi_ref`` summed over the response and averaged over samples,
+    an unbiased estimate of KL(pi || pi_ref) of the sampled distributions) and
+    ``probe/sqrt_kl``. Gao et al. 2023 plot gold and proxy against ``sqrt(KL)``.
+
+    Args:
+      ref_params: the starting policy's parameters (KL is measured to it).
+      rm: ``(reward model, params, meta with reward_gain/reward_bias)`` or ``None``.
+    """
+    from rlhf_jax.pipeline.evaluate import _sample_policy
+
+    c = run.cfg.ppo
+    role = "eval_prompts" if run.task.has("eval_prompts") else "prompts"
+    count = c.probe_prompts or 64
+    batches, prefixes = prompt_batches(run, role, count, run.cfg.eval.batch_size)
+    columns = run.prompt_dataset(role).columns
+    sampling = run.sampling(c.ppo.sampling)
+    sampler = make_sampler(policy, sampling)
+    logp_fn = jax.jit(policy_forward, static_argnames=("model", "prompt_len", "sampling"))
+    score_fn = jax.jit(sequence_scores, static_argnames=("model",))
+
+    def probe(state, step):
+        rows, _ = _sample_policy(run, policy, state.policy.params, (policy, ref_params), rm,
+                                 batches, prefixes, columns, sampling, sampler, logp_fn,
+                                 score_fn, key_offset=7000, gold=True)
+        rows = {k: v[:count] for k, v in rows.items()}
+        kl = float(np.mean(rows["kl"]))
+        out = {"probe/kl": kl, "probe/sqrt_kl": float(np.sqrt(max(kl, 0.0)))}
+        if "judge" in rows:
+            out["gold/score"] = float(np.mean(rows["judge"]))
+        if "rm" in rows:
+            out["proxy/score"] = float(np.mean(rows["rm"]))
+        return out
+
+    return probe
 
 
 def _staged_rl_step(run: Run, policy: Model, tx, ppo_cfg, value_model, value_tx,

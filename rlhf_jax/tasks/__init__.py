@@ -54,6 +54,11 @@ class Task:
       rewards: the task's own host reward sources (``rlhf_jax.rewards.Reward``: functions and
         verifiers of decoded text), summed with their weights into the RL reward together
         with the reward model (when the pipeline trained one) and any ``--reward``.
+      gold: the *gold* reward of overoptimization measurements (Gao et al. 2023 §2): a
+        judge-like function the proxy reward model never trains on, logged next to the
+        proxy during RL (``ppo.probe_every``) and used to label fresh comparisons when the
+        reward model is refreshed (``ppo.refresh_every``). ``None``: the judge.
+      gold_name: what the gold reward is, for plots and reports (default: ``judge_name``).
     """
 
     name: str
@@ -62,6 +67,8 @@ class Task:
     judge_name: str = "judge"
     description: str = ""
     rewards: Sequence[Any] = ()
+    gold: Judge | None = None
+    gold_name: str | None = None
 
     def __post_init__(self):
         unknown = sorted(set(self.sources) - set(ROLES))
@@ -87,6 +94,25 @@ class Task:
     def has(self, role: str) -> bool:
         """Whether the task provides ``role``."""
         return self.sources.get(role) is not None
+
+    @property
+    def gold_judge(self) -> Judge | None:
+        """The gold reward: ``gold``, else the judge."""
+        return self.gold if self.gold is not None else self.judge
+
+    def gold_score(self, prompts: Sequence[str], responses: Sequence[str],
+                   columns: Mapping[str, Sequence[Any]] | None = None) -> np.ndarray:
+        """The gold reward's scores ``[B]`` float64 (see ``score`` for ``columns``).
+
+        Raises:
+          ValueError: the task has neither a gold reward nor a judge, or bad scores.
+        """
+        fn = self.gold_judge
+        if fn is None:
+            raise ValueError(f"task {self.name!r} has no gold reward and no judge")
+        from rlhf_jax.rewards.functions import checked_scores
+        out = fn(list(prompts), list(responses), **_accepted(fn, columns or {}))
+        return checked_scores(out, f"task {self.name!r}: gold reward", prompts, responses)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               columns: Mapping[str, Sequence[Any]] | None = None) -> np.ndarray:
