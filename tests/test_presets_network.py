@@ -252,16 +252,12 @@ def test_missing_checkpoint_at_the_default_path_stops_before_any_stage(name, tmp
     assert not _stage_outputs(tmp_path / cfg.out_dir)
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "rlhf_jax.models.tokenizer.load_tokenizer treats a missing relative directory such as "
-    "'checkpoints/pythia-1b-deduped' as a hub repository id, so the error is transformers' "
-    "hub message, which does not name the directory; the pipeline should check policy.path "
-    "(source='hf') is a local directory and raise FileNotFoundError naming it"))
-@pytest.mark.parametrize("name", sorted(NEW_PRESETS))
+@pytest.mark.parametrize("name", NETWORK_PRESETS)
 def test_missing_checkpoint_at_the_default_path_is_named(name, tmp_path, monkeypatch):
+    """A relative default path is never read as a hub repository id: the error names it."""
     monkeypatch.chdir(tmp_path)
     cfg = parse_pipeline_args("pipeline", ["--preset", name, "--no-tensorboard"])
-    with pytest.raises(OSError) as info:
+    with pytest.raises(FileNotFoundError) as info:
         run_pipeline(cfg)
     assert str(cfg.policy.path) in str(info.value)
 

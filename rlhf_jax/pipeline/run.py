@@ -345,8 +345,19 @@ def _smollm2(cfg: PipelineConfig) -> Path:
 
 
 def _load_tokenizer(cfg: PipelineConfig):
+    """The run's tokenizer.
+
+    Raises:
+      FileNotFoundError: ``policy.source == "hf"`` and ``policy.path`` (a local checkpoint
+        directory: the weights are read from it) does not exist, naming it; without this
+        check a relative path such as ``checkpoints/x`` would be read as a hub repository id.
+    """
     from rlhf_jax.models.tokenizer import load_tokenizer
     p = cfg.policy
+    if p.source == "hf" and p.path is not None and not Path(p.path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"policy.path {p.path} is not a directory: --policy.source hf reads an HF checkpoint "
+            "directory (config.json, safetensors, tokenizer); download it there first")
     path = p.tokenizer_path or (p.path if p.source == "hf" else None) or _smollm2(cfg)
     return load_tokenizer(path)
 
