@@ -155,7 +155,9 @@ Run the pipeline for every point of the cartesian product of the grid axes x N s
 stage output stored once under <out>/stages/<stage>-<address> (its configuration and inputs
 hashed) and shared by the points that need it; then write <out>/results.json and
 <out>/results.md: every summary number as mean ± s.e. over seeds per grid point
-(s.e. = sample std / sqrt(n), shown for n >= 2), and plots in <out>/plots/.
+(s.e. = sample std / sqrt(n), shown for n >= 2), and plots in <out>/plots/. A named sweep
+may also have arms (named sets of overrides, e.g. PPO at some KL coefficients and DPO at
+some β): its points are the union of the arms, each times the grid and the seeds.
 
   --sweep NAME        a named sweep (base preset, grid, seeds, numbers, plots; below)
   --preset NAME       base pipeline preset (below); with --sweep: replaces its preset

@@ -13,6 +13,11 @@ state are never touched); ``rlhf_jax.report.write_report`` saves them next to th
   reference (the reward–KL plane of Rafailov et al. 2023, Figure 2).
 - Sweeps (``sweep_metric_figure``): how does a summary metric move along one grid axis? The
   mean over seeds per grid point with ±1 s.e. bars, one line per value of the other axes.
+- Overoptimization (``probe_curve``, ``gold_proxy_arm``, ``overoptimization_figure``): does
+  the gold score peak and fall while the proxy reward keeps rising as the policy moves away
+  from its start? Gold and proxy against sqrt(KL) per arm (Gao et al. 2023, Fig. 1).
+- The reward–KL frontier (``FrontierPoint``, ``frontier_figure``): judge score against KL to
+  the reference, one point per sweep setting, PPO and DPO apart (Rafailov et al. 2023, Fig. 2).
 """
 
 from __future__ import annotations
@@ -428,6 +433,244 @@ def sweep_metric_figure(series: Mapping[str, tuple[Sequence[Any], Sequence[float
     return fig
 
 
+# ---- overoptimization: gold and proxy against sqrt(KL) -------------------------------------
+#: The probe's metric names (``rlhf_jax.pipeline.stages.gold_proxy_probe``).
+PROBE_KEYS = {"kl": "probe/kl", "sqrt_kl": "probe/sqrt_kl", "gold": "gold/score",
+              "proxy": "proxy/score"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeCurve:
+    """One RL run's gold-vs-proxy probe, in step order.
+
+    Attributes:
+      seed: the run's seed (a label), or None.
+      steps: ``[n]`` RL iterations of the probes (0: before the first update).
+      kl: ``[n]`` KL to the starting policy, nats per sequence (mean over the probe set).
+      sqrt_kl: ``[n]`` its square root, sqrt(nats) (the probe's own ``probe/sqrt_kl``).
+      gold: ``[n]`` mean gold score (gold units); NaN where a record has none.
+      proxy: ``[n]`` mean normalised proxy reward-model score; NaN where a record has none.
+    """
+    seed: int | None
+    steps: np.ndarray
+    kl: np.ndarray
+    sqrt_kl: np.ndarray
+    gold: np.ndarray
+    proxy: np.ndarray
+
+
+def probe_curve(records: Sequence[Mapping[str, Any]], *, stage: str = "ppo_eval",
+                seed: int | None = None) -> ProbeCurve | None:
+    """The probe records of one run (``stage`` records of its ``metrics.jsonl``) as a curve.
+
+    A step logged twice (a resumed run) counts once: its last record. ``sqrt_kl`` is the
+    record's ``probe/sqrt_kl``, or ``sqrt(max(kl, 0))`` when absent.
+
+    Returns:
+      The curve, or None when no ``stage`` record has a KL.
+
+    Raises:
+      ValueError: a probe record without ``step``.
+    """
+    by_step: dict[int, Mapping[str, Any]] = {}
+    for r in records:
+        if r.get("stage") != stage or not _is_number(r.get(PROBE_KEYS["kl"])):
+            continue
+        if not _is_number(r.get("step")):
+            raise ValueError(f"a {stage} record has no step: {dict(r)}")
+        by_step[int(r["step"])] = r
+    if not by_step:
+        return None
+    steps = sorted(by_step)
+
+    def col(key: str) -> np.ndarray:
+        return np.asarray([float(by_step[t][key]) if _is_number(by_step[t].get(key)) else math.nan
+                           for t in steps], np.float64)
+
+    kl = col(PROBE_KEYS["kl"])
+    sqrt_kl = col(PROBE_KEYS["sqrt_kl"])
+    sqrt_kl = np.where(np.isfinite(sqrt_kl), sqrt_kl, np.sqrt(np.maximum(kl, 0.0)))
+    return ProbeCurve(seed=seed, steps=np.asarray(steps, np.int64), kl=kl, sqrt_kl=sqrt_kl,
+                      gold=col(PROBE_KEYS["gold"]), proxy=col(PROBE_KEYS["proxy"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldProxyArm:
+    """One arm (grid point) of an overoptimization sweep: its seeds' curves and their mean.
+
+    Attributes:
+      label: the arm's name.
+      runs: one ``ProbeCurve`` per seed.
+      steps: ``[m]`` the probe steps every seed has (the mean is taken at equal steps).
+      sqrt_kl, kl, gold, proxy: ``[m]`` means over the seeds at those steps (each of x and y
+        averaged separately; NaN where a seed lacks the value).
+      peak: index into ``steps`` of the maximum of the mean gold curve (the first one on ties).
+    """
+    label: str
+    runs: tuple[ProbeCurve, ...]
+    steps: np.ndarray
+    sqrt_kl: np.ndarray
+    kl: np.ndarray
+    gold: np.ndarray
+    proxy: np.ndarray
+    peak: int
+
+
+def gold_proxy_arm(label: str, runs: Sequence[ProbeCurve]) -> GoldProxyArm:
+    """The mean curve of ``runs`` (one per seed) at the probe steps they all have, and the
+    peak of its gold score.
+
+    Raises:
+      ValueError: no runs, no common step, or no finite mean gold score.
+    """
+    if not runs:
+        raise ValueError(f"arm {label!r} has no probe curves")
+    common = sorted(set.intersection(*(set(r.steps.tolist()) for r in runs)))
+    if not common:
+        raise ValueError(f"arm {label!r}: its seeds have no probe step in common")
+
+    def mean(attr: str) -> np.ndarray:
+        rows = [getattr(r, attr)[np.searchsorted(r.steps, common)] for r in runs]
+        return np.mean(np.stack(rows), axis=0)
+
+    gold = mean("gold")
+    if not np.isfinite(gold).any():
+        raise ValueError(f"arm {label!r}: no probe record has a gold score")
+    return GoldProxyArm(label=label, runs=tuple(runs), steps=np.asarray(common, np.int64),
+                        sqrt_kl=mean("sqrt_kl"), kl=mean("kl"), gold=gold, proxy=mean("proxy"),
+                        peak=int(np.nanargmax(gold)))
+
+
+def overoptimization_figure(arms: Sequence[GoldProxyArm], *, gold_name: str = "gold score",
+                            proxy_name: str = "proxy score"):
+    """Gold (left) and proxy (right) score against sqrt(KL to the starting policy), sharing
+    the x axis: per arm one colour, each seed a thin line, the mean over seeds at each probe
+    step a thick line with markers; a star marks the peak of each arm's mean gold curve,
+    annotated with its gold score and KL (nats), and a dotted vertical line at that sqrt(KL)
+    in both panels shows where the proxy stands when the gold score peaks (Gao et al. 2023,
+    Fig. 1). Returns a matplotlib ``Figure``; the peak annotations have gid
+    ``"peak:<label>"``.
+
+    Raises:
+      ValueError: no arms.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    if not arms:
+        raise ValueError("overoptimization_figure needs at least one arm")
+    fig = Figure(figsize=(10.5, 4.2))
+    ax_gold, ax_proxy = fig.subplots(1, 2, sharex=True)
+    for i, arm in enumerate(arms):
+        color = f"C{i % 10}"
+        for run in arm.runs:
+            ax_gold.plot(run.sqrt_kl, run.gold, "-", color=color, alpha=0.35, linewidth=0.9)
+            if np.isfinite(run.proxy).any():
+                ax_proxy.plot(run.sqrt_kl, run.proxy, "-", color=color, alpha=0.35,
+                              linewidth=0.9)
+        ax_gold.plot(arm.sqrt_kl, arm.gold, "o-", color=color, linewidth=2.2, markersize=3.5,
+                     label=f"{arm.label} (n={len(arm.runs)})")
+        if np.isfinite(arm.proxy).any():
+            ax_proxy.plot(arm.sqrt_kl, arm.proxy, "o-", color=color, linewidth=2.2,
+                          markersize=3.5)
+        x, y, kl = arm.sqrt_kl[arm.peak], arm.gold[arm.peak], arm.kl[arm.peak]
+        ax_gold.plot([x], [y], "*", color=color, markersize=15, markeredgecolor="black",
+                     zorder=5)
+        ann = ax_gold.annotate(f"peak {y:+.3f}\nKL {kl:.2f} nats", (x, y),
+                               xytext=(6, 8 + 14 * (i % 3)), textcoords="offset points",
+                               fontsize=7, color=color,
+                               arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6})
+        ann.set_gid(f"peak:{arm.label}")
+        for ax in (ax_gold, ax_proxy):
+            ax.axvline(x, color=color, linestyle=":", linewidth=1.0, alpha=0.8)
+    ax_gold.margins(y=0.22)  # room for the peak annotations above the curves
+    ax_gold.set_ylabel(f"{gold_name} (probe set mean)", fontsize=8)
+    ax_gold.set_title(f"gold: {gold_name}", fontsize=9)
+    ax_proxy.set_ylabel(f"{proxy_name} (probe set mean)", fontsize=8)
+    ax_proxy.set_title(f"proxy: {proxy_name} (what RL optimises)", fontsize=9)
+    for ax in (ax_gold, ax_proxy):
+        ax.set_xlabel("sqrt(KL to the starting policy)  [sqrt(nats)]", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = ax_gold.get_legend_handles_labels()
+    handles += [Line2D([], [], color="grey", alpha=0.35, linewidth=0.9),
+                Line2D([], [], color="grey", linewidth=2.2),
+                Line2D([], [], marker="*", color="grey", markeredgecolor="black", linestyle="",
+                       markersize=10)]
+    labels += ["one seed", "mean over seeds at each probe step", "peak of the mean gold"]
+    ax_gold.legend(handles, labels, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ---- the reward-KL frontier ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FrontierPoint:
+    """One setting in the reward–KL plane: mean over seeds and its s.e. (None or NaN: fewer
+    than two seeds, no bar) of the KL to the reference (nats per sequence) and of the judge
+    score; ``family`` groups points drawn alike (e.g. ``"PPO (fixed KL)"``, ``"DPO"``),
+    ``label`` names the setting (e.g. ``"β=0.1"``), ``n`` the seeds."""
+    family: str
+    label: str
+    kl_mean: float
+    kl_se: float | None
+    score_mean: float
+    score_se: float | None
+    n: int
+
+
+#: Colour and marker of the frontier's standard families; others cycle through the rest.
+FRONTIER_STYLES = {"PPO (fixed KL)": ("C0", "o"), "PPO (adaptive KL)": ("C2", "s"),
+                   "PPO": ("C0", "o"), "DPO": ("C3", "^"), "SFT": ("black", "*")}
+
+
+def _bar(se: float | None) -> list[float] | None:
+    return None if se is None or not math.isfinite(se) else [se]
+
+
+def frontier_figure(points: Sequence[FrontierPoint], *, score_name: str = "judge score"):
+    """Judge score against KL to the reference, one point per setting (mean over seeds, ±1
+    s.e. over seeds on both axes), one colour and marker per family, each point labelled: the
+    reward–KL frontier (Rafailov et al. 2023, Figure 2). Returns a matplotlib ``Figure``; each
+    point's label annotation has gid ``"point:<family>:<label>"``.
+
+    Raises:
+      ValueError: no points.
+    """
+    from matplotlib.figure import Figure
+
+    if not points:
+        raise ValueError("frontier_figure needs at least one point")
+    families = list(dict.fromkeys(p.family for p in points))
+    spare = iter(f"C{i}" for i in (1, 4, 5, 6, 7, 8, 9) * 4)
+    markers = iter("DvP<>hX" * 4)
+    styles = {f: FRONTIER_STYLES.get(f) or (next(spare), next(markers)) for f in families}
+    fig = Figure(figsize=(6.2, 4.4))
+    ax = fig.subplots()
+    for fam in families:
+        color, marker = styles[fam]
+        first = True
+        for p in (q for q in points if q.family == fam):
+            ax.errorbar([p.kl_mean], [p.score_mean], xerr=_bar(p.kl_se), yerr=_bar(p.score_se),
+                        fmt=marker, color=color, capsize=3, markersize=7 if marker != "*" else 12,
+                        linewidth=1.1, label=fam if first else None)
+            first = False
+            ann = ax.annotate(p.label, (p.kl_mean, p.score_mean), xytext=(5, 5),
+                              textcoords="offset points", fontsize=7, color=color)
+            ann.set_gid(f"point:{fam}:{p.label}")
+    ax.set_xlabel("KL to the reference (nats / sequence; mean over seeds ±1 s.e.)", fontsize=8)
+    ax.set_ylabel(f"{score_name} (mean over seeds ±1 s.e.)", fontsize=8)
+    ax.set_title(f"{score_name} against KL to the reference", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.15)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 __all__ = ["RAW_ALPHA", "plot_curves", "curve_figure", "curve_series", "smooth_ema",
            "smoothing_span", "judged_plot_data", "JudgedPlotData", "judge_figure",
-           "judge_kl_figure", "sweep_metric_figure"]
+           "judge_kl_figure", "sweep_metric_figure", "PROBE_KEYS", "ProbeCurve", "probe_curve",
+           "GoldProxyArm", "gold_proxy_arm", "overoptimization_figure", "FrontierPoint",
+           "FRONTIER_STYLES", "frontier_figure"]

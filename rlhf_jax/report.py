@@ -20,7 +20,16 @@ saying which question it answers:
 Sweeps (``rlhf_jax.sweeps``): ``build_sweep_table`` turns the finished runs' ``summary.json``
 files into mean ± s.e. over seeds per grid point (``SE_DEFINITION``), and
 ``write_sweep_report`` writes it as ``results.json`` and ``results.md`` with the plots of
-registered kinds (``register_sweep_plot``; built in: ``metric_vs_axis``).
+registered kinds (``register_sweep_plot``). Built in:
+
+- ``metric_vs_axis``: a summary number against a grid axis.
+- ``overoptimization``: gold and proxy score against sqrt(KL) from every run's RL probe
+  records (``ppo.probe_every``), per arm, with the peak of the gold score; its table
+  (``overoptimization.json`` / ``.md`` in the sweep directory) gives per arm the peak gold
+  score and the KL at the peak, the final proxy score, and in how many seeds the proxy still
+  rose after the gold score peaked (Gao et al. 2023).
+- ``frontier``: judge score against KL to the reference, one point per grid point, PPO and
+  DPO apart (Rafailov et al. 2023, Figure 2); its table is ``frontier.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -35,7 +44,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rlhf_jax.plots import _is_number, judge_figure, judge_kl_figure, judged_plot_data, plot_curves
+
+#: The pseudo-axis of a sweep with arms (``rlhf_jax.sweeps.SweepArm``): a row's
+#: ``values[ARM_AXIS]`` is its arm's name, shown bare in labels.
+ARM_AXIS = "arm"
 
 #: Default plot groups: (file stem, title, key patterns (fnmatch)). A group is drawn only if
 #: some record has a matching key; its keys are the matching names in first-seen order.
@@ -328,8 +343,9 @@ class SweepRow:
 
     @property
     def label(self) -> str:
-        """``axis=value, ...`` with each axis's last path component."""
-        return ", ".join(f"{a.rsplit('.', 1)[-1]}={format_value(v)}"
+        """``axis=value, ...`` with each axis's last path component (an arm: its name)."""
+        return ", ".join(format_value(v) if a == ARM_AXIS else
+                         f"{a.rsplit('.', 1)[-1]}={format_value(v)}"
                          for a, v in self.values.items()) or "(base)"
 
 
@@ -455,9 +471,11 @@ def select_metrics(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
 # ---- sweep plots: a registry of figure kinds ----------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SweepFigure:
-    """A figure a sweep plot wrote: its PNG and the one-line question it answers."""
+    """A figure a sweep plot wrote: its PNG, the one-line question it answers, and Markdown
+    shown under it in ``results.md`` (e.g. the table the figure is read with; may be empty)."""
     path: Path
     caption: str
+    markdown: str = ""
 
 
 #: kind -> ``fn(table, plots_dir, **params) -> list[SweepFigure]``
@@ -540,6 +558,256 @@ def metric_vs_axis_plot(table: SweepTable, plots_dir: Path, *, metric: str,
                              (f"; one line per {', '.join(others)}" if others else ""))]
 
 
+# ---- overoptimization: gold vs proxy against sqrt(KL) --------------------------------------
+def _finite_or_none(v: Any) -> float | None:
+    return float(v) if _is_number(v) and math.isfinite(float(v)) else None
+
+
+def _stat(values: Sequence[float]) -> MetricStat | None:
+    """Mean ± s.e. over seeds of the finite ``values`` (None: none is finite)."""
+    vals = tuple(float(v) for v in values if _is_number(v) and math.isfinite(float(v)))
+    if not vals:
+        return None
+    mean, se = mean_se_over_seeds(vals)
+    return MetricStat(mean=mean, se=se, n=len(vals), values=vals)
+
+
+def _stat_json(stat: MetricStat | None) -> dict | None:
+    return None if stat is None else {"mean": stat.mean, "se": stat.se, "n": stat.n,
+                                      "values": list(stat.values)}
+
+
+#: What the overoptimization table's columns mean (written into its JSON and Markdown).
+OVEROPTIMIZATION_DEFINITION = (
+    "Per seed: the probe step where its gold score is highest (the first on ties), the gold "
+    "score and the KL to the starting policy (nats per sequence) there, and its last probe's "
+    "proxy and gold scores; then mean ± s.e. over seeds (" + SE_DEFINITION + "). 'proxy "
+    "still rising' counts the seeds whose proxy score at the last probe is above the proxy "
+    "score at their gold peak; 'gold peak at the last probe' counts the seeds whose gold "
+    "score had not yet turned down. The star in the figure marks the peak of the mean curve "
+    "(mean over seeds at equal steps), which can differ from the mean of the per-seed peaks.")
+
+
+def overoptimization_summary(arms: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per arm (``rlhf_jax.plots.GoldProxyArm``): per-seed gold peaks and final scores, their
+    mean ± s.e. over seeds (``OVEROPTIMIZATION_DEFINITION``), the count of seeds whose proxy
+    still rose after the gold peak, and the peak of the mean curve. JSON-able: a missing
+    number is None."""
+    out = []
+    for arm in arms:
+        seeds = []
+        for run in arm.runs:
+            if not np.isfinite(run.gold).any():
+                continue
+            i = int(np.nanargmax(run.gold))
+            final_proxy, proxy_at_peak = run.proxy[-1], run.proxy[i]
+            seeds.append({
+                "seed": run.seed, "peak_step": int(run.steps[i]),
+                "peak_gold": float(run.gold[i]), "peak_kl": _finite_or_none(run.kl[i]),
+                "peak_sqrt_kl": _finite_or_none(run.sqrt_kl[i]),
+                "proxy_at_peak": _finite_or_none(proxy_at_peak),
+                "final_step": int(run.steps[-1]), "final_gold": _finite_or_none(run.gold[-1]),
+                "final_proxy": _finite_or_none(final_proxy),
+                "final_kl": _finite_or_none(run.kl[-1]),
+                "peak_at_last_probe": i == len(run.steps) - 1,
+                "proxy_rising_after_peak": bool(final_proxy > proxy_at_peak)})
+        j = arm.peak
+        out.append({
+            "arm": arm.label, "n": len(seeds),
+            "peak_gold": _stat_json(_stat([x["peak_gold"] for x in seeds])),
+            "peak_kl": _stat_json(_stat([x["peak_kl"] for x in seeds])),
+            "final_gold": _stat_json(_stat([x["final_gold"] for x in seeds])),
+            "final_proxy": _stat_json(_stat([x["final_proxy"] for x in seeds])),
+            "final_kl": _stat_json(_stat([x["final_kl"] for x in seeds])),
+            "proxy_rising_after_peak": sum(x["proxy_rising_after_peak"] for x in seeds),
+            "peak_at_last_probe": sum(x["peak_at_last_probe"] for x in seeds),
+            "mean_curve_peak": {"step": int(arm.steps[j]), "gold": float(arm.gold[j]),
+                                "kl": _finite_or_none(arm.kl[j]),
+                                "sqrt_kl": _finite_or_none(arm.sqrt_kl[j]),
+                                "proxy": _finite_or_none(arm.proxy[j])},
+            "seeds": seeds})
+    return out
+
+
+def _fmt_stat(d: Mapping[str, Any] | None) -> str:
+    if d is None:
+        return "-"
+    return format_mean_se(MetricStat(mean=d["mean"], se=d["se"], n=d["n"],
+                                     values=tuple(d["values"])))
+
+
+def overoptimization_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The overoptimization table (``overoptimization_summary`` rows) as Markdown."""
+    table = [{"arm": r["arm"], "n": r["n"],
+              "peak gold (mean ± s.e.)": _fmt_stat(r["peak_gold"]),
+              "KL at the gold peak, nats": _fmt_stat(r["peak_kl"]),
+              "final gold": _fmt_stat(r["final_gold"]),
+              "final proxy": _fmt_stat(r["final_proxy"]),
+              "final KL, nats": _fmt_stat(r["final_kl"]),
+              "proxy still rising after the gold peak": f"{r['proxy_rising_after_peak']} of "
+                                                        f"{r['n']} seeds",
+              "gold peak at the last probe": f"{r['peak_at_last_probe']} of {r['n']} seeds"}
+             for r in rows]
+    return markdown_table(table) + "\n\n" + OVEROPTIMIZATION_DEFINITION
+
+
+def _sweep_dir(plots_dir: Path) -> Path:
+    return Path(plots_dir).parent
+
+
+def _write_tables(sweep_dir: Path, stem: str, payload: dict, markdown: str, title: str) -> None:
+    write = _atomic_writer(sweep_dir)
+    write(f"{stem}.json", json.dumps(payload, indent=1, default=str))
+    write(f"{stem}.md", f"# {title}\n\n{markdown}\n")
+
+
+@register_sweep_plot("overoptimization")
+def overoptimization_plot(table: SweepTable, plots_dir: Path, *, stage: str = "ppo_eval",
+                          gold_name: str = "gold score",
+                          proxy_name: str = "proxy score") -> list[SweepFigure]:
+    """Gold and proxy score against sqrt(KL) per arm, from the ``stage`` records (the RL
+    stage's probe, ``ppo.probe_every``) of every finished run's ``metrics.jsonl``
+    (``rlhf_jax.plots.overoptimization_figure``), written to ``plots_dir/overoptimization.png``;
+    and its table (``overoptimization_summary``) as ``overoptimization.json`` and
+    ``overoptimization.md`` in the sweep directory, also shown under the figure.
+
+    Raises:
+      ValueError: no finished run has probe records (runs without them are listed in the
+        table's JSON under ``"without_probe"``).
+    """
+    from rlhf_jax.metrics import read_jsonl
+    from rlhf_jax.plots import gold_proxy_arm, overoptimization_figure, probe_curve
+    sweep_dir = _sweep_dir(plots_dir)
+    arms, without = [], []
+    for row in table.rows:
+        curves = []
+        for seed, rel in zip(row.seeds, row.runs):
+            path = sweep_dir / rel / "metrics.jsonl"
+            curve = probe_curve(read_jsonl(path), stage=stage, seed=seed) if path.exists() \
+                else None
+            if curve is None or not np.isfinite(curve.gold).any():
+                without.append(rel)
+            else:
+                curves.append(curve)
+        if curves:
+            arms.append(gold_proxy_arm(row.label, curves))
+    if not arms:
+        raise ValueError(f"no finished run has {stage!r} records with a gold score (set "
+                         "ppo.probe_every)" + (f"; runs without: {without}" if without else ""))
+    png = Path(plots_dir) / "overoptimization.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    overoptimization_figure(arms, gold_name=gold_name, proxy_name=proxy_name).savefig(
+        png, dpi=100, format="png")
+    rows = overoptimization_summary(arms)
+    md = overoptimization_markdown(rows)
+    _write_tables(sweep_dir, "overoptimization",
+                  {"sweep": table.name, "stage": stage, "gold": gold_name, "proxy": proxy_name,
+                   "definition": OVEROPTIMIZATION_DEFINITION, "arms": rows,
+                   "without_probe": without}, md, f"Overoptimization: {table.name}")
+    n = sorted({len(a.runs) for a in arms})
+    caption = (f"Does the gold score ({gold_name}) peak and then fall while the proxy "
+               f"({proxy_name}) keeps rising as the policy moves away from its start (Gao et "
+               "al. 2023, Fig. 1)? Probe-set means against sqrt(KL to the starting policy); "
+               "one colour per arm, thin: one seed, thick: mean over seeds (n = "
+               f"{', '.join(map(str, n))}) at each probe step; star: peak of the mean gold "
+               "curve, with its KL; dotted: its sqrt(KL) in both panels.")
+    return [SweepFigure(png, caption, markdown=md)]
+
+
+# ---- the reward-KL frontier ----------------------------------------------------------------
+def _run_config(sweep_dir: Path, rel: str) -> dict | None:
+    path = sweep_dir / rel / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def frontier_family(method: str, cfg: Mapping[str, Any] | None, fallback: str) -> tuple[str, str]:
+    """``(family, label)`` of a frontier point of ``method`` (a summary section: ``ppo``,
+    ``dpo``, ...) from its run's configuration (``config.json`` as a dict): PPO with a fixed
+    KL coefficient ``("PPO (fixed KL)", "KL coef 0.05")``, with the adaptive controller
+    ``("PPO (adaptive KL)", "target 6")``, DPO ``("DPO", "β=0.1")``; otherwise (or without a
+    configuration) ``(METHOD, fallback)``."""
+    try:
+        if method == "ppo":
+            kl = cfg["ppo"]["ppo"]["kl"]
+            if kl["kind"] == "adaptive":
+                return "PPO (adaptive KL)", f"target {format_value(float(kl['target']))}"
+            return "PPO (fixed KL)", f"KL coef {format_value(float(kl['init_kl_coef']))}"
+        if method == "dpo":
+            return "DPO", f"β={format_value(float(cfg['dpo']['dpo']['beta']))}"
+    except (KeyError, TypeError, ValueError):
+        pass
+    return method.upper(), fallback
+
+
+@register_sweep_plot("frontier")
+def frontier_plot(table: SweepTable, plots_dir: Path, *, methods: Sequence[str] = ("ppo", "dpo"),
+                  score: str = "judge_mean", kl: str = "kl", baseline: str | None = "sft",
+                  score_name: str = "judge score") -> list[SweepFigure]:
+    """Judge score against KL to the reference: for every grid point and every ``method``
+    whose summary has ``<method>.<score>`` and ``<method>.<kl>``, one point at the mean over
+    seeds with ±1 s.e. over seeds on both axes, grouped and labelled by the run's setting
+    (``frontier_family``: KL coefficient, KL target or β), plus the ``baseline`` policy (mean
+    over the distinct seeds); written to ``plots_dir/frontier.png`` with ``frontier.json`` /
+    ``frontier.md`` in the sweep directory (the Rafailov et al. 2023, Figure 2 plane).
+
+    Raises:
+      ValueError: no grid point has a method's score and KL (lists the summary numbers).
+    """
+    from rlhf_jax.plots import FrontierPoint, frontier_figure
+    sweep_dir = _sweep_dir(plots_dir)
+    points, rows = [], []
+    for row in table.rows:
+        cfg = _run_config(sweep_dir, row.runs[0]) if row.runs else None
+        for m in methods:
+            sx, sy = row.metrics.get(f"{m}.{kl}"), row.metrics.get(f"{m}.{score}")
+            if sx is None or sy is None:
+                continue
+            family, label = frontier_family(m, cfg, row.label)
+            points.append(FrontierPoint(family=family, label=label, kl_mean=sx.mean,
+                                        kl_se=sx.se, score_mean=sy.mean, score_se=sy.se,
+                                        n=min(sx.n, sy.n)))
+            rows.append({"grid point": row.label, "family": family, "setting": label,
+                         "n": min(sx.n, sy.n), "KL to the reference, nats": format_mean_se(sx),
+                         score_name: format_mean_se(sy)})
+    if not points:
+        raise ValueError(f"no finished grid point has {[f'{m}.{score}' for m in methods]} with "
+                         f"{[f'{m}.{kl}' for m in methods]}; there are {table.metric_names()}")
+    if baseline:
+        by_seed: dict[int, tuple[float, float]] = {}
+        for row in table.rows:
+            for seed, nums in zip(row.seeds, row.numbers):
+                if f"{baseline}.{score}" in nums and f"{baseline}.{kl}" in nums:
+                    by_seed.setdefault(seed, (nums[f"{baseline}.{kl}"],
+                                              nums[f"{baseline}.{score}"]))
+        if by_seed:
+            sx = _stat([v[0] for v in by_seed.values()])
+            sy = _stat([v[1] for v in by_seed.values()])
+            name = baseline.upper()
+            points.append(FrontierPoint(family=name, label=name, kl_mean=sx.mean, kl_se=sx.se,
+                                        score_mean=sy.mean, score_se=sy.se, n=sy.n))
+            rows.append({"grid point": "(every point's reference)", "family": name,
+                         "setting": name, "n": sy.n,
+                         "KL to the reference, nats": format_mean_se(sx),
+                         score_name: format_mean_se(sy)})
+    png = Path(plots_dir) / "frontier.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    frontier_figure(points, score_name=score_name).savefig(png, dpi=100, format="png")
+    md = markdown_table(rows) + f"\n\nMean ± s.e. over seeds; {SE_DEFINITION}."
+    _write_tables(sweep_dir, "frontier",
+                  {"sweep": table.name, "score": score, "kl": kl, "se": SE_DEFINITION,
+                   "points": [dataclasses.asdict(p) for p in points]}, md,
+                  f"Reward–KL frontier: {table.name}")
+    n = sorted({p.n for p in points})
+    caption = (f"Which setting buys the most {score_name} per nat of KL from the reference, and "
+               "do PPO and DPO trace the same frontier? One point per setting: mean over seeds "
+               f"(n = {', '.join(map(str, n))}), ±1 s.e. over seeds on both axes (Rafailov et "
+               "al. 2023, Figure 2): up and to the left is better.")
+    return [SweepFigure(png, caption, markdown=md)]
+
+
 def write_sweep_report(out_dir, table: SweepTable, *, title: str, metrics: Sequence[str] = (),
                        plots: Sequence[tuple[str, Mapping[str, Any]]] = (),
                        notes: str = "") -> Path:
@@ -599,6 +867,8 @@ def write_sweep_report(out_dir, table: SweepTable, *, title: str, metrics: Seque
         parts += ["## Plots", ""]
         for f in figures:
             parts += _figure_md(f.caption, Path(f.path).relative_to(out_dir).as_posix(), f.caption)
+            if f.markdown:
+                parts += [f.markdown.strip(), ""]
         parts += [f"Not drawn: {md_escape(m)}" for m in failed] + ([""] if failed else [])
     if names:  # every number: one row each, one column per grid point
         labels = [r.label for r in table.rows]
@@ -638,4 +908,6 @@ __all__ = ["write_report", "markdown_table", "md_escape", "DEFAULT_PLOTS", "CURV
            "summary_numbers", "mean_se_over_seeds", "MetricStat", "SweepRow", "SweepTable",
            "build_sweep_table", "format_mean_se", "format_value", "select_metrics", "SweepFigure",
            "register_sweep_plot", "sweep_plot_kinds", "get_sweep_plot", "metric_vs_axis_plot",
-           "write_sweep_report"]
+           "ARM_AXIS", "OVEROPTIMIZATION_DEFINITION", "overoptimization_summary",
+           "overoptimization_markdown", "overoptimization_plot", "frontier_family",
+           "frontier_plot", "write_sweep_report"]

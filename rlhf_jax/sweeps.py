@@ -8,6 +8,13 @@ writes the mean ± s.e. over seeds of every summary number per grid point
 (``rlhf_jax.report.write_sweep_report``). A named sweep (``SWEEPS``, ``--sweep NAME``) fixes
 the base preset, the grid, the seeds, the summary numbers shown and the plots.
 
+Arms. A cartesian product cannot say "PPO at three KL coefficients *and* DPO at three β"
+without also running PPO at every β. ``SweepSpec.arms`` can: each ``SweepArm`` is a named set of
+overrides (``{"stages": ("sft", "dpo", "eval"), "dpo.dpo.beta": 0.1}``), and the sweep's points
+are the *union* over its arms, each arm times the grid's product (usually empty) times the
+seeds. The arm's name is the point's first value (the pseudo-axis ``ARM_AXIS``, ``"arm"``), so
+the results table has one row per arm.
+
 Content addressing. A stage's address is ``rlhf_jax.pipeline.artifacts.stage_identity``: the
 SHA-256 of its own configuration sections (``Stage.sections``: the seed, task, policy and data
 sections and its own), the task, and the addresses of the stage outputs it reads
@@ -57,6 +64,7 @@ from typing import Any, Literal
 
 from rlhf_jax.config import config_to_dict
 from rlhf_jax.pipeline.config import RESULT_NEUTRAL_FIELDS, PipelineConfig
+from rlhf_jax.report import ARM_AXIS  # the pseudo-axis of a sweep with arms: ``"arm"``
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +347,20 @@ class SweepPlot:
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepArm:
+    """One arm of a sweep: its ``name`` (the table's row label, part of the run directory's
+    name) and the ``{dotted path: value}`` ``overrides`` that make it, set on the base
+    configuration together with the grid values and the seed (values are converted with
+    ``convert_value``; paths are resolved when the sweep is planned, so an arm may name a field
+    that a later version of the library adds)."""
+    name: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SweepSpec:
     """What a sweep runs.
@@ -352,6 +374,9 @@ class SweepSpec:
       seed_field: the integer field the seeds set (default ``seed``, read by every stage).
       overrides: ``{dotted path: value}`` applied to the preset before the grid (values are
         converted with ``convert_value``; command-line ``--field`` overrides come after).
+      arms: ``SweepArm``s: the points are the union over the arms of (the arm's overrides x
+        the grid's product x the seeds), arm by arm; the arm's overrides come after the
+        command line's. Empty: the grid alone.
       metrics: fnmatch patterns of the summary numbers in the table's main view (default
         ``rlhf_jax.report.DEFAULT_SWEEP_METRICS``; the JSON always has every number).
       plots: the sweep's plots.
@@ -363,6 +388,7 @@ class SweepSpec:
     seeds: int = 1
     seed_field: str = "seed"
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    arms: tuple[SweepArm, ...] = ()
     metrics: tuple[str, ...] = ()
     plots: tuple[SweepPlot, ...] = ()
     description: str = ""
@@ -370,6 +396,20 @@ class SweepSpec:
     def __post_init__(self):
         if self.seeds < 1:
             raise ValueError(f"SweepSpec.seeds must be >= 1, got {self.seeds}")
+        names = [a.name for a in self.arms]
+        bad = [n for n in names if not isinstance(n, str) or not _ARM_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"sweep {self.name}: arm names {bad} must be non-empty and use only "
+                             "letters, digits and _ . + = - (they name run directories)")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sweep {self.name}: arm names {dup} are given more than once")
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        """The names a point's ``values`` hold: ``ARM_AXIS`` first when there are arms, then
+        the grid axes' paths."""
+        return ((ARM_AXIS,) if self.arms else ()) + tuple(a.path for a in self.axes)
 
     @property
     def axes(self) -> tuple[GridAxis, ...]:
@@ -432,6 +472,126 @@ def tiny_kl() -> SweepSpec:
         description="tiny preset, fixed KL coefficient 0.05 / 0.2, 2 seeds (CI)")
 
 
+#: Stages of a PPO point and of a DPO point of a frontier sweep (each reads the shared SFT;
+#: PPO also the shared reward model).
+PPO_POINT_STAGES = ("sft", "rm", "ppo", "eval")
+DPO_POINT_STAGES = ("sft", "dpo", "eval")
+
+
+@register_sweep("sentiment-overoptimization")
+def sentiment_overoptimization() -> SweepSpec:
+    """Reward hacking on the main job's task: a proxy reward model that a policy can exploit,
+    gold (VADER) and proxy scores probed along long, weakly regularised PPO runs (Gao et al.
+    2023, "Scaling Laws for Reward Model Overoptimization", Fig. 1), and two remedies, as
+    three arms x 2 seeds:
+
+    * ``single``: one reward model (the proxy), trained on a random 256 of the 4,541 human
+      comparisons (``data.max_preferences``), 32 steps x 16 pairs (2 epochs);
+    * ``ensemble``: 3 whole reward models (``rm.ensemble``, each its own trunk, Poisson
+      bootstrap of the same 256 pairs); PPO optimises mean - 1.0 x std over the members
+      (uncertainty-weighted optimisation, Coste et al. 2023);
+    * ``refresh``: the single reward model retrained during RL every 10 iterations on 32
+      fresh pairs of the policy's own samples labelled by the gold score (Bradley-Terry
+      labels, temperature 0.1), 8 reward-model steps per round (iterated RLHF, Bai et al.
+      2022 §4.5).
+
+    Common to all: PPO 40 iterations x 8 prompts with a small fixed KL coefficient (0.01), no
+    response-length floor (``min_new_tokens`` 0: the main job measured that PPO then games the
+    reward model by ending early), the gold-vs-proxy probe every 5 iterations on 32 held-out
+    prompts (steps 0, 5, ..., 40); stages SFT -> RM -> PPO (no DPO, no final evaluation: the
+    probe is the measurement). Per seed, one SFT is shared by the arms and one reward model by
+    ``single`` and ``refresh`` (content addressing).
+
+    Sizing, from the main job's stage times on the 2-core CPU (experiments/smollm2_sentiment.md:
+    SFT 79 s, RM 188 s for 60 steps, PPO 231 s for 20 x 16 prompts, eval 137 s for 3 policies x
+    128 prompts, i.e. 0.36 s per sampled and scored prompt), each scaled linearly with its
+    work (optimistic for shrunk stages by their fixed costs, compilation and loading):
+
+    ===========================  ==================================================  =======
+    what                         arithmetic                                          seconds
+    ===========================  ==================================================  =======
+    SFT, 2 seeds                 2 x 79                                                  158
+    RM (single), 2 seeds         2 x 188 x 32/60                                         201
+    RM (ensemble, K=3), 2 seeds  2 x 3 x 100 (every member pays a whole RM: a bound)     602
+    PPO per run                  231 (40 x 8 = 320 episodes, as the main job's 20 x 16)
+                                 + 9 probes x 32 prompts x 0.36                          335
+    PPO single, 2 seeds          2 x 335                                                 670
+    PPO ensemble, 2 seeds        2 x 335 x 1.15 (3 reward-model passes per rollout,      770
+                                 and the staged RL step they need)
+    PPO refresh, 2 seeds         2 x (335 + 3 rounds x (64 samples x 0.36 + 8 RM steps   958
+                                 x 3.1 s, i.e. 188 s / 60)); rounds before iterations
+                                 10, 20, 30
+    total                                                                        3359 = 56 min
+    ===========================  ==================================================  =======
+
+    If the first PPO point runs much slower (another job on the cores), lower
+    ``--ppo.iterations``; the probe's step-0 point and the curves stay comparable.
+    """
+    return SweepSpec(
+        name="sentiment-overoptimization", preset="smollm2-sentiment", seeds=2,
+        overrides={"stages": ("sft", "rm", "ppo"),
+                   "data.max_preferences": 256, "rm.steps": 32,
+                   "ppo.iterations": 40, "ppo.batch_size": 8,
+                   "ppo.ppo.kl.init_kl_coef": 0.01, "ppo.ppo.sampling.min_new_tokens": 0,
+                   "ppo.probe_every": 5, "ppo.probe_prompts": 32},
+        arms=(SweepArm("single", {}),
+              SweepArm("ensemble", {"rm.ensemble": 3, "rm.ensemble_trunk": "separate",
+                                    "ppo.reward_aggregation": "mean_minus_std",
+                                    "ppo.reward_uncertainty_coef": 1.0}),
+              SweepArm("refresh", {"ppo.refresh_every": 10, "ppo.refresh_pairs": 32,
+                                   "ppo.refresh_steps": 8, "ppo.refresh_temperature": 0.1})),
+        plots=(SweepPlot("overoptimization", {"gold_name": "VADER compound score",
+                                              "proxy_name": "reward model (normalised)"}),),
+        description="smollm2-sentiment with a hackable proxy RM (256 human pairs): gold vs "
+                    "proxy along PPO for a single RM, a 3-member ensemble (mean - std) and "
+                    "iterated refresh, 2 seeds")
+
+
+@register_sweep("sentiment-frontier")
+def sentiment_frontier() -> SweepSpec:
+    """The reward–KL frontier of the main job's task (Rafailov et al. 2023, Fig. 2): VADER
+    judge score against KL to the SFT policy for PPO at fixed KL coefficients 0.01 / 0.05 /
+    0.2, PPO with the adaptive KL controller (Ziegler et al. 2019 §2.2) at targets 2 and 5
+    nats (initial coefficient 0.05, horizon 32 samples, so the coefficient can move by up to
+    10% per iteration of 16 samples), and DPO at β 0.05 / 0.1 / 0.3: eight arms (a union,
+    not a product: PPO points do not run DPO and the other way round), 2 seeds. PPO runs 12
+    iterations x 16 prompts, DPO 20 steps x 8 pairs, and each point's evaluation judges its
+    policy and the SFT policy on 64 held-out prompts. Per seed, every point shares one SFT and
+    the PPO points one reward model (content addressing).
+
+    Sizing, from the main job's stage times on the 2-core CPU (experiments/smollm2_sentiment.md,
+    as in ``sentiment-overoptimization``), each scaled linearly with its work:
+
+    ====================  =================================================  =======
+    what                  arithmetic                                         seconds
+    ====================  =================================================  =======
+    SFT + RM per seed     79 + 188                                               267
+    a PPO point           231 x 12/20 + eval 2 policies x 64 x 0.36 s            185
+    a DPO point           248 x 20/40 + 46                                       170
+    per seed              267 + 5 x 185 + 3 x 170                               1702
+    total, 2 seeds        2 x 1702                                      3404 = 57 min
+    ====================  =================================================  =======
+    """
+    ppo, dpo = PPO_POINT_STAGES, DPO_POINT_STAGES
+    kl = "ppo.ppo.kl"
+    arms = ([SweepArm(f"ppo-kl{c:g}", {"stages": ppo, f"{kl}.init_kl_coef": c})
+             for c in (0.01, 0.05, 0.2)]
+            + [SweepArm(f"ppo-target{t:g}", {"stages": ppo, f"{kl}.kind": "adaptive",
+                                             f"{kl}.target": t, f"{kl}.horizon": 32.0})
+               for t in (2.0, 5.0)]
+            + [SweepArm(f"dpo-beta{b:g}", {"stages": dpo, "dpo.dpo.beta": b})
+               for b in (0.05, 0.1, 0.3)])
+    return SweepSpec(
+        name="sentiment-frontier", preset="smollm2-sentiment", seeds=2,
+        overrides={"ppo.iterations": 12, "dpo.steps": 20, "eval.num_prompts": 64},
+        arms=tuple(arms),
+        metrics=("ppo.judge_mean", "ppo.kl", "dpo.judge_mean", "dpo.kl", "sft.judge_mean",
+                 "ppo.rm_score", "rm_heldout_accuracy"),
+        plots=(SweepPlot("frontier", {"score_name": "VADER compound score"}),),
+        description="smollm2-sentiment: PPO at fixed KL 0.01/0.05/0.2 and adaptive targets "
+                    "2/5, DPO at β 0.05/0.1/0.3; VADER against KL to SFT, 2 seeds")
+
+
 def base_config(spec: SweepSpec) -> PipelineConfig:
     """The sweep's base configuration: its preset with ``spec.overrides`` set (together).
 
@@ -491,10 +651,19 @@ class SweepPlan:
         """``<out>/stages/<stage>-<address[:16]>``."""
         return self.out / "stages" / f"{stage}-{address[:ADDRESS_DIGITS]}"
 
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        """The table's axes: ``ARM_AXIS`` first when the sweep has arms, then the grid's."""
+        return ((ARM_AXIS,) if self.spec.arms else ()) + tuple(a.path for a in self.axes)
+
     def grid(self) -> list[dict[str, Any]]:
-        """Every grid point's ``{axis: value}`` in grid order."""
-        return [dict(zip((a.path for a in self.axes), combo))
-                for combo in itertools.product(*(a.values for a in self.axes))]
+        """Every grid point's ``{axis: value}`` in grid order (with arms: arm by arm, each
+        ``{ARM_AXIS: name, **grid values}``)."""
+        combos = [dict(zip((a.path for a in self.axes), combo))
+                  for combo in itertools.product(*(a.values for a in self.axes))]
+        if not self.spec.arms:
+            return combos
+        return [{ARM_AXIS: arm.name, **g} for arm in self.spec.arms for g in combos]
 
     def point(self, index: int) -> SweepPoint:
         """Point ``index``.
@@ -538,17 +707,43 @@ def _slug(text: str, limit: int = 96) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text).strip("-")[:limit] or "point"
 
 
+def arm_changes(spec: SweepSpec, arm: SweepArm) -> dict[str, Any]:
+    """``arm``'s overrides as ``{canonical path: typed value}``.
+
+    Raises:
+      ValueError: an unknown path (e.g. a field this version of the library lacks) or a bad
+        value, named with the sweep and the arm; a path that is also a grid axis or the seed
+        field.
+    """
+    try:
+        changes = {}
+        for k, v in arm.overrides.items():
+            ref = resolve_field(k)
+            if ref.path in changes:
+                raise ValueError(f"{ref.path} is set twice")
+            changes[ref.path] = convert_value(ref, v)
+    except ValueError as e:
+        raise ValueError(f"sweep {spec.name}, arm {arm.name!r}: {e}") from None
+    fixed = {a.path for a in spec.axes} | {resolve_field(spec.seed_field).path}
+    clash = sorted(set(changes) & fixed)
+    if clash:
+        raise ValueError(f"sweep {spec.name}, arm {arm.name!r} sets {clash}, which the grid or the "
+                         "seeds set; an arm may not override them")
+    return changes
+
+
 def plan_sweep(spec: SweepSpec, base: PipelineConfig, out: Path) -> SweepPlan:
     """Resolve ``spec`` against ``base`` (the preset with its overrides): every point's
-    configuration, run directory and stage addresses. Pure: nothing is written.
+    configuration, run directory and stage addresses, arm by arm (``spec.arms``; none: the
+    grid alone), then grid point by grid point (first axis slowest), seeds innermost. Pure:
+    nothing is written.
 
     Raises:
       ValueError: a bad axis or value, a seed field that is not an integer field or is also a
-        grid axis, a point the configs' checks refuse (names the point), ``base.resume``
-        off or ``base.force_restart`` set (a sweep reuses what is finished; to train a stage
-        again, remove its ``stages/`` directory).
+        grid axis, a bad arm (``arm_changes``), a point the configs' checks refuse (names the
+        point), ``base.resume`` off or ``base.force_restart`` set (a sweep reuses what is
+        finished; to train a stage again, remove its ``stages/`` directory).
     """
-    from rlhf_jax.pipeline.artifacts import stage_identity_record
     if not base.resume:
         raise ValueError("a sweep always resumes (finished stages are shared); drop --no-resume "
                          "or choose another sweep directory")
@@ -567,26 +762,38 @@ def plan_sweep(spec: SweepSpec, base: PipelineConfig, out: Path) -> SweepPlan:
     seed0 = get_field(base, seed_ref.path)
     seeds = tuple(seed0 + i for i in range(spec.seeds))
     points = []
-    for combo in itertools.product(*(a.values for a in axes)):
-        values = dict(zip((a.path for a in axes), combo))
-        for seed in seeds:
-            index = len(points)
-            cfg = with_fields(base, {**values, seed_ref.path: seed},
-                              context=f"sweep point {index} ({values}, seed {seed})")
-            digest = hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True,
-                                               default=str).encode()).hexdigest()
-            slug = _slug("_".join([f"{p.rsplit('.', 1)[-1]}={v}" for p, v in values.items()]
-                                  + [f"{seed_ref.path.rsplit('.', 1)[-1]}={seed}"]))
-            run_dir = out / "runs" / f"{slug}-{digest[:8]}"
-            name = f"{spec.name}: " + ", ".join(
-                [f"{p.rsplit('.', 1)[-1]}={v}" for p, v in values.items()] + [f"seed={seed}"])
-            cfg = dataclasses.replace(cfg, out_dir=run_dir, name=name)
-            memo: dict = {}
-            stages = {s: stage_identity_record(cfg, s, _memo=memo)["identity"]
-                      for s in linked_stages(cfg)}
-            points.append(SweepPoint(index=index, values=values, seed=seed, cfg=cfg,
-                                     run_dir=run_dir, stages=stages))
+    arms = [(arm.name, arm_changes(spec, arm)) for arm in spec.arms] or [(None, {})]
+    for arm, changes in arms:
+        for combo in itertools.product(*(a.values for a in axes)):
+            grid_values = dict(zip((a.path for a in axes), combo))
+            values = ({ARM_AXIS: arm} if arm is not None else {}) | grid_values
+            for seed in seeds:
+                index = len(points)
+                cfg = with_fields(base, {**changes, **grid_values, seed_ref.path: seed},
+                                  context=f"sweep point {index} ({values}, seed {seed})")
+                points.append(_point(spec, out, index, values, seed, seed_ref, cfg))
     return SweepPlan(spec=spec, out=out, axes=axes, seeds=seeds, points=tuple(points))
+
+
+def _point(spec: SweepSpec, out: Path, index: int, values: dict, seed: int, seed_ref: FieldRef,
+           cfg: PipelineConfig) -> SweepPoint:
+    """The point of ``cfg``: its run directory (``runs/<values>-<hash of the result
+    configuration>``), name and stage addresses."""
+    from rlhf_jax.pipeline.artifacts import stage_identity_record
+    digest = hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True,
+                                       default=str).encode()).hexdigest()
+    slug = _slug("_".join([str(v) if p == ARM_AXIS else f"{p.rsplit('.', 1)[-1]}={v}"
+                           for p, v in values.items()]
+                          + [f"{seed_ref.path.rsplit('.', 1)[-1]}={seed}"]))
+    run_dir = out / "runs" / f"{slug}-{digest[:8]}"
+    name = f"{spec.name}: " + ", ".join(
+        [f"{p.rsplit('.', 1)[-1]}={v}" for p, v in values.items()] + [f"seed={seed}"])
+    cfg = dataclasses.replace(cfg, out_dir=run_dir, name=name)
+    memo: dict = {}
+    stages = {s: stage_identity_record(cfg, s, _memo=memo)["identity"]
+              for s in linked_stages(cfg)}
+    return SweepPoint(index=index, values=values, seed=seed, cfg=cfg, run_dir=run_dir,
+                      stages=stages)
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -721,6 +928,7 @@ def plan_json(plan: SweepPlan) -> dict:
     spec = plan.spec
     return {"name": spec.name, "preset": spec.preset, "description": spec.description,
             "axes": {a.path: list(a.values) for a in plan.axes},
+            "arms": [{"name": a.name, "overrides": dict(a.overrides)} for a in spec.arms],
             "seed_field": resolve_field(spec.seed_field).path, "seeds": list(plan.seeds),
             "metrics": list(spec.metrics),
             "plots": [{"kind": p.kind, "params": dict(p.params)} for p in spec.plots],
@@ -789,7 +997,7 @@ def collect_table(plan: SweepPlan):
         else:
             missing.append({"index": p.index, "values": dict(p.values), "seed": p.seed,
                             "dir": rel})
-    return build_sweep_table(plan.spec.name, [a.path for a in plan.axes], plan.grid(), runs,
+    return build_sweep_table(plan.spec.name, list(plan.axis_names), plan.grid(), runs,
                              seed_field=resolve_field(plan.spec.seed_field).path,
                              seeds=plan.seeds, missing=missing)
 
@@ -816,7 +1024,7 @@ def list_points(plan: SweepPlan) -> str:
     from rlhf_jax.pipeline.artifacts import StageFiles
     from rlhf_jax.report import format_value
     lines = []
-    header = ["index", *(a.path for a in plan.axes), resolve_field(plan.spec.seed_field).path,
+    header = ["index", *plan.axis_names, resolve_field(plan.spec.seed_field).path,
               "status", "stages (* finished)", "run"]
     rows = []
     for p in plan.points:
@@ -826,7 +1034,7 @@ def list_points(plan: SweepPlan) -> str:
             f"{s}-{a[:8]}" + ("*" if StageFiles(plan.stage_dir(s, a).parent,
                                                 plan.stage_dir(s, a).name).complete else "")
             for s, a in p.stages.items())
-        rows.append([str(p.index), *(format_value(p.values[a.path]) for a in plan.axes),
+        rows.append([str(p.index), *(format_value(p.values[a]) for a in plan.axis_names),
                      str(p.seed), status, stages, os.path.relpath(p.run_dir, plan.out)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
@@ -835,7 +1043,8 @@ def list_points(plan: SweepPlan) -> str:
 
 
 __all__ = ["FieldRef", "resolve_field", "convert_value", "get_field", "with_fields",
-           "GridAxis", "parse_grid", "SweepPlot", "SweepSpec", "SWEEPS", "register_sweep",
+           "GridAxis", "parse_grid", "SweepPlot", "SweepArm", "ARM_AXIS", "SweepSpec", "SWEEPS",
+           "register_sweep", "arm_changes",
            "get_sweep", "base_config", "SweepPoint", "SweepPlan", "plan_sweep", "linked_stages",
            "result_config", "point_complete", "mark_point_complete", "prepare_point",
            "run_point", "run_sweep", "SweepResult", "collect_table", "write_results",

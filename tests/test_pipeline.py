@@ -581,3 +581,154 @@ def test_gold_proxy_probe_logs_curves_and_survives_resume(tiny_run, tmp_path):
         assert -1 <= r["gold/score"] <= 1  # VADER compound
         assert np.isfinite(r["proxy/score"]) and np.isfinite(r["probe/kl"])
         assert r["probe/sqrt_kl"] == pytest.approx(np.sqrt(max(r["probe/kl"], 0.0)))
+
+
+# ---- reward-model ensembles ------------------------------------------------------------------
+def _run_capturing(cfg: PipelineConfig):
+    """``run_pipeline(cfg)`` with each loop's keyword arguments and result recorded per stage
+    (the trained state, the frozen parameters it was given)."""
+    seen = {}
+    original = run_module.run_loop
+
+    def capture(**kwargs):
+        result = original(**kwargs)
+        seen[kwargs["stage"]] = {"state": result.state, "frozen": kwargs["frozen"]}
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "run_loop", capture)
+        summary = run_pipeline(cfg)
+    return summary, seen
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run whose RM is an ensemble of 2 full members (Poisson bootstrap),
+    then PPO on ``mean - 0.5 std`` of the normalised member scores (with a separate value
+    model, initialised from member 0, and the gold-vs-proxy probe), then the evaluation."""
+    cfg = _copy(tiny_run, tmp_path_factory.mktemp("ensemble"), stages=("rm", "ppo", "eval"),
+                force_restart=("rm",))
+    cfg = dataclasses.replace(
+        cfg, rm=dataclasses.replace(cfg.rm, ensemble=2),
+        ppo=dataclasses.replace(cfg.ppo, reward_aggregation="mean_minus_std",
+                                reward_uncertainty_coef=0.5, probe_every=2, probe_prompts=8,
+                                ppo=dataclasses.replace(cfg.ppo.ppo, value_model="separate")))
+    summary, seen = _run_capturing(cfg)
+    return cfg, summary, seen
+
+
+def test_rm_ensemble_then_ppo_on_mean_minus_std(ensemble_run):
+    cfg, summary, _ = ensemble_run
+    out = Path(cfg.out_dir)
+    meta = json.loads((out / "rm" / "final" / "model.json").read_text())
+    assert meta["kind"] == "scalar" and meta["ensemble"] == 2
+    assert meta["ensemble_trunk"] == "separate" and meta["bootstrap"] == "poisson"
+    for name in ("reward_gain", "reward_bias"):
+        assert len(meta[name]) == 2 and all(np.isfinite(meta[name])), name
+    assert all(g > 0 for g in meta["reward_gain"]) and meta["warm_gain"] > 0
+    assert np.isfinite(meta["warm_bias"])
+    assert 0.0 <= meta["heldout_accuracy"] <= 1.0
+    assert len(meta["member_heldout_accuracy"]) == 2
+    records = read_jsonl(out / "metrics.jsonl")
+    rm, rm_eval, ppo = (_stage(records, s) for s in ("rm", "rm_eval", "ppo"))
+    assert [r["step"] for r in rm] == list(range(1, cfg.rm.steps + 1))
+    for r in (*rm, *rm_eval):
+        for name in ("rm/loss", "rm/member0/accuracy", "rm/member1/accuracy",
+                     "rm/ensemble/accuracy", "rm/ensemble/std"):
+            assert name in r and np.isfinite(r[name]), name
+        assert 0 <= r["rm/ensemble/accuracy"] <= 1
+    assert meta["heldout_accuracy"] == rm_eval[-1]["rm/ensemble/accuracy"]
+    assert [r["step"] for r in ppo] == [1, 2]
+    for r in ppo:
+        assert np.isfinite(r["reward/reward_model/member_std"])
+        assert r["reward/reward_model/member_std"] >= 0
+        assert np.isfinite(r["reward/reward_model/mean"]) and np.isfinite(r["objective/kl"])
+        assert np.isfinite(r["ppo/val/error"])
+    probe = _stage(records, "ppo_eval")
+    assert [r["step"] for r in probe] == [0, 2]
+    assert all(np.isfinite(r["proxy/score"]) for r in probe)
+    for name in POLICIES:  # the eval's RM column: the aggregated normalised score
+        assert np.isfinite(summary[name]["rm_score"]), name
+    assert summary["rm_heldout_accuracy"] == meta["heldout_accuracy"]
+
+
+def test_rm_ensemble_params_round_trip_and_scorer(ensemble_run):
+    """``load_final`` restores the stacked ``[K, ...]`` parameters exactly as trained, into
+    the member shardings; the PPO stage was handed them; ``reward_model_scorer`` equals every
+    member scored alone, normalised and aggregated in float64 NumPy."""
+    from types import SimpleNamespace
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from rlhf_jax.sharding import DATA_AXES
+    from rlhf_jax.train.common import sequence_scores
+    from rlhf_jax.train.reward_ensemble import ensemble_param_shardings
+
+    cfg, _, seen = ensemble_run
+    mesh = make_mesh(cfg.mesh)
+    rm, params, meta = load_final(Path(cfg.out_dir) / "rm" / "final", mesh=mesh)
+    trained = seen["rm"]["state"].params
+    ta, tb = jax.tree.structure(trained), jax.tree.structure(params)
+    assert ta == tb
+    for (where, a), (_, b), s in zip(_arrays(trained), _arrays(params),
+                                     jax.tree.leaves(ensemble_param_shardings(rm, mesh))):
+        assert b.shape[0] == 2 and b.shape[1:] == a.shape[1:], where
+        assert b.sharding.is_equivalent_to(s, b.ndim), where
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+    handed = seen["ppo"]["frozen"][1]  # (reference, reward params) of the RL loop
+    for (where, a), (_, b) in zip(_arrays(handed), _arrays(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+
+    run = SimpleNamespace(cfg=cfg, mesh=mesh,
+                          batch_sharding=lambda: NamedSharding(mesh, P(DATA_AXES)))
+    scorer = stages.reward_model_scorer(run, rm, params, meta)
+    assert scorer.ensemble == 2 and scorer.aggregation == "mean_minus_std"
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 500, (8, 12)).astype(np.int32)
+    attn = np.ones((8, 12), bool)
+    attn[:4, :3] = False  # left padding
+    positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
+    with jax.set_mesh(mesh):
+        out = jax.device_get(scorer(tokens, positions, attn))
+        single = jax.jit(sequence_scores, static_argnums=0)
+        raw = np.stack([np.asarray(single(rm, stages.ensemble_member_params(params, meta, k),
+                                          tokens, positions, attn), np.float64)
+                        for k in range(2)])
+    members = raw * np.asarray(meta["reward_gain"])[:, None] + np.asarray(meta["reward_bias"])[:, None]
+    std = members.std(axis=0)
+    np.testing.assert_allclose(out["std"], std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["score"], members.mean(axis=0) - 0.5 * std, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_trunk_ensemble_with_warm_runs_the_fused_path(tiny_run, tmp_path):
+    """3 heads on one frozen trunk, then PPO with WARM: the heads are averaged into one
+    reward model (no member axis) with its own gain/bias, the fused path runs (no staged
+    reward metrics, no member std); the saved trunk is the SFT trunk untouched."""
+    cfg = _copy(tiny_run, tmp_path, stages=("rm", "ppo"), force_restart=("rm",))
+    cfg = dataclasses.replace(
+        cfg, rm=dataclasses.replace(cfg.rm, ensemble=3, ensemble_trunk="shared"),
+        ppo=dataclasses.replace(cfg.ppo, reward_aggregation="warm"))
+    _, seen = _run_capturing(cfg)
+    out = Path(cfg.out_dir)
+    rm, params, meta = load_final(out / "rm" / "final")
+    assert meta["ensemble"] == 3 and meta["ensemble_trunk"] == "shared"
+    assert len(meta["reward_gain"]) == 3 and np.isfinite(meta["warm_gain"])
+    abstract = rm.abstract_params()
+    assert params["value_head"]["kernel"].shape == (3, *abstract["value_head"]["kernel"].shape)
+    for (where, a), (_, b) in zip(_arrays(seen["rm"]["state"].params["value_head"]),
+                                  _arrays(params["value_head"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+    _, sft, _ = load_final(out / "sft" / "final")
+    layers = cfg.policy.reward_layers
+    for (where, a), (_, b) in zip(_arrays(params["trunk"]),
+                                  _arrays(stages._truncate_trunk(sft, layers)["trunk"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+    warm = seen["ppo"]["frozen"][1]  # the reward params the RL loop used: one model's
+    assert jax.tree.map(lambda x: x.shape, warm) == jax.tree.map(lambda x: x.shape, abstract)
+    np.testing.assert_allclose(np.asarray(warm["value_head"]["kernel"]),
+                               np.asarray(params["value_head"]["kernel"]).mean(axis=0), rtol=1e-6)
+    records = read_jsonl(out / "metrics.jsonl")
+    rm_rows, ppo = _stage(records, "rm"), _stage(records, "ppo")
+    assert all("rm/member2/accuracy" in r and "rm/ensemble/accuracy" in r for r in rm_rows)
+    assert [r["step"] for r in ppo] == [1, 2]
+    for r in ppo:
+        assert "reward/reward_model/member_std" not in r and "reward/total/mean" not in r
+        assert np.isfinite(r["objective/score"])

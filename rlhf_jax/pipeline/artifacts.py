@@ -103,14 +103,23 @@ def load_final(directory: Path, *, frozen_layers: int | None = None, mesh=None
                ) -> tuple[Model, Params, dict]:
     """Read what ``save_final`` wrote: ``(model, params, extras)``.
 
+    A reward-model ensemble (``model.json`` with ``"ensemble": K``, written by the ``rm``
+    stage with ``rm.ensemble``) comes back as its stacked parameters: with
+    ``"ensemble_trunk": "separate"`` every leaf is ``[K, ...]`` (member k at index k); with
+    ``"shared"`` the tree is ``{"trunk": the one frozen trunk, "value_head": [K, ...]}``.
+    ``model`` is then one member's scalar model.
+
     Args:
       directory: a stage's ``final/``.
       frozen_layers: override ``ModelConfig.frozen_layers`` (it changes execution only).
       mesh: restore each parameter straight into its shards on this mesh (the model's rule
-        table); ``None``: the default device.
+        table; stacked members: ``ensemble_param_shardings``, the member axis replicated);
+        ``None``: the default device.
 
     Raises:
       FileNotFoundError: the stage has not finished (names the directory).
+      ValueError: ``model.json`` declares an ensemble of a non-scalar model, a member count
+        below 1 or an unknown ``ensemble_trunk`` (names the file).
     """
     directory = Path(directory)
     meta_path = directory / "model.json"
@@ -121,13 +130,38 @@ def load_final(directory: Path, *, frozen_layers: int | None = None, mesh=None
     if frozen_layers is not None:
         cfg = dataclasses.replace(cfg, frozen_layers=frozen_layers)
     model = Model(cfg, kind=meta["kind"])
-    abstract = model.abstract_params()
-    if mesh is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, model.param_shardings(mesh))
+    abstract = _abstract_final_params(model, meta, mesh, meta_path)
     with Checkpointer(directory / "params", max_to_keep=1) as ckpt:
         params, _ = ckpt.restore(abstract, expected_fingerprint=model_fingerprint(model))
     return model, params, meta
+
+
+def _abstract_final_params(model: Model, meta: dict, mesh, where: Path):
+    """``ShapeDtypeStruct`` tree (with shardings on ``mesh``) of what ``save_final`` wrote for
+    ``model`` and ``meta``: the model's parameters, or an ensemble's stacked ones (the leading
+    ``[K]`` on every leaf, or on the heads only for ``ensemble_trunk="shared"``)."""
+    abstract = model.abstract_params()
+    shardings = model.param_shardings(mesh) if mesh is not None else None
+    k = meta.get("ensemble")
+    if k:
+        trunk = meta.get("ensemble_trunk") or "separate"
+        if model.kind != "scalar" or not isinstance(k, int) or k < 1 or trunk not in (
+                "separate", "shared"):
+            raise ValueError(f"{where}: an ensemble needs kind 'scalar', ensemble >= 1 and "
+                             f"ensemble_trunk 'separate' or 'shared'; got kind {model.kind!r}, "
+                             f"ensemble {k!r}, ensemble_trunk {trunk!r}")
+        stacked = tuple(abstract) if trunk == "separate" else ("value_head",)
+        abstract = {key: (jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), v)
+                          if key in stacked else v) for key, v in abstract.items()}
+        if mesh is not None:
+            from rlhf_jax.train.reward_ensemble import ensemble_param_shardings
+            members = ensemble_param_shardings(model, mesh)
+            shardings = {key: members[key] if key in stacked else v
+                         for key, v in shardings.items()}
+    if mesh is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+    return abstract
 
 
 # ---- stage records ----------------------------------------------------------------------

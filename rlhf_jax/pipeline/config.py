@@ -14,6 +14,7 @@ from typing import Literal
 from rlhf_jax import sharding
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.control import KLController
+from rlhf_jax.losses.ensemble import AGGREGATIONS
 from rlhf_jax.rollout.sampler import SamplingConfig
 from rlhf_jax.tasks.arithmetic.config import ArithmeticConfig
 from rlhf_jax.train.dpo import DPOConfig
@@ -71,6 +72,10 @@ class DataConfig:
       domains: sentiment domains (``movie_reviews``, ``tweets``, ``editorials``,
         ``product_reviews``); ``None`` = all.
       margin: minimum difference of human mean ratings for a sentiment preference pair.
+      max_preferences: sentiment task: keep a random subset of this many training
+        comparisons (drawn with ``seed``; the held-out ones are untouched), e.g. a small slice
+        that makes a reward model a policy can exploit; ``None``: all. The ``files`` task
+        refuses it (select the records in the file instead).
       min_words, max_words: sentiment snippet length filter (words).
       opening_words: words of a held-out snippet pre-filled as the start of a sentiment
         RL prompt's response.
@@ -91,6 +96,7 @@ class DataConfig:
     unpaired: str | None = None
     domains: tuple[str, ...] | None = ("movie_reviews",)
     margin: float = 1.0
+    max_preferences: int | None = None
     min_words: int = 6
     max_words: int = 24
     opening_words: int = 3
@@ -99,6 +105,11 @@ class DataConfig:
     prompt_buckets: tuple[int, ...] = (32, 48)
     skip_invalid: bool = True
     seed: int = 0
+
+    def __post_init__(self):
+        if self.max_preferences is not None and self.max_preferences < 1:
+            raise ValueError(f"DataConfig.max_preferences must be >= 1 or None, got "
+                             f"{self.max_preferences}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,7 +131,25 @@ class RMStageConfig:
       eval_pairs: held-out comparisons for the reported accuracy.
       normalize_prompts: SFT samples used to set the reward's gain/bias (mean 0, std 1 on
         the SFT policy's samples, Ziegler et al. 2019 §2.2); 0 disables it. They are sampled
-        with ``ppo.ppo.sampling``.
+        with ``ppo.ppo.sampling``. An ensemble normalises every member on the same samples
+        separately (its own gain/bias), and the WARM weight average too.
+      ensemble: K >= 1 reward models trained together in one vmapped step
+        (``rlhf_jax.train.reward_ensemble``; Coste et al. 2023, "Reward Model Ensembles Help
+        Mitigate Overoptimization"), on the same batches; they differ by their head's
+        initialisation and a per-member bootstrap of the comparisons. The stage saves the
+        members stacked on a leading ``[K]`` axis; ``ppo.reward_aggregation`` says how RL
+        combines them. ``None``: one reward model.
+      ensemble_trunk: ``"separate"`` (``None``): K full reward models, each on its own copy of
+        the SFT trunk (all trained as a single one would be); ``"shared"``: K scalar heads on
+        one frozen SFT trunk (the trunk runs once per batch; only the heads train; K times
+        cheaper, diversity in the heads only).
+      bootstrap: the members' data: ``"poisson"`` (``None``): per-step weights
+        ``w[k, b] ~ Poisson(1)`` of every comparison for every member (the Poisson bootstrap,
+        Oza & Russell 2001); ``"none"``: every member sees every comparison once.
+
+    Raises:
+      ValueError: ``ensemble < 1``, an unknown ``ensemble_trunk`` / ``bootstrap``, or either
+        set without ``ensemble``.
     """
 
     steps: int = 100
@@ -130,6 +159,21 @@ class RMStageConfig:
     step: RewardConfig = RewardConfig()
     eval_pairs: int = 512
     normalize_prompts: int = 64
+    ensemble: int | None = None
+    ensemble_trunk: Literal["separate", "shared"] | None = None
+    bootstrap: Literal["poisson", "none"] | None = None
+
+    def __post_init__(self):
+        if self.ensemble is not None and self.ensemble < 1:
+            raise ValueError(f"rm.ensemble must be >= 1 members (or None), got {self.ensemble}")
+        if self.ensemble_trunk not in (None, "separate", "shared"):
+            raise ValueError(f"rm.ensemble_trunk must be 'separate' or 'shared', got "
+                             f"{self.ensemble_trunk!r}")
+        if self.bootstrap not in (None, "poisson", "none"):
+            raise ValueError(f"rm.bootstrap must be 'poisson' or 'none', got {self.bootstrap!r}")
+        if self.ensemble is None and (self.ensemble_trunk or self.bootstrap):
+            raise ValueError(f"rm.ensemble_trunk={self.ensemble_trunk!r} / rm.bootstrap="
+                             f"{self.bootstrap!r} need rm.ensemble (the number of members)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,12 +204,37 @@ class PPOStageConfig:
         Overoptimization", Fig. 1). ``None``: no probe.
       probe_prompts: size of the probe set (default 64), sampled in ``eval.batch_size``
         batches.
+      refresh_every: iterated RLHF (``rlhf_jax.pipeline.refresh``): every this many
+        iterations, the current policy's samples on ``refresh_pairs`` prompts (two per
+        prompt; default 64) are labelled by the task's gold reward through a Bradley-Terry
+        draw at temperature ``refresh_temperature`` (default 0.1, in gold-reward units), and
+        the proxy reward model takes ``refresh_steps`` (default 16) steps alternating these
+        accumulated comparisons with the original ones, then RL continues against it (Bai et
+        al. 2022 §4.5; Gao et al. 2023 §5). Needs a single reward model
+        (``reward_model_weight != 0``, no ensemble). ``None``: the reward model stays fixed.
+      refresh_pairs, refresh_steps, refresh_temperature: see ``refresh_every``.
       optimizer: the policy's optimizer. Its schedule's ``total_steps`` is set by the stage
         to the number of updates, ``iterations x ppo.num_ppo_epochs x ppo.num_minibatches``
         (one per minibatch), so a decay ends with the last iteration.
       value_optimizer: optimizer of the separate value model (``ppo.value_model =
-        "separate"``; initialised from the reward model, as in Ouyang et al. 2022 §3.5);
-        unused with a shared value head or a critic-free estimator.
+        "separate"``; initialised from the reward model, as in Ouyang et al. 2022 §3.5: from
+        the WARM average or member 0 of an ensemble reward model); unused with a shared
+        value head or a critic-free estimator.
+      reward_aggregation: how the members of an ensemble reward model (``rm.ensemble``)
+        make one reward, from their normalised scores ``s[k, b]``: a key of
+        ``rlhf_jax.losses.ensemble.AGGREGATIONS`` - ``"mean"`` (``None``), ``"min"``
+        (worst-case optimisation), ``"mean_minus_std"`` / ``"mean_minus_var"`` (mean minus
+        ``λ`` times the between-member std / variance: uncertainty-weighted optimisation);
+        Coste et al. 2023 §3 - or ``"warm"``: the members' weights averaged into one reward
+        model (WARM, Ramé et al. 2024, "WARM: On the Benefits of Weight Averaged Reward
+        Models", §3), which then runs exactly like a single one. Every other aggregation
+        scores with all K members, so the RL step runs staged (the score on device, summed on
+        the host) and logs the between-member std of the normalised scores on the rollouts
+        (``reward/reward_model/member_std``). The evaluation's and the probe's reward-model
+        score use the same aggregation. Ignored with a single reward model.
+      reward_uncertainty_coef: ``λ >= 0`` of ``mean_minus_std`` (reward units per unit of
+        std; the scores are normalised to std 1 on SFT samples) and ``mean_minus_var``
+        (per squared unit); ``None``: 1.0.
     """
 
     iterations: int = 40
@@ -178,13 +247,26 @@ class PPOStageConfig:
     max_sampling_rounds: int = 4
     probe_every: int | None = None
     probe_prompts: int | None = None
+    refresh_every: int | None = None
+    refresh_pairs: int | None = None
+    refresh_steps: int | None = None
+    refresh_temperature: float | None = None
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
     value_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
     ppo: PPOConfig = PPOConfig(sampling=SamplingConfig(max_new_tokens=24, eos_token_id=2,
                                                        pad_token_id=2),
                                num_ppo_epochs=2, kl=KLController(kind="fixed", init_kl_coef=0.05))
+    reward_aggregation: str | None = None
+    reward_uncertainty_coef: float | None = None
 
     def __post_init__(self):
+        if self.reward_aggregation is not None and self.reward_aggregation not in (
+                *AGGREGATIONS, "warm"):
+            raise ValueError(f"ppo.reward_aggregation {self.reward_aggregation!r} is not one of "
+                             f"{', '.join(sorted((*AGGREGATIONS, 'warm')))}")
+        if self.reward_uncertainty_coef is not None and not self.reward_uncertainty_coef >= 0:
+            raise ValueError(f"ppo.reward_uncertainty_coef must be >= 0, got "
+                             f"{self.reward_uncertainty_coef}")
         if self.dynamic_sampling and self.ppo.num_samples < 2:
             raise ValueError(f"ppo.dynamic_sampling needs ppo.ppo.num_samples >= 2 (groups to "
                              f"compare), got {self.ppo.num_samples}")

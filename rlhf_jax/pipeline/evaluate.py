@@ -24,10 +24,9 @@ from rlhf_jax.metrics import progress, read_jsonl
 from rlhf_jax.pipeline.artifacts import write_json_atomic
 from rlhf_jax.pipeline.registry import register_stage
 from rlhf_jax.pipeline.run import Run, gather_rows, local_rows
-from rlhf_jax.pipeline.stages import prompt_batches
+from rlhf_jax.pipeline.stages import prompt_batches, reward_model_scorer
 from rlhf_jax.rollout.postprocess import decode
 from rlhf_jax.rollout.sampler import SamplingConfig, make_sampler
-from rlhf_jax.train.common import sequence_scores
 from rlhf_jax.train.ppo import policy_forward
 
 log = logging.getLogger(__name__)
@@ -62,12 +61,14 @@ def _local_row_indices(mesh, batch_size: int) -> np.ndarray:
 
 
 def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns, sampling,
-                   sampler, logp_fn, score_fn, key_offset: int = 1000, num_samples: int = 1,
+                   sampler, logp_fn, key_offset: int = 1000, num_samples: int = 1,
                    judge_only: bool = False, gold: bool = False):
     """Per-row results of one policy on this process's rows, gathered across processes; with
     a ``sampler`` of ``num_samples = k`` responses per prompt, ``k`` consecutive rows per
-    prompt. ``judge_only``: no KL and reward-model forwards (the mean@k samples); ``gold``:
-    the ``"judge"`` column holds the task's gold reward (``Task.gold_score``)."""
+    prompt. ``rm``: a ``RewardModelScorer`` (``stages.reward_model_scorer``: the normalised,
+    for an ensemble aggregated, reward-model score fills the ``"rm"`` column) or ``None``.
+    ``judge_only``: no KL and reward-model forwards (the mean@k samples); ``gold``: the
+    ``"judge"`` column holds the task's gold reward (``Task.gold_score``)."""
     ref_model, ref_params = ref
     e = run.cfg.eval
     rows = _local_row_indices(run.mesh, e.batch_size)
@@ -95,9 +96,7 @@ def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns,
                          prompt_len=p_len, sampling=sampling)[0]
             cols["kl"].append(local_rows(sequence_kl(lp, lr, s.response_mask)))
             if rm is not None:
-                rm_model, rm_params, rm_meta = rm
-                sc = local_rows(score_fn(rm_model, rm_params, s.tokens, s.positions, s.attn_mask))
-                cols["rm"].append(sc * rm_meta.get("reward_gain", 1.0) + rm_meta.get("reward_bias", 0.0))
+                cols["rm"].append(local_rows(rm(s.tokens, s.positions, s.attn_mask)["score"]))
     index = np.concatenate(cols["index"])
     full = [prefixes[j] + t for j, t in zip(index, texts)]
     local = {k: np.concatenate(v).astype(np.float64) for k, v in cols.items()
@@ -117,8 +116,10 @@ def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns,
                 description="judged evaluation of every trained policy, and the report")
 def run_eval(run: Run) -> dict:
     """Sample every finished policy on the same held-out prompts with the same key; judge
-    (the task's judge), score (the reward model), measure KL to the SFT reference under the
-    sampled (tempered) distribution; write ``summary.json`` and the report."""
+    (the task's judge), score (the reward model, normalised; an ensemble aggregated with
+    ``ppo.reward_aggregation`` as RL used it, ``stages.reward_model_scorer``), measure KL to
+    the SFT reference under the sampled (tempered) distribution; write ``summary.json`` and
+    the report."""
     e = run.cfg.eval
     names = [n for n in ("sft", "ppo", "dpo") if run.files(n).complete]
     policies = {n: run.load_final(n) for n in names}
@@ -126,7 +127,7 @@ def run_eval(run: Run) -> dict:
         model, params = run.initial_policy()
         policies = {"initial": (model, params, {}), **policies}
     baseline = next(iter(policies))
-    rm = run.load_final("rm") if run.files("rm").complete else None
+    rm = reward_model_scorer(run, *run.load_final("rm")) if run.files("rm").complete else None
     batches, prefixes = prompt_batches(run, "eval_prompts", e.num_prompts, e.batch_size)
     columns = run.prompt_dataset("eval_prompts").columns
     ref_model, ref_params, _ = policies[baseline]
@@ -136,7 +137,6 @@ def run_eval(run: Run) -> dict:
     # Response log-probs under the distribution sampled from (temperature, EOS constraint), so
     # the mean of log pi - log ref over samples estimates KL(pi_tau || ref_tau).
     logp_fn = jax.jit(policy_forward, static_argnames=("model", "prompt_len", "sampling"))
-    score_fn = jax.jit(sequence_scores, static_argnames=("model",))
     sampling_k = run.sampling(SamplingConfig(
         max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
         temperature=e.sample_temperature))
@@ -145,12 +145,12 @@ def run_eval(run: Run) -> dict:
         arch = (model.cfg, model.kind)  # one jitted sampler (one compile) per architecture
         sampler = samplers.get(arch) or samplers.setdefault(arch, make_sampler(model, sampling))
         args = (run, model, params, (ref_model, ref_params), rm, batches, prefixes, columns)
-        results[name], texts = _sample_policy(*args, sampling, sampler, logp_fn, score_fn)
+        results[name], texts = _sample_policy(*args, sampling, sampler, logp_fn)
         samples[name] = texts
         if e.num_samples > 1 and run.task.judge is not None:  # one prefill per prompt
             sampler_k = samplers.get((*arch, "k")) or samplers.setdefault(
                 (*arch, "k"), make_sampler(model, sampling_k, num_samples=e.num_samples))
-            draws = _sample_policy(*args, sampling_k, sampler_k, logp_fn, score_fn,
+            draws = _sample_policy(*args, sampling_k, sampler_k, logp_fn,
                                    key_offset=5000, num_samples=e.num_samples,
                                    judge_only=True)[0]["judge"]
             results[name]["judge_mean_at_k"] = draws.reshape(-1, e.num_samples).mean(axis=1)
@@ -196,7 +196,7 @@ def _summarise(run: Run, results: dict, samples: dict, rm, baseline: str) -> dic
         rows.append(row)
         summary[name] = entry
         run.logger.log(0, {f"eval/{k}": v for k, v in entry.items()}, stage=f"eval_{name}")
-    rm_acc = rm[2].get("heldout_accuracy") if rm is not None else None
+    rm_acc = rm.meta.get("heldout_accuracy") if rm is not None else None
     summary["rm_heldout_accuracy"] = rm_acc
     summary["baseline"] = baseline
     summary["data"] = run.data_metrics()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.losses.ensemble import aggregate, get_aggregation, member_std, warm_average
 from rlhf_jax.losses.reward import normalization_gain_bias
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.pipeline.registry import get_stage, register_stage
@@ -28,7 +30,16 @@ from rlhf_jax.train.dpo import make_dpo_eval, make_dpo_step
 from rlhf_jax.train.ppo import (PPOStages, init_ppo_state, make_ppo_iteration, policy_forward,
                                 ppo_state_shardings)
 from rlhf_jax.train.reward import make_reward_eval, make_reward_step
+from rlhf_jax.train.reward_ensemble import (EnsembleConfig, create_ensemble_state,
+                                            ensemble_param_shardings, ensemble_sequence_scores,
+                                            ensemble_state_shardings, heads_model,
+                                            init_ensemble_params, init_heads,
+                                            make_ensemble_reward_eval, make_ensemble_reward_step,
+                                            make_multihead_reward_eval,
+                                            make_multihead_reward_step, member,
+                                            multihead_sequence_scores)
 from rlhf_jax.train.sft import make_sft_step
+from rlhf_jax.train.state import make_optimizer
 from rlhf_jax.types import PromptBatch
 
 log = logging.getLogger(__name__)
@@ -109,36 +120,41 @@ def run_rm(run: Run) -> None:
     """Stage 2: a scalar reward model on the SFT trunk (optionally truncated), trained on the
     task's comparisons (Bradley-Terry / K-way ranking, Ouyang et al. 2022 §3.5), evaluated on
     held-out comparisons, and normalised to mean 0, std 1 on SFT samples (Ziegler et al. 2019
-    §2.2; sampled with the PPO rollout's settings)."""
+    §2.2; sampled with the PPO rollout's settings). With ``rm.ensemble = K``: K reward models
+    trained together on the same batches (``_run_rm_ensemble``)."""
     c, p = run.cfg.rm, run.cfg.policy
     run.begin(get_stage("rm"))
     sft_model, sft_params, _ = run.load_final("sft")
     n_layers = p.reward_layers or sft_model.cfg.n_layers
     rm = Model(dataclasses.replace(sft_model.cfg, n_layers=n_layers,
                                    frozen_layers=p.reward_frozen_layers), kind="scalar")
-    params = run.with_head(_truncate_trunk(sft_params, n_layers), rm,
-                           jax.random.key(run.cfg.seed + 2))
+    trunk_params = _truncate_trunk(sft_params, n_layers)
     num_candidates = 2 if c.step.loss == "pairwise" else None
     data = run.preference_dataset("preferences", num_candidates)
+    eval_data = (run.preference_dataset("eval_preferences", num_candidates)
+                 if run.task.has("eval_preferences") else None)
+    bcfg = run.batch_config(c.batch_size, seed_offset=2, num_candidates=num_candidates)
+    if c.ensemble:
+        _run_rm_ensemble(run, sft_model, sft_params, rm, trunk_params, data, eval_data, bcfg)
+        return
+    params = run.with_head(trunk_params, rm, jax.random.key(run.cfg.seed + 2))
     tx, state, shardings = run.train_state(rm, params, c.optimizer, c.steps, 2)
     evaluate = make_reward_eval(rm, c.step)
     eval_fn = None
-    if run.task.has("eval_preferences"):
-        eval_data = run.preference_dataset("eval_preferences", num_candidates)
-
+    if eval_data is not None:
         def eval_fn(state, step):
             return eval_pairs(run, lambda b: evaluate(state.params, b), eval_data, c.eval_pairs,
                               c.batch_size)
 
     step = make_reward_step(rm, tx, c.step, state_sharding=shardings,
                             batch_sharding=run.batch_sharding())
-    bcfg = run.batch_config(c.batch_size, seed_offset=2, num_candidates=num_candidates)
     result = run.loop("rm", step, state, run.batches(data, bcfg), c.steps, rm,
                       loss_key="rm/loss", eval_fn=eval_fn)
     gain, bias = 1.0, 0.0
     if c.normalize_prompts:
-        scores = _sft_sample_scores(run, sft_model, sft_params, rm, result.state.params,
-                                    c.normalize_prompts)
+        scores = _sft_sample_scores(
+            run, sft_model, sft_params, lambda q, t, pos, m: sequence_scores(rm, q, t, pos, m),
+            (result.state.params,), c.normalize_prompts)
         gain, bias = (float(x) for x in normalization_gain_bias(jnp.asarray(scores)))
     final_eval = result.records[-1] if result.records else {}
     run.finish("rm", rm, result.state.params,
@@ -146,19 +162,262 @@ def run_rm(run: Run) -> None:
                 "heldout_accuracy": final_eval.get("rm/accuracy")})
 
 
-def _sft_sample_scores(run: Run, sft_model, sft_params, rm, rm_params, count: int) -> np.ndarray:
-    """Reward-model scores ``[count']`` of SFT samples on the RL prompts (all processes)."""
+def _run_rm_ensemble(run: Run, sft_model: Model, sft_params: Params, rm: Model,
+                     trunk_params: Params, data, eval_data, bcfg) -> None:
+    """The ``rm`` stage with ``rm.ensemble = K`` members (``rlhf_jax.train.reward_ensemble``):
+    the single reward model's data, batches, held-out evaluation and loop, one vmapped step
+    for all members.
+
+    * ``rm.ensemble_trunk = "separate"``: K scalar models on copies of the (truncated) SFT
+      trunk, heads drawn from ``fold_in(key(seed + 2), k)``, every member trained like the
+      single model (its frozen layers included); saved params ``[K, ...]`` on every leaf.
+    * ``"shared"``: K heads on the SFT trunk, which is frozen whole and run once per batch;
+      saved params ``{"trunk": [...], "value_head": [K, ...]}``.
+
+    Members see the batch through per-member bootstrap weights (``rm.bootstrap``). Logged:
+    ``rm/loss`` / ``rm/accuracy`` pooled over members, ``rm/member{k}/...`` each member's and
+    ``rm/ensemble/...`` the ``mean`` of the members' raw scores (training and held-out), and
+    ``rm/ensemble/std``, the between-member std of the raw scores. ``heldout_accuracy`` is
+    the ensemble's (``rm/ensemble/accuracy``), ``member_heldout_accuracy`` each member's.
+
+    Normalisation (Ziegler et al. 2019 §2.2, ``rm.normalize_prompts``): every member, and the
+    WARM weight average (Ramé et al. 2024 §3; ``warm_reward_params``), gets its own gain/bias
+    mapping its scores of the same SFT samples to mean 0, std 1: members trained apart differ
+    in offset and scale, which ``min`` or the between-member std would otherwise read as
+    disagreement (Coste et al. 2023 normalise each member too). ``model.json`` records
+    ``ensemble``, ``ensemble_trunk``, ``reward_gain`` / ``reward_bias`` (lists of K),
+    ``warm_gain`` / ``warm_bias``.
+    """
+    c = run.cfg.rm
+    k = c.ensemble
+    trunk_kind = c.ensemble_trunk or "separate"
+    shared = trunk_kind == "shared"
+    ecfg = EnsembleConfig(reward=c.step, num_members=k, bootstrap=c.bootstrap or "poisson")
+    rng = jax.random.key(run.cfg.seed + 2)
+    member_shardings = ensemble_param_shardings(rm, run.mesh)
+    trunk_sharding = {"trunk": rm.param_shardings(run.mesh)["trunk"]}
+    frozen: tuple = ()
+    with jax.set_mesh(run.mesh):
+        if shared:
+            frozen = (jax.device_put({"trunk": trunk_params["trunk"]}, trunk_sharding),)
+            trained_shardings = {"value_head": member_shardings["value_head"]}
+            params = init_heads(rm, k, rng, out_shardings=trained_shardings)
+        else:
+            trained_shardings = member_shardings
+            params = init_ensemble_params(rm, trunk_params, k, rng, out_shardings=member_shardings)
+    tx, state, shardings = _ensemble_train_state(
+        run, params, trained_shardings, c.optimizer, c.steps, 2,
+        frozen_layers=0 if shared else rm.cfg.frozen_layers)
+    if shared:
+        step = make_multihead_reward_step(rm, tx, ecfg, state_sharding=shardings,
+                                          batch_sharding=run.batch_sharding(),
+                                          trunk_sharding=trunk_sharding)
+        evaluate = make_multihead_reward_eval(rm, ecfg)
+    else:
+        step = make_ensemble_reward_step(rm, tx, ecfg, state_sharding=shardings,
+                                         batch_sharding=run.batch_sharding())
+        evaluate = make_ensemble_reward_eval(rm, ecfg)
+    eval_fn = None
+    if eval_data is not None:
+        def eval_fn(state, step):
+            return eval_pairs(run, lambda b: evaluate(state.params, b, *frozen), eval_data,
+                              c.eval_pairs, c.batch_size)
+
+    result = run.loop("rm", step, state, run.batches(data, bcfg), c.steps, rm, frozen=frozen,
+                      loss_key="rm/loss", eval_fn=eval_fn)
+    params = {**frozen[0], **result.state.params} if shared else result.state.params
+    warm = warm_reward_params(run, rm, params, trunk_kind)
+    gains, biases = [1.0] * (k + 1), [0.0] * (k + 1)
+    if c.normalize_prompts:
+        scorer_model = scoring_model(rm, trunk_kind)
+
+        def score(q, w, t, pos, m):  # [B, K + 1]: the members, then the WARM average
+            members = ensemble_raw_scores(scorer_model, trunk_kind, q, t, pos, m)
+            return jnp.concatenate([members, sequence_scores(rm, w, t, pos, m)[None]]).T
+        scores = _sft_sample_scores(run, sft_model, sft_params, score, (params, warm),
+                                    c.normalize_prompts)
+        pairs = [normalization_gain_bias(jnp.asarray(scores[:, j])) for j in range(k + 1)]
+        gains, biases = ([float(x[i]) for x in pairs] for i in (0, 1))
+    final_eval = result.records[-1] if result.records else {}
+    members_acc = [final_eval.get(f"rm/member{j}/accuracy") for j in range(k)]
+    run.finish("rm", rm, params,
+               {"ensemble": k, "ensemble_trunk": trunk_kind, "bootstrap": ecfg.bootstrap,
+                "reward_gain": gains[:k], "reward_bias": biases[:k],
+                "warm_gain": gains[k], "warm_bias": biases[k],
+                "heldout_accuracy": final_eval.get("rm/ensemble/accuracy"),
+                "member_heldout_accuracy": members_acc if final_eval else None})
+
+
+def _ensemble_train_state(run: Run, params: Params, param_shardings, opt, total_steps: int,
+                          seed_offset: int, *, frozen_layers: int):
+    """``(tx, state, state_shardings)`` of stacked ``[K, ...]`` ``params`` (as
+    ``Run.train_state`` for one model): ``tx`` built for one member (its frozen-layer and
+    weight-decay masks per member tree), the state born sharded with the member axis
+    replicated (``ensemble_state_shardings``); ``params`` is donated."""
+    opt = dataclasses.replace(opt, total_steps=max(total_steps, opt.warmup_steps, 1))
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+    tx = make_optimizer(opt, one, frozen_layers=frozen_layers)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shardings = ensemble_state_shardings(param_shardings, tx, abstract, run.mesh)
+    with jax.set_mesh(run.mesh):
+        state = jax.jit(lambda q, r: create_ensemble_state(q, tx, r), out_shardings=shardings,
+                        donate_argnums=(0,))(params, jax.random.key(run.cfg.seed + seed_offset))
+    return tx, state, shardings
+
+
+def _sft_sample_scores(run: Run, sft_model, sft_params, score: Callable, score_params: tuple,
+                       count: int) -> np.ndarray:
+    """Reward-model scores ``[count', ...]`` of SFT samples on the RL prompts (all processes):
+    ``score(*score_params, tokens, positions, attn_mask) -> [B, ...]`` (rows first) on every
+    sampled batch."""
     sampler = make_sampler(sft_model, run.sampling(run.cfg.ppo.ppo.sampling))
-    score = jax.jit(lambda p, t, pos, m: sequence_scores(rm, p, t, pos, m),
-                    out_shardings=run.batch_sharding())
+    score_fn = jax.jit(score, out_shardings=run.batch_sharding())
     out = []
     batches, _ = prompt_batches(run, "prompts", count, min(count, 32))
     with jax.set_mesh(run.mesh):
         for i, batch in enumerate(batches):
             b = run.place(batch)
             s = sampler(sft_params, b.tokens, b.attn_mask, jax.random.key(run.cfg.seed + 100 + i))
-            out.append(gather_rows(local_rows(score(rm_params, s.tokens, s.positions, s.attn_mask))))
+            out.append(gather_rows(local_rows(score_fn(*score_params, s.tokens, s.positions,
+                                                       s.attn_mask))))
     return np.concatenate(out)
+
+
+# ---- reward-model ensembles: scoring ------------------------------------------------------
+def scoring_model(rm: Model, trunk_kind: str) -> Model:
+    """The model ``ensemble_raw_scores`` runs: ``rm`` itself for ``"separate"`` members,
+    ``heads_model(rm)`` (every layer frozen: the trunk runs once) for ``"shared"``. Build it
+    outside any trace (a ``Model`` is built eagerly, which fails under an active mesh)."""
+    return heads_model(rm) if trunk_kind == "shared" else rm
+
+
+def ensemble_raw_scores(model: Model, trunk_kind: str, params: Params, tokens: jax.Array,
+                        positions: jax.Array, attn_mask: jax.Array) -> jax.Array:
+    """Every member's raw score ``[K, B]`` float32 (reward units, before normalisation) of
+    sequences ``[B, T]``, from an ensemble's stacked params (``artifacts.load_final``):
+    ``trunk_kind="separate"``: K full models (``ensemble_sequence_scores``); ``"shared"``: K
+    heads on one trunk, which runs once (``multihead_sequence_scores``). ``model`` is
+    ``scoring_model(rm, trunk_kind)``."""
+    if trunk_kind == "shared":
+        return multihead_sequence_scores(model, {"value_head": params["value_head"]},
+                                         {"trunk": params["trunk"]}, tokens, positions, attn_mask)
+    return ensemble_sequence_scores(model, params, tokens, positions, attn_mask)
+
+
+def warm_reward_params(run: Run, rm: Model, params: Params, trunk_kind: str) -> Params:
+    """WARM (Ramé et al. 2024 §3): one scalar reward model ``rm``'s params, the uniform
+    average ``(1/K) Σ_k φ_k`` of an ensemble's stacked params (``"shared"``: the trunk as it
+    is, the K heads averaged). Computed under jit straight into ``rm``'s shardings."""
+    shardings = rm.param_shardings(run.mesh)
+    with jax.set_mesh(run.mesh):
+        if trunk_kind == "shared":
+            head = jax.jit(warm_average, out_shardings=shardings["value_head"])(params["value_head"])
+            return {"trunk": params["trunk"], "value_head": head}
+        return jax.jit(warm_average, out_shardings=shardings)(params)
+
+
+def ensemble_member_params(params: Params, meta: dict, k: int) -> Params:
+    """Member ``k``'s params (one scalar model) of an ensemble's stacked params; ``meta`` is
+    the ``rm`` stage's ``model.json`` (its ``ensemble_trunk``)."""
+    if (meta.get("ensemble_trunk") or "separate") == "shared":
+        return {"trunk": params["trunk"], "value_head": member(params["value_head"], k)}
+    return member(params, k)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelScorer:
+    """The reward model as RL, the gold-vs-proxy probe and the evaluation use it: normalised
+    and, for an ensemble, aggregated.
+
+    Attributes:
+      model: the scalar reward model (one member's architecture for an ensemble).
+      params: its params: one model's (a single RM, or the WARM average), or an ensemble's
+        stacked ones (``artifacts.load_final``).
+      meta: the ``rm`` stage's ``model.json`` (WARM: with ``reward_gain`` / ``reward_bias``
+        replaced by the average's ``warm_gain`` / ``warm_bias``).
+      fn: jitted ``(params, tokens, positions, attn_mask [B, T]) -> {"score": [B]}`` float32,
+        rows sharded like the batch: ``gain * s + bias`` for one model; for an ensemble
+        ``aggregate(gain_k * s_kb + bias_k)`` over members plus ``"std": [B]``, the
+        between-member std of the normalised scores (population, ddof 0).
+      ensemble: K for an aggregated ensemble; ``None`` for one model (WARM included).
+      aggregation: the aggregation's name (``None`` for one model).
+      gain, bias: the normalisation: floats for one model, K-tuples for an ensemble.
+    """
+
+    model: Model
+    params: Params
+    meta: dict
+    fn: Callable
+    ensemble: int | None
+    aggregation: str | None
+    gain: float | tuple
+    bias: float | tuple
+
+    def __call__(self, tokens, positions, attn_mask, params=None) -> dict[str, jax.Array]:
+        """``fn`` with ``params`` (default: ``self.params``)."""
+        return self.fn(self.params if params is None else params, tokens, positions, attn_mask)
+
+
+def reward_model_scorer(run: Run, rm: Model, params: Params, meta: dict, *,
+                        aggregation: str | None = None,
+                        coef: float | None = None) -> RewardModelScorer:
+    """The normalised (and aggregated) reward-model score of the ``rm`` stage's output.
+
+    One reward model: ``r_b = gain * s_b + bias`` (``reward_gain`` / ``reward_bias`` of
+    ``meta``; Ziegler et al. 2019 §2.2). An ensemble (``meta["ensemble"] = K``):
+    ``aggregation="warm"`` replaces the members by their weight average (WARM, Ramé et al.
+    2024 §3; ``warm_reward_params``) with its own ``warm_gain`` / ``warm_bias``, after which it
+    is one reward model; any other aggregation (``rlhf_jax.losses.ensemble.AGGREGATIONS``,
+    Coste et al. 2023 §3) normalises each member first, ``s'_kb = gain_k s_kb + bias_k``,
+    then aggregates over k (``λ = coef`` for ``mean_minus_*``), in one jitted function that
+    also returns the between-member std of ``s'``.
+
+    Args:
+      rm, params, meta: ``run.load_final("rm")``.
+      aggregation: default ``ppo.reward_aggregation`` (``None``: ``"mean"``).
+      coef: ``λ >= 0``; default ``ppo.reward_uncertainty_coef`` (``None``: 1.0).
+
+    Raises:
+      ValueError: an unknown aggregation, or an ensemble whose ``model.json`` lacks K
+        gains / biases (names the field).
+    """
+    c = run.cfg.ppo
+    aggregation = aggregation or c.reward_aggregation or "mean"
+    coef = coef if coef is not None else (c.reward_uncertainty_coef
+                                          if c.reward_uncertainty_coef is not None else 1.0)
+    if aggregation != "warm":
+        get_aggregation(aggregation)  # raises on an unknown name
+    k = meta.get("ensemble")
+    rows = run.batch_sharding()
+    if not k or aggregation == "warm":
+        if k:
+            params = warm_reward_params(run, rm, params, meta.get("ensemble_trunk") or "separate")
+            meta = {**meta, "reward_gain": meta.get("warm_gain", 1.0),
+                    "reward_bias": meta.get("warm_bias", 0.0)}
+        gain, bias = float(meta.get("reward_gain", 1.0)), float(meta.get("reward_bias", 0.0))
+
+        def single(q, tokens, positions, attn_mask):
+            return {"score": sequence_scores(rm, q, tokens, positions, attn_mask) * gain + bias}
+        return RewardModelScorer(rm, params, meta, jax.jit(single, out_shardings=rows), None,
+                                 None, gain, bias)
+    gains, biases = meta.get("reward_gain"), meta.get("reward_bias")
+    for name, v in (("reward_gain", gains), ("reward_bias", biases)):
+        if not isinstance(v, list) or len(v) != k:
+            raise ValueError(f"rm model.json: an ensemble of {k} members needs {name} as a list "
+                             f"of {k} numbers (one per member), got {v!r}")
+    trunk_kind = meta.get("ensemble_trunk") or "separate"
+    scorer_model = scoring_model(rm, trunk_kind)
+    gain_K = np.asarray(gains, np.float32)[:, None]
+    bias_K = np.asarray(biases, np.float32)[:, None]
+
+    def aggregated(q, tokens, positions, attn_mask):
+        members_KxB = (ensemble_raw_scores(scorer_model, trunk_kind, q, tokens, positions,
+                                           attn_mask)
+                       * gain_K + bias_K)
+        return {"score": aggregate(members_KxB, aggregation, coef),
+                "std": member_std(members_KxB)}
+    return RewardModelScorer(rm, params, meta, jax.jit(aggregated, out_shardings=rows), k,
+                             aggregation, tuple(map(float, gains)), tuple(map(float, biases)))
 
 
 # ---- PPO and the critic-free RL family ----------------------------------------------------
@@ -194,7 +453,16 @@ def run_ppo(run: Run) -> None:
     initialised from the reward model, InstructGPT's choice) or a critic-free, group-sampled
     estimator (GRPO, RLOO, ...). With host rewards or dynamic sampling the iteration runs
     staged (sample on device, reward on the host, learn on device); otherwise it is one
-    jitted function."""
+    jitted function.
+
+    A reward-model ensemble (``rm.ensemble``) is scored through ``reward_model_scorer`` with
+    ``ppo.reward_aggregation``: ``"warm"`` turns it into one reward model (the members'
+    weight average, Ramé et al. 2024) and everything runs as with a single one; any other
+    aggregation runs the iteration staged, the aggregated normalised score being the reward
+    model's (Coste et al. 2023), with ``reward/reward_model/member_std`` logged. A separate
+    value model (``ppo.ppo.value_model = "separate"``) starts from the reward model actually
+    used: the WARM average, or member 0 of an aggregated ensemble (one member: a value
+    model is one scalar model, and any member is as good a start as another)."""
     c = run.cfg.ppo
     run.begin(get_stage("ppo"))
     frozen_layers = run.cfg.policy.frozen_layers
@@ -203,17 +471,23 @@ def run_ppo(run: Run) -> None:
     else:
         start_model, start_params = run.initial_policy()
     reward = rl_reward(run)
-    rm = rm_params = None
+    rm = rm_params = scorer = None
     rm_meta: dict = {}
     if reward.model_weight:
         rm, rm_params, rm_meta = run.load_final("rm")
+        scorer = reward_model_scorer(run, rm, rm_params, rm_meta)
+        rm_params, rm_meta = scorer.params, scorer.meta  # WARM: the averaged model
+        if not rm_meta.get("ensemble") and c.reward_aggregation not in (None, "mean"):
+            log.warning("ppo: reward_aggregation=%r has no effect: the reward model is not an "
+                        "ensemble (rm.ensemble)", c.reward_aggregation)
+    ensemble = scorer is not None and scorer.ensemble is not None
     critic = c.ppo.needs_critic
     separate = critic and c.ppo.value_model == "separate"
     policy = Model(start_model.cfg, kind="lm_value" if critic and not separate else "lm")
     params = run.with_head(start_params, policy, jax.random.key(run.cfg.seed + 3))
     ref_params = jax.tree.map(jnp.copy, params) if c.ppo.uses_reference else None
-    gain, bias = rm_meta.get("reward_gain", 1.0), rm_meta.get("reward_bias", 0.0)
-    staged = bool(reward.functions) or c.dynamic_sampling
+    gain, bias = (scorer.gain, scorer.bias) if scorer is not None and not ensemble else (1.0, 0.0)
+    staged = bool(reward.functions) or c.dynamic_sampling or ensemble
     w = reward.model_weight
     ppo_cfg = dataclasses.replace(
         _share_frozen(c.ppo, policy), sampling=run.sampling(c.ppo.sampling),
@@ -229,8 +503,9 @@ def run_ppo(run: Run) -> None:
                              "reward model; it needs ppo.reward_model_weight != 0 (or use "
                              "value_model='shared')")
         value_model = rm
+        value_init = ensemble_member_params(rm_params, rm_meta, 0) if ensemble else rm_params
         value_tx, value_state, value_shardings = run.train_state(
-            rm, rm_params, c.value_optimizer, updates, 5)
+            rm, value_init, c.value_optimizer, updates, 5)
     state_shardings = ppo_state_shardings(policy_shardings, run.mesh, value_shardings)
     # Built under jit with out_shardings: the controller scalars and the key are born
     # replicated on the (possibly multi-process) mesh, the trained states are moved, not copied.
@@ -242,7 +517,7 @@ def run_ppo(run: Run) -> None:
     bcfg = run.batch_config(c.batch_size, seed_offset=3)
     if staged:
         step = _staged_rl_step(run, policy, tx, ppo_cfg, value_model, value_tx, state_shardings,
-                               ref_sharding, reward, rm, (gain, bias), data, bcfg)
+                               ref_sharding, reward, scorer, data, bcfg)
     else:
         iteration = make_ppo_iteration(
             policy_model=policy, reward_model=rm, policy_tx=tx, cfg=ppo_cfg,
@@ -256,7 +531,7 @@ def run_ppo(run: Run) -> None:
     probe = None
     if c.probe_every:
         probe_ref = ref_params if ref_params is not None else jax.tree.map(jnp.copy, params)
-        probe = gold_proxy_probe(run, policy, probe_ref, rm and (rm, rm_params, rm_meta))
+        probe = gold_proxy_probe(run, policy, probe_ref, scorer)
         ckpts = run.files("ppo").checkpoints
         if not (ckpts.exists() and any(ckpts.iterdir())):  # a fresh start: the step-0 point
             run.logger.drop_after(-1, "ppo_eval")
@@ -273,14 +548,15 @@ def gold_proxy_probe(run: Run, policy: Model, ref_params, rm):
     Samples the policy in ``state`` on the first ``ppo.probe_prompts`` held-out prompts with
     the RL sampling settings and the same key every time, then reports means over the probe
     set: ``gold/score`` (``Task.gold_score``), ``proxy/score`` (the reward model's score with
-    the stage's normalisation; absent without a reward model), ``probe/kl`` (nats per
+    the stage's normalisation and, for an ensemble, aggregation: what RL optimises; absent
+    without a reward model), ``probe/kl`` (nats per
     sequence, ``log pi - log pi_ref`` summed over the response and averaged over samples,
     an unbiased estimate of KL(pi || pi_ref) of the sampled distributions) and
     ``probe/sqrt_kl``. Gao et al. 2023 plot gold and proxy against ``sqrt(KL)``.
 
     Args:
       ref_params: the starting policy's parameters (KL is measured to it).
-      rm: ``(reward model, params, meta with reward_gain/reward_bias)`` or ``None``.
+      rm: the stage's ``RewardModelScorer`` (``reward_model_scorer``) or ``None``.
     """
     from rlhf_jax.pipeline.evaluate import _sample_policy
 
@@ -292,12 +568,11 @@ def gold_proxy_probe(run: Run, policy: Model, ref_params, rm):
     sampling = run.sampling(c.ppo.sampling)
     sampler = make_sampler(policy, sampling)
     logp_fn = jax.jit(policy_forward, static_argnames=("model", "prompt_len", "sampling"))
-    score_fn = jax.jit(sequence_scores, static_argnames=("model",))
 
     def probe(state, step):
         rows, _ = _sample_policy(run, policy, state.policy.params, (policy, ref_params), rm,
                                  batches, prefixes, columns, sampling, sampler, logp_fn,
-                                 score_fn, key_offset=7000, gold=True)
+                                 key_offset=7000, gold=True)
         rows = {k: v[:count] for k, v in rows.items()}
         kl = float(np.mean(rows["kl"]))
         out = {"probe/kl": kl, "probe/sqrt_kl": float(np.sqrt(max(kl, 0.0)))}
@@ -311,22 +586,21 @@ def gold_proxy_probe(run: Run, policy: Model, ref_params, rm):
 
 
 def _staged_rl_step(run: Run, policy: Model, tx, ppo_cfg, value_model, value_tx,
-                    state_shardings, ref_sharding, reward: RewardSum, rm, gain_bias, data, bcfg):
+                    state_shardings, ref_sharding, reward: RewardSum,
+                    scorer: RewardModelScorer | None, data, bcfg):
     """The staged RL step ``(state, batch, ref, reward_params) -> (state, metrics)``: sample
-    ``k`` responses per prompt (device), decode this process's rows and score them with the
-    reward sources (host), optionally refill the batch with informative groups (dynamic
-    sampling), then learn (device)."""
+    ``k`` responses per prompt (device), score them with the reward model (device:
+    ``scorer``, normalised and, for an ensemble, aggregated; ``reward_params`` its params),
+    decode this process's rows and score them with the host reward sources, optionally
+    refill the batch with informative groups (dynamic sampling), then learn (device). An
+    ensemble also logs ``reward/reward_model/member_std``: the mean over rollouts of the
+    between-member std of the normalised scores (reward units)."""
     c = run.cfg.ppo
     k = ppo_cfg.num_samples
     rows_sharding = run.batch_sharding()
     stages = PPOStages(policy_model=policy, policy_tx=tx, cfg=ppo_cfg, value_model=value_model,
                        value_tx=value_tx, state_sharding=state_shardings,
                        row_sharding=rows_sharding, ref_sharding=ref_sharding)
-    score_fn = None
-    if rm is not None:
-        score_fn = jax.jit(lambda p, t, pos, m: sequence_scores(rm, p, t, pos, m),
-                           out_shardings=rows_sharding)
-    gain, bias = gain_bias
     r_len = ppo_cfg.sampling.max_new_tokens
 
     def score_round(state, prompts: PromptBatch, reward_params):
@@ -339,10 +613,16 @@ def _staged_rl_step(run: Run, policy: Model, tx, ppo_cfg, value_model, value_tx,
         responses = [data.prefixes[i] + t for i, t in
                      zip(index, decode(run.tokenizer, local_tokens[:, p_len:], response_mask))]
         columns = {name: [col[i] for i in index] for name, col in data.columns.items()}
-        model_scores = None
-        if score_fn is not None:
-            model_scores = local_rows(score_fn(reward_params, tokens, positions, attn)) * gain + bias
+        model_scores = member_spread = None
+        if scorer is not None:
+            scored = scorer(tokens, positions, attn, reward_params)
+            model_scores = local_rows(scored["score"])
+            if "std" in scored:
+                member_spread = local_rows(scored["std"]).astype(np.float64)
         total, metrics = reward(prompt_texts, responses, columns, model_scores)
+        if member_spread is not None:
+            metrics["reward/reward_model/member_std"] = (float(member_spread.sum()),
+                                                         float(member_spread.size))
         rows = {"tokens": local_tokens, "attn_mask": local_attn, "response_mask": response_mask,
                 "ended": local_rows(out.ended), "scores": total.astype(np.float32)}
         return rows, metrics

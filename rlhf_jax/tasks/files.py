@@ -21,7 +21,16 @@ def open_source(spec: str) -> Any:
 
 @register_task("files")
 def files_task(cfg) -> Task:
-    """The sources of ``cfg.data`` (``None`` roles are absent)."""
+    """The sources of ``cfg.data`` (``None`` roles are absent).
+
+    Raises:
+      ValueError: ``data.max_preferences`` is set (a sentiment-task option: select the
+        records in the file instead).
+    """
+    if cfg.data.max_preferences is not None:
+        raise ValueError(f"data.max_preferences={cfg.data.max_preferences} applies to the "
+                         "sentiment task only; the files task reads every record of "
+                         f"{cfg.data.preferences!r} (select the records in the file instead)")
     sources = {role: open_source(getattr(cfg.data, role)) for role in ROLES
                if getattr(cfg.data, role) is not None}
     return Task(name="files", sources=sources,

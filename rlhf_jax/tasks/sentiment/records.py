@@ -244,5 +244,24 @@ def sentiment_prompt_records(ratings: Sequence[SentimentRating], *, opening_word
     return out
 
 
-__all__ = ["CONTINUE", "INSTRUCTIONS", "sentiment_preference_records", "sentiment_prompt_records",
-           "sentiment_ranking_records", "sentiment_sft_records", "sentiment_unpaired_records"]
+def random_subset(records: Sequence[dict], n: int | None, *, seed: int = 0) -> list[dict]:
+    """``n`` of ``records`` drawn uniformly without replacement (seeded), in their original
+    order; all of them when ``n`` is ``None`` or not smaller than their number. (The
+    preference records come sorted by domain and human mean, so their first ``n`` would be
+    the most negative snippets' pairs, not a sample.)
+
+    Raises:
+      ValueError: ``n < 1``.
+    """
+    if n is None or n >= len(records):
+        return list(records)
+    if n < 1:
+        raise ValueError(f"random_subset: n={n}, expected >= 1 or None")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x5EED])))
+    keep = np.sort(rng.choice(len(records), size=n, replace=False))
+    return [records[i] for i in keep]
+
+
+__all__ = ["CONTINUE", "INSTRUCTIONS", "random_subset", "sentiment_preference_records",
+           "sentiment_prompt_records", "sentiment_ranking_records", "sentiment_sft_records",
+           "sentiment_unpaired_records"]

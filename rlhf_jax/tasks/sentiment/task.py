@@ -53,6 +53,8 @@ def sentiment_records(data, cache_dir=None) -> dict[str, list[dict]]:
 
     def preferences(split):
         recs = r.sentiment_preference_records(splits[split], margin=data.margin, seed=data.seed, **kw)
+        if split == "train":  # data.max_preferences: a random slice of the training pairs
+            recs = r.random_subset(recs, data.max_preferences, seed=data.seed)
         return [{**x, "prompt": _messages(x["prompt"], data.system_prompt)} for x in recs]
 
     unpaired = [{**x, "prompt": _messages(x["prompt"], data.system_prompt)}
@@ -78,6 +80,7 @@ def sentiment_task(cfg) -> Task:
         description=(
             "Human sentiment ratings (Hutto & Gilbert, ICWSM 2014; domains "
             f"{', '.join(cfg.data.domains or ('all',))}): SFT on snippets, reward model on "
-            f"pairs whose mean human ratings differ by >= {cfg.data.margin}, prompts pre-filled "
+            + (f"a random {cfg.data.max_preferences} of the " if cfg.data.max_preferences else "")
+            + f"pairs whose mean human ratings differ by >= {cfg.data.margin}, prompts pre-filled "
             "with a held-out snippet's opening words. Judge: VADER compound score of the review "
             "text (opening + completion), an analyser the reward model never saw."))
