@@ -732,3 +732,75 @@ def test_shared_trunk_ensemble_with_warm_runs_the_fused_path(tiny_run, tmp_path)
     for r in ppo:
         assert "reward/reward_model/member_std" not in r and "reward/total/mean" not in r
         assert np.isfinite(r["objective/score"])
+
+
+def test_iterated_rlhf_refreshes_the_reward_model_and_resumes_mid_round(tiny_run, tmp_path):
+    """``ppo.refresh_every=1``: before iterations 2 and 3 the policy's samples are labelled by
+    the gold reward and the proxy reward model trains on them (and on the human pairs). A run
+    killed right after the first refresh round resumes from the checkpoint that holds the
+    refreshed reward model and the comparison buffer, and ends where the uninterrupted run
+    does."""
+    from rlhf_jax.pipeline import refresh as refresh_module
+
+    def config(sub):
+        cfg = _copy(tiny_run, tmp_path / sub, stages=("ppo",), force_restart=("ppo",),
+                    checkpoint_every=1)
+        return dataclasses.replace(cfg, ppo=dataclasses.replace(
+            cfg.ppo, iterations=3, refresh_every=1, refresh_pairs=8, refresh_steps=2,
+            probe_every=1, probe_prompts=8))
+
+    states = {}
+    original_loop = run_module.run_loop
+
+    def capture(**kwargs):
+        result = original_loop(**kwargs)
+        states[kwargs["out_dir"]] = result.state
+        return result
+
+    full = config("a")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "run_loop", capture)
+        run_pipeline(full)
+
+    killed = config("b")
+    original_refresh = refresh_module.Refresher.refresh
+
+    def refresh_then_sigterm(self, state, round_):
+        out = original_refresh(self, state, round_)
+        if round_ == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(refresh_module.Refresher, "refresh", refresh_then_sigterm)
+        first, _ = _run_logged(killed)
+    assert isinstance(first, StagePreempted)
+    assert Checkpointer(killed.out_dir / "ppo" / "checkpoints").latest_step() == 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "run_loop", capture)
+        _, messages = _run_logged(dataclasses.replace(killed, force_restart=()))
+    assert "ppo: resumed from step 2" in messages
+
+    rows = {}
+    for name, cfg in (("full", full), ("resumed", killed)):
+        ppo = _stage(read_jsonl(cfg.out_dir / "metrics.jsonl"), "ppo")
+        assert [r["step"] for r in ppo] == [1, 2, 3]
+        assert "refresh/round" not in ppo[0]
+        assert [ppo[1]["refresh/round"], ppo[2]["refresh/round"]] == [1.0, 2.0]
+        assert [ppo[1]["refresh/pairs"], ppo[2]["refresh/pairs"]] == [8.0, 16.0]
+        for r in ppo[1:]:
+            assert 0 <= r["refresh/proxy_accuracy"] <= 1 and np.isfinite(r["refresh/rm_loss"])
+        rows[name] = ppo
+    for a, b in zip(rows["full"], rows["resumed"]):
+        for key in ("refresh/proxy_accuracy", "refresh/gold_gap", "refresh/rm_loss",
+                    "ppo/loss/total"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+    end_a, end_b = states[full.out_dir / "ppo"], states[killed.out_dir / "ppo"]
+    _, rm_before, _ = load_final(full.out_dir / "rm" / "final")
+    moved = [float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+             zip(jax.tree.leaves(end_a.rm.params), jax.tree.leaves(rm_before))]
+    assert max(moved) > 0  # the proxy was retrained
+    for x, y in zip(jax.tree.leaves((end_a.ppo.policy.params, end_a.rm.params)),
+                    jax.tree.leaves((end_b.ppo.policy.params, end_b.rm.params))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

@@ -97,11 +97,14 @@ def _integrity(leaves: Sequence[Any]) -> np.ndarray:
     NumPy leaves form their own), and one transfer of the small result.
     """
     groups: dict[Any, list[int]] = {}
+    leaves = list(leaves)
     for i, x in enumerate(leaves):
-        if isinstance(x, jax.Array):
+        if isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding):
             key = tuple(sorted(d.id for d in x.sharding.device_set))
-        else:
+        else:  # host NumPy, or a single-device array (e.g. a host leaf restored by orbax)
             key = "host"
+            if isinstance(x, jax.Array):
+                leaves[i] = np.asarray(x)
         groups.setdefault(key, []).append(i)
     rows = np.zeros((len(leaves), 3), np.uint32)
     outs = []

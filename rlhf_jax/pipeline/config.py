@@ -272,6 +272,13 @@ class PPOStageConfig:
                              f"compare), got {self.ppo.num_samples}")
         if self.max_sampling_rounds < 1:
             raise ValueError(f"ppo.max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
+        for name in ("probe_every", "probe_prompts", "refresh_every", "refresh_pairs",
+                     "refresh_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.refresh_temperature is not None and not self.refresh_temperature > 0:
+            raise ValueError(f"ppo.refresh_temperature must be > 0, got "
+                             f"{self.refresh_temperature}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

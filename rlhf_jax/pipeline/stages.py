@@ -20,6 +20,7 @@ from rlhf_jax.losses.ensemble import aggregate, get_aggregation, member_std, war
 from rlhf_jax.losses.reward import normalization_gain_bias
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.pipeline.registry import get_stage, register_stage
+from rlhf_jax.pipeline.refresh import Refresher, refresh_params
 from rlhf_jax.pipeline.run import Run, gather_rows, local_rows
 from rlhf_jax.rewards import RewardSum, load_reward
 from rlhf_jax.rollout.groups import concat_rounds, informative_groups, select_groups
@@ -528,6 +529,17 @@ def run_ppo(run: Run) -> None:
         def step(state, batch: PromptBatch, ref, reward_params):
             return iteration(state, batch.tokens, batch.attn_mask, ref, reward_params)
 
+    if c.refresh_every:  # iterated RLHF: the loop's state also holds the reward model
+        if scorer is None or ensemble:
+            raise ValueError("ppo.refresh_every retrains the proxy reward model during RL: it "
+                             "needs one reward model (ppo.reward_model_weight != 0, no "
+                             "rm.ensemble aggregation)")
+        rm_opt = dataclasses.replace(run.cfg.rm.optimizer, schedule="constant", warmup_steps=0)
+        rm_tx, rm_state, rm_shardings = run.train_state(rm, rm_params, rm_opt, 1, 6)
+        length = max(run.cfg.data.prompt_buckets) + c.ppo.sampling.max_new_tokens
+        refresher = Refresher(run, policy, rm, rm_tx, rm_shardings, length)
+        step, state = refresher.wrap(step), refresher.init_state(state, rm_state)
+        rm_params = None  # read from the state at every iteration
     probe = None
     if c.probe_every:
         probe_ref = ref_params if ref_params is not None else jax.tree.map(jnp.copy, params)
@@ -570,7 +582,10 @@ def gold_proxy_probe(run: Run, policy: Model, ref_params, rm):
     logp_fn = jax.jit(policy_forward, static_argnames=("model", "prompt_len", "sampling"))
 
     def probe(state, step):
-        rows, _ = _sample_policy(run, policy, state.policy.params, (policy, ref_params), rm,
+        current = rm
+        if rm is not None and refresh_params(state) is not None:  # the refreshed proxy
+            current = dataclasses.replace(rm, params=refresh_params(state))
+        rows, _ = _sample_policy(run, policy, state.policy.params, (policy, ref_params), current,
                                  batches, prefixes, columns, sampling, sampler, logp_fn,
                                  key_offset=7000, gold=True)
         rows = {k: v[:count] for k, v in rows.items()}
