@@ -548,41 +548,6 @@ def test_checkpoint_round_trip_keeps_the_shardings(tiny_run):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
 
 
-def test_gold_proxy_probe_logs_curves_and_survives_resume(tiny_run, tmp_path):
-    """``ppo.probe_every``: gold (the task's gold reward, here VADER), proxy (the normalised
-    reward model) and KL to the starting policy on a fixed probe set, before the first
-    iteration (KL exactly 0: the policy is the reference) and every iteration after; a run
-    killed after iteration 1 resumes without duplicating or losing probe rows."""
-    cfg = _copy(tiny_run, tmp_path, stages=("ppo",), force_restart=("ppo",), checkpoint_every=1)
-    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, probe_every=1,
-                                                           probe_prompts=8))
-    with pytest.MonkeyPatch.context() as mp:
-        calls = []
-        original = stages.gold_proxy_probe
-
-        def probe_then_sigterm(*a, **k):
-            probe = original(*a, **k)
-
-            def wrapped(state, step):
-                out = probe(state, step)
-                calls.append(step)
-                if step == 1:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return out
-            return wrapped
-        mp.setattr(stages, "gold_proxy_probe", probe_then_sigterm)
-        first, _ = _run_logged(cfg)
-    assert isinstance(first, StagePreempted) and calls == [0, 1]
-    run_pipeline(dataclasses.replace(cfg, force_restart=()))
-    probe = _stage(read_jsonl(cfg.out_dir / "metrics.jsonl"), "ppo_eval")
-    assert [r["step"] for r in probe] == [0, 1, 2]
-    assert abs(probe[0]["probe/kl"]) < 1e-5 and probe[0]["probe/sqrt_kl"] < 1e-2
-    for r in probe:
-        assert -1 <= r["gold/score"] <= 1  # VADER compound
-        assert np.isfinite(r["proxy/score"]) and np.isfinite(r["probe/kl"])
-        assert r["probe/sqrt_kl"] == pytest.approx(np.sqrt(max(r["probe/kl"], 0.0)))
-
-
 # ---- reward-model ensembles ------------------------------------------------------------------
 def _run_capturing(cfg: PipelineConfig):
     """``run_pipeline(cfg)`` with each loop's keyword arguments and result recorded per stage
@@ -739,7 +704,8 @@ def test_iterated_rlhf_refreshes_the_reward_model_and_resumes_mid_round(tiny_run
     the gold reward and the proxy reward model trains on them (and on the human pairs). A run
     killed right after the first refresh round resumes from the checkpoint that holds the
     refreshed reward model and the comparison buffer, and ends where the uninterrupted run
-    does."""
+    does. The gold-vs-proxy probe (``ppo.probe_every=1``) logs gold (VADER), the refreshed
+    proxy and KL to the starting policy from step 0, one row per step across the resume."""
     from rlhf_jax.pipeline import refresh as refresh_module
 
     def config(sub):
@@ -790,12 +756,24 @@ def test_iterated_rlhf_refreshes_the_reward_model_and_resumes_mid_round(tiny_run
         for r in ppo[1:]:
             assert 0 <= r["refresh/proxy_accuracy"] <= 1 and np.isfinite(r["refresh/rm_loss"])
         rows[name] = ppo
+        # the gold-vs-proxy probe: step 0 (KL exactly 0: the policy is the reference) and
+        # every iteration, one row per step after the resume
+        probe = _stage(read_jsonl(cfg.out_dir / "metrics.jsonl"), "ppo_eval")
+        assert [r["step"] for r in probe] == [0, 1, 2, 3]
+        assert abs(probe[0]["probe/kl"]) < 1e-5 and probe[0]["probe/sqrt_kl"] < 1e-2
+        for r in probe:
+            assert -1 <= r["gold/score"] <= 1  # VADER compound
+            assert np.isfinite(r["proxy/score"]) and np.isfinite(r["probe/kl"])
+            assert r["probe/sqrt_kl"] == pytest.approx(np.sqrt(max(r["probe/kl"], 0.0)))
+        rows[name + "_probe"] = probe
     for a, b in zip(rows["full"], rows["resumed"]):
         for key in ("refresh/proxy_accuracy", "refresh/gold_gap", "refresh/rm_loss",
                     "ppo/loss/total"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
 
+    for a, b in zip(rows["full_probe"], rows["resumed_probe"]):
+        assert b["proxy/score"] == pytest.approx(a["proxy/score"], rel=1e-5, abs=1e-6)
     end_a, end_b = states[full.out_dir / "ppo"], states[killed.out_dir / "ppo"]
     _, rm_before, _ = load_final(full.out_dir / "rm" / "final")
     moved = [float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in

@@ -269,7 +269,7 @@ class Run:
     def train_state(self, model: Model, params: Params, opt: OptimizerConfig, total_steps: int,
                     seed_offset: int):
         """``(tx, state, state_shardings)``: the optimizer and a train state born sharded."""
-        opt = dataclasses.replace(opt, total_steps=max(total_steps, opt.warmup_steps, 1))
+        opt = fit_schedule(opt, total_steps)
         tx = make_optimizer(opt, params, frozen_layers=model.cfg.frozen_layers)
         shardings = model.param_shardings(self.mesh)
         params = jax.device_put(params, shardings)
@@ -342,6 +342,12 @@ class Run:
 def _smollm2(cfg: PipelineConfig) -> Path:
     from rlhf_jax.models.convert.smollm2 import fetch_smollm2
     return fetch_smollm2(cfg.cache_dir)
+
+
+def fit_schedule(opt: OptimizerConfig, total_steps: int) -> OptimizerConfig:
+    """``opt`` with its schedule spanning a stage's ``total_steps`` optimizer updates (a run
+    shorter than its warm-up still gets a one-step decay, which optax needs)."""
+    return dataclasses.replace(opt, total_steps=max(total_steps, opt.warmup_steps + 1))
 
 
 def _load_tokenizer(cfg: PipelineConfig):

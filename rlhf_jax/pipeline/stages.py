@@ -21,7 +21,7 @@ from rlhf_jax.losses.reward import normalization_gain_bias
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.pipeline.registry import get_stage, register_stage
 from rlhf_jax.pipeline.refresh import Refresher, refresh_params
-from rlhf_jax.pipeline.run import Run, gather_rows, local_rows
+from rlhf_jax.pipeline.run import Run, fit_schedule, gather_rows, local_rows
 from rlhf_jax.rewards import RewardSum, load_reward
 from rlhf_jax.rollout.groups import concat_rounds, informative_groups, select_groups
 from rlhf_jax.rollout.postprocess import decode
@@ -255,7 +255,7 @@ def _ensemble_train_state(run: Run, params: Params, param_shardings, opt, total_
     ``Run.train_state`` for one model): ``tx`` built for one member (its frozen-layer and
     weight-decay masks per member tree), the state born sharded with the member axis
     replicated (``ensemble_state_shardings``); ``params`` is donated."""
-    opt = dataclasses.replace(opt, total_steps=max(total_steps, opt.warmup_steps, 1))
+    opt = fit_schedule(opt, total_steps)
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
     tx = make_optimizer(opt, one, frozen_layers=frozen_layers)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
