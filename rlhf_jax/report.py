@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.plots import _is_number, judge_figure, judge_kl_figure, judged_plot_data, plot_curves
+from rlhf_jax.registry import add_to
 
 #: The pseudo-axis of a sweep with arms (``rlhf_jax.sweeps.SweepArm``): a row's
 #: ``values[ARM_AXIS]`` is its arm's name, shown bare in labels.
@@ -494,12 +495,7 @@ def register_sweep_plot(kind: str):
     Raises:
       ValueError: ``kind`` is already registered.
     """
-    def decorate(fn):
-        if kind in _SWEEP_PLOTS:
-            raise ValueError(f"sweep plot {kind!r} is already registered")
-        _SWEEP_PLOTS[kind] = fn
-        return fn
-    return decorate
+    return add_to(_SWEEP_PLOTS, "sweep plot", kind)
 
 
 def sweep_plot_kinds() -> tuple[str, ...]:

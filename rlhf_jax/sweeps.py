@@ -64,6 +64,7 @@ from typing import Any, Literal
 
 from rlhf_jax.config import config_to_dict
 from rlhf_jax.pipeline.config import RESULT_NEUTRAL_FIELDS, PipelineConfig
+from rlhf_jax.registry import add_to
 from rlhf_jax.report import ARM_AXIS  # the pseudo-axis of a sweep with arms: ``"arm"``
 
 log = logging.getLogger(__name__)
@@ -436,12 +437,7 @@ def register_sweep(name: str):
     Raises:
       ValueError: ``name`` is already registered.
     """
-    def decorate(factory):
-        if name in SWEEPS:
-            raise ValueError(f"sweep {name!r} is already registered")
-        SWEEPS[name] = factory
-        return factory
-    return decorate
+    return add_to(SWEEPS, "sweep", name)
 
 
 def get_sweep(name: str) -> SweepSpec:

@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rlhf_jax.registry import add_to
 from rlhf_jax.rewards.functions import Reward, slug
 
 #: Rule factories by the name ``--reward`` uses: ``name(args) -> Reward(kind="rule")``.
@@ -64,12 +65,7 @@ def register_rule(name: str):
     Raises:
       ValueError: ``name`` is already registered.
     """
-    def register(factory):
-        if name in RULES:
-            raise ValueError(f"rule {name!r} is already registered ({RULES[name]!r})")
-        RULES[name] = factory
-        return factory
-    return register
+    return add_to(RULES, "rule", name)
 
 
 # ---- argument checks ----------------------------------------------------------------------

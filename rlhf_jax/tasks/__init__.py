@@ -148,13 +148,13 @@ TASKS: dict[str, TaskFactory] = {}
 
 
 def register_task(name: str):
-    """Decorator: register ``factory(cfg: PipelineConfig) -> Task`` under ``name``."""
-    def decorate(factory: TaskFactory) -> TaskFactory:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = factory
-        return factory
-    return decorate
+    """Decorator: register ``factory(cfg: PipelineConfig) -> Task`` under ``name``.
+
+    Raises:
+      ValueError: ``name`` is already registered.
+    """
+    from rlhf_jax.registry import add_to
+    return add_to(TASKS, "task", name)
 
 
 def _builtin() -> None:
