@@ -241,9 +241,9 @@ class Refresher:
                 else:
                     batch = next(human)
                 rm_state, m = self.rm_step(rm_state, run.place(batch))
-                total, count = m["rm/loss"]
-                losses.append(float(jax.device_get(total)) / max(float(jax.device_get(count)), 1))
-        metrics.update({"refresh/rm_loss": float(np.mean(losses)), "refresh/pairs": float(n)})
+                losses.append(m["rm/loss"])  # (sum, count) on device: read once, below
+        per_step = [float(t) / max(float(c), 1.0) for t, c in jax.device_get(losses)]
+        metrics.update({"refresh/rm_loss": float(np.mean(per_step)), "refresh/pairs": float(n)})
         state = state.replace(rm=rm_state, pairs_tokens=buf_t, pairs_mask=buf_m,
                               num_pairs=np.asarray(n, np.int32))
         return state, metrics
