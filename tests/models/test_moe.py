@@ -71,7 +71,7 @@ def test_router_aux_loss_equals_transformers(loaded):
                     position_ids=torch.tensor(np.asarray(pos), dtype=torch.long))
     ours = jax.jit(model.apply)(params, tokens, pos, mask)
     np.testing.assert_allclose(float(ours.router_aux_loss), float(theirs.aux_loss), rtol=1e-5)
-    # k experts per token, uniform routing gives k; the measured loss is near it
+    # a loose sanity bound on the scale (the exact value is the comparison above)
     assert float(ours.router_aux_loss) >= model.cfg.num_experts_per_tok * (1 - 1e-6) * 0.5
 
     # frozen lower block: the loss covers the trainable block (layer 1) only
