@@ -477,47 +477,56 @@ DPO_POINT_STAGES = ("sft", "dpo", "eval")
 @register_sweep("sentiment-overoptimization")
 def sentiment_overoptimization() -> SweepSpec:
     """Reward hacking on the main job's task: a proxy reward model that a policy can exploit,
-    gold (VADER) and proxy scores probed along long, weakly regularised PPO runs (Gao et al.
+    gold (VADER) and proxy scores probed along long, unregularised PPO runs (Gao et al.
     2023, "Scaling Laws for Reward Model Overoptimization", Fig. 1), and two remedies, as
     three arms x 2 seeds:
 
-    * ``single``: one reward model (the proxy), trained on a random 256 of the 4,541 human
-      comparisons (``data.max_preferences``), 32 steps x 16 pairs (2 epochs);
+    * ``single``: one reward model (the proxy), trained on a random 64 of the 4,541 human
+      comparisons (``data.max_preferences``), 16 steps x 16 pairs (4 epochs): small enough
+      to be exploitable, as Gao et al.'s small-data proxies are;
     * ``ensemble``: 3 whole reward models (``rm.ensemble``, each its own trunk, Poisson
-      bootstrap of the same 256 pairs); PPO optimises mean - 1.0 x std over the members
+      bootstrap of the same 64 pairs); PPO optimises mean - 1.0 x std over the members
       (uncertainty-weighted optimisation, Coste et al. 2023);
     * ``refresh``: the single reward model retrained during RL every 10 iterations on 32
       fresh pairs of the policy's own samples labelled by the gold score (Bradley-Terry
       labels, temperature 0.1), 8 reward-model steps per round (iterated RLHF, Bai et al.
       2022 §4.5).
 
-    Common to all: PPO 40 iterations x 8 prompts with a small fixed KL coefficient (0.01), no
-    response-length floor (``min_new_tokens`` 0: the main job measured that PPO then games the
-    reward model by ending early), the gold-vs-proxy probe every 5 iterations on 32 held-out
-    prompts (steps 0, 5, ..., 40); stages SFT -> RM -> PPO (no DPO, no final evaluation: the
-    probe is the measurement). Per seed, one SFT is shared by the arms and one reward model by
-    ``single`` and ``refresh`` (content addressing).
+    Common to all: PPO 30 iterations x 16 prompts at learning rate 1e-4 with **no KL
+    penalty** (``init_kl_coef`` 0: as in Gao et al.'s main RL runs, the distance from the
+    start is the x-axis, not a leash), no response-length floor (``min_new_tokens`` 0: the
+    main job measured that PPO then games the reward model by ending early), the
+    gold-vs-proxy probe every 5 iterations on 40 held-out prompts (steps 0, 5, ..., 30);
+    stages SFT -> RM -> PPO (no DPO, no final evaluation: the probe is the measurement). Per
+    seed, one SFT is shared by the arms and one reward model by ``single`` and ``refresh``
+    (content addressing).
+
+    The sizes were chosen by a pilot of ``single`` (seed 0; 40 iterations, 64 probe prompts):
+    gold 0.19 -> 0.40 at iteration 15 (10 nats) -> 0.20 to 0.35 after, while the proxy rose
+    0.17 -> 0.24 -> 0.71 at iteration 30. The first sizes (256 pairs, 8 prompts per
+    iteration, learning rate 5e-5, KL coefficient 0.01) gave a proxy that PPO barely moved
+    (experiments/overoptimization.md).
 
     Sizing, from the main job's stage times on the 2-core CPU (experiments/smollm2_sentiment.md:
-    SFT 79 s, RM 188 s for 60 steps, PPO 231 s for 20 x 16 prompts, eval 137 s for 3 policies x
-    128 prompts, i.e. 0.36 s per sampled and scored prompt), each scaled linearly with its
-    work (optimistic for shrunk stages by their fixed costs, compilation and loading):
+    SFT 79 s, RM 188 s for 60 steps, PPO 231 s for 20 x 16 prompts, i.e. 11.5 s per iteration
+    of 16 prompts, eval 137 s for 3 policies x 128 prompts, i.e. 0.36 s per sampled and
+    scored prompt), each scaled linearly with its work (optimistic for shrunk stages by their
+    fixed costs, compilation and loading):
 
     ===========================  ==================================================  =======
     what                         arithmetic                                          seconds
     ===========================  ==================================================  =======
     SFT, 2 seeds                 2 x 79                                                  158
-    RM (single), 2 seeds         2 x 188 x 32/60                                         201
-    RM (ensemble, K=3), 2 seeds  2 x 3 x 100 (every member pays a whole RM: a bound)     602
-    PPO per run                  231 (40 x 8 = 320 episodes, as the main job's 20 x 16)
-                                 + 9 probes x 32 prompts x 0.36                          335
-    PPO single, 2 seeds          2 x 335                                                 670
-    PPO ensemble, 2 seeds        2 x 335 x 1.15 (3 reward-model passes per rollout,      770
+    RM (single), 2 seeds         2 x 188 x 16/60                                         100
+    RM (ensemble, K=3), 2 seeds  2 x 3 x 50 (every member pays a whole RM: a bound)      300
+    PPO per run                  30 x 11.5 + 7 probes x 40 prompts x 0.36                446
+    PPO single, 2 seeds          2 x 446                                                 892
+    PPO ensemble, 2 seeds        2 x 446 x 1.15 (3 reward-model passes per rollout,     1026
                                  and the staged RL step they need)
-    PPO refresh, 2 seeds         2 x (335 + 3 rounds x (64 samples x 0.36 + 8 RM steps   958
+    PPO refresh, 2 seeds         2 x (446 + 2 rounds x (64 samples x 0.36 + 8 RM steps  1076
                                  x 3.1 s, i.e. 188 s / 60)); rounds before iterations
-                                 10, 20, 30
-    total                                                                        3359 = 56 min
+                                 10 and 20
+    total                                                                        3552 = 59 min
     ===========================  ==================================================  =======
 
     If the first PPO point runs much slower (another job on the cores), lower
@@ -526,10 +535,10 @@ def sentiment_overoptimization() -> SweepSpec:
     return SweepSpec(
         name="sentiment-overoptimization", preset="smollm2-sentiment", seeds=2,
         overrides={"stages": ("sft", "rm", "ppo"),
-                   "data.max_preferences": 256, "rm.steps": 32,
-                   "ppo.iterations": 40, "ppo.batch_size": 8,
-                   "ppo.ppo.kl.init_kl_coef": 0.01, "ppo.ppo.sampling.min_new_tokens": 0,
-                   "ppo.probe_every": 5, "ppo.probe_prompts": 32},
+                   "data.max_preferences": 64, "rm.steps": 16,
+                   "ppo.iterations": 30, "ppo.batch_size": 16, "ppo.optimizer.lr": 1e-4,
+                   "ppo.ppo.kl.init_kl_coef": 0.0, "ppo.ppo.sampling.min_new_tokens": 0,
+                   "ppo.probe_every": 5, "ppo.probe_prompts": 40},
         arms=(SweepArm("single", {}),
               SweepArm("ensemble", {"rm.ensemble": 3, "rm.ensemble_trunk": "separate",
                                     "ppo.reward_aggregation": "mean_minus_std",
@@ -538,9 +547,9 @@ def sentiment_overoptimization() -> SweepSpec:
                                    "ppo.refresh_steps": 8, "ppo.refresh_temperature": 0.1})),
         plots=(SweepPlot("overoptimization", {"gold_name": "VADER compound score",
                                               "proxy_name": "reward model (normalised)"}),),
-        description="smollm2-sentiment with a hackable proxy RM (256 human pairs): gold vs "
-                    "proxy along PPO for a single RM, a 3-member ensemble (mean - std) and "
-                    "iterated refresh, 2 seeds")
+        description="smollm2-sentiment with a hackable proxy RM (64 human pairs) and PPO "
+                    "without a KL penalty: gold vs proxy along PPO for a single RM, a "
+                    "3-member ensemble (mean - std) and iterated refresh, 2 seeds")
 
 
 @register_sweep("sentiment-frontier")

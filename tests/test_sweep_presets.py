@@ -150,9 +150,9 @@ def test_overoptimization_sweep_lists_its_three_arms():
     assert _budget_seconds(sweeps.sentiment_overoptimization.__doc__) <= 3600
     base = sweeps.base_config(spec)  # the common settings use fields that exist
     assert base.stages == ("sft", "rm", "ppo")
-    assert base.data.max_preferences == 256 and base.rm.steps == 32
-    assert base.ppo.probe_every == 5 and base.ppo.iterations == 40
-    assert base.ppo.ppo.kl.kind == "fixed" and base.ppo.ppo.kl.init_kl_coef == 0.01
+    assert base.data.max_preferences == 64 and base.rm.steps == 16
+    assert base.ppo.probe_every == 5 and base.ppo.iterations == 30 and base.ppo.batch_size == 16
+    assert base.ppo.ppo.kl.kind == "fixed" and base.ppo.ppo.kl.init_kl_coef == 0.0
     assert base.ppo.ppo.sampling.min_new_tokens == 0
 
 
