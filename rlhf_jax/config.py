@@ -130,6 +130,111 @@ class RopeScaling:
                                      f"by rope_type 'yarn', got rope_type {self.rope_type!r}")
 
 
+#: Projection names LoRA can target: the attention's ``q, k, v, o`` and the MLP's ``gate, up,
+#: down`` (``gate`` only in gated MLPs), and the two groups.
+LORA_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_GROUPS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Low-rank adapters on chosen projections (LoRA, Hu et al. 2021), optionally over a
+    quantised frozen base (QLoRA, Dettmers et al. 2023); see ``rlhf_jax.models.lora``.
+
+    A targeted projection ``y = x W`` becomes ``y = x W + (alpha / r) (drop(x) A) B`` with
+    ``A [*in, r]`` drawn at random and ``B [r, *out]`` zero, so a fresh adapter changes
+    nothing (Hu et al. 2021 §4.1); only ``A``, ``B`` (and a freshly initialised scalar head)
+    train. Every field defaults to off (``None``), so a config without LoRA records (and
+    fingerprints) as it did before the option existed.
+
+    Attributes:
+      rank: ``r``, the adapters' rank; ``None`` or ``0``: LoRA off (stored as ``None``).
+      alpha: ``alpha``; the update is scaled by ``alpha / r`` (Hu et al. 2021 §4.1).
+        ``None``: ``alpha = r`` (a scale of 1).
+      dropout: dropout rate on the adapter's input ``x`` while training (the base path sees
+        ``x`` unchanged; Hu et al. 2021's released code, Dettmers et al. 2023 §4). ``None``: 0.
+      targets: the projections that get adapters: names of ``LORA_PROJECTIONS`` and the groups
+        ``"attention"`` (q, k, v, o) and ``"mlp"`` (gate, up, down). ``None``: every
+        projection, ``("attention", "mlp")`` (Dettmers et al. 2023 §4 find adapters on all
+        layers needed to match full fine-tuning). The MLP of a mixture-of-experts model is
+        refused.
+      quantize_base: store the frozen kernels of the targeted projections quantised
+        (``"int8"`` or ``"int4"``, symmetric absmax scales, through qwix) and dequantise them
+        in the forward; the adapters stay in ``param_dtype``. ``None``: a float base.
+      block_size: with ``quantize_base``: one scale per output channel and per block of this
+        many entries of the last input axis (``D`` for q, k, v, gate, up; ``F`` for down; the
+        head dim ``K`` for o; Dettmers et al. 2023 use blocks of 64); ``None``: one scale per
+        output channel. The block must divide that axis.
+
+    Raises:
+      ValueError: a negative rank, a non-positive alpha, a dropout outside ``[0, 1)``, an
+        unknown target, an unknown ``quantize_base``, a non-positive ``block_size``, or any
+        option set while the rank is off.
+    """
+
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    targets: tuple[str, ...] | None = None
+    quantize_base: Literal["int8", "int4"] | None = None
+    block_size: int | None = None
+
+    def __post_init__(self):
+        if self.targets is not None:  # JSON gives a list; keep the config hashable
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank is not None and self.rank < 0:
+            raise ValueError(f"LoraConfig.rank must be >= 0 (0 or None: off), got {self.rank}")
+        if not self.rank:
+            object.__setattr__(self, "rank", None)
+            on = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "rank" and getattr(self, f.name) is not None}
+            if on:
+                raise ValueError(f"LoraConfig: {', '.join(f'{k}={v!r}' for k, v in on.items())} "
+                                 "set without a rank: set lora.rank > 0 to use LoRA")
+            return
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.targets is not None:
+            bad = [t for t in self.targets if t not in LORA_PROJECTIONS and t not in LORA_GROUPS]
+            if bad or not self.targets:
+                raise ValueError(f"LoraConfig.targets has unknown {bad or 'nothing'}; expected "
+                                 f"names of {LORA_PROJECTIONS} or the groups "
+                                 f"{tuple(LORA_GROUPS)}")
+        if self.quantize_base not in (None, "int8", "int4"):
+            raise ValueError(f"LoraConfig.quantize_base must be 'int8', 'int4' or None, got "
+                             f"{self.quantize_base!r}")
+        if self.block_size is not None:
+            if self.quantize_base is None:
+                raise ValueError(f"LoraConfig.block_size={self.block_size} needs quantize_base")
+            if self.block_size < 1:
+                raise ValueError(f"LoraConfig.block_size must be >= 1, got {self.block_size}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether adapters are on (``rank > 0``)."""
+        return bool(self.rank)
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r``, the multiplier of the adapters' product (Hu et al. 2021 §4.1)."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @property
+    def dropout_rate(self) -> float:
+        """The adapter-input dropout rate (0 when unset)."""
+        return self.dropout or 0.0
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        """The targeted projection names, groups expanded, in ``LORA_PROJECTIONS`` order."""
+        chosen = set()
+        for t in self.targets or ("attention", "mlp"):
+            chosen.update(LORA_GROUPS.get(t, (t,)))
+        return tuple(p for p in LORA_PROJECTIONS if p in chosen)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder-only transformer of one of the registered architecture families.
@@ -204,6 +309,10 @@ class ModelConfig:
         it before it is added (Granite's ``residual_multiplier``); ``None``: 1.
       logits_scaling: the LM logits are *divided* by it (Granite's ``logits_scaling``);
         ``None``: 1.
+      lora: low-rank adapters on the projections named by ``LoraConfig.targets`` (and their
+        frozen base optionally quantised); ``None`` (or a ``LoraConfig`` with no rank): none.
+        The parameter tree then holds ``lora_a`` / ``lora_b`` on every targeted projection
+        (``rlhf_jax.models.lora``).
     """
 
     arch: str = "llama"
@@ -242,6 +351,7 @@ class ModelConfig:
     embedding_multiplier: float | None = None
     residual_multiplier: float | None = None
     logits_scaling: float | None = None
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.layer_types is not None:  # JSON gives a list; keep the config hashable
@@ -254,6 +364,10 @@ class ModelConfig:
             object.__setattr__(self, "rope_layers", None if all(rope_layers) else rope_layers)
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.lora, Mapping):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        if self.lora is not None and not self.lora.enabled:  # rank off: no LoRA at all
+            object.__setattr__(self, "lora", None)
         from rlhf_jax.models.families import validate  # the registry (pure Python)
 
         for name, value in validate(self).items():
@@ -303,6 +417,31 @@ class ModelConfig:
         if self.activation not in (None, "silu", "gelu_tanh", "gelu"):
             raise ValueError(f"ModelConfig.activation must be 'silu', 'gelu_tanh', 'gelu' or None, "
                              f"got {self.activation!r}")
+        if self.lora is not None:
+            self._check_lora()
+
+    def _check_lora(self) -> None:
+        """Refuse LoRA targets the architecture does not have (or that LoRA does not support)."""
+        names = self.lora.target_names
+        mlp = self.family.block.mlp
+        if mlp == "moe" and set(names) & set(LORA_GROUPS["mlp"]):
+            raise ValueError(f"ModelConfig.lora.targets={self.lora.targets} puts adapters on the "
+                             f"MLP of a mixture-of-experts model ({self.arch}), which LoRA here "
+                             f"does not support; use targets=('attention',)")
+        present = [n for n in names if n != "gate" or mlp == "gated"]
+        if not present:
+            raise ValueError(f"ModelConfig.lora.targets={self.lora.targets}: the {self.arch} "
+                             f"family has no such projection (its MLP is {mlp!r}, without 'gate')")
+        block = self.lora.block_size
+        if block is not None:
+            last_in = {"q": self.d_model, "k": self.d_model, "v": self.d_model,
+                       "o": self.per_head_dim, "gate": self.d_model, "up": self.d_model,
+                       "down": self.mlp_dim}
+            bad = {n: last_in[n] for n in present if last_in[n] % block}
+            if bad:
+                raise ValueError(f"ModelConfig.lora.block_size={block} must divide the last "
+                                 f"input axis of every targeted projection; it does not divide "
+                                 f"{bad}")
 
     @property
     def family(self):

@@ -51,6 +51,7 @@ PARAM_RULES: LogicalRules = {
     "positions": None,
     "scalar": None,
     "expert": "expert",
+    "lora_rank": None,  # LoRA adapters' rank axis (small): replicated
 }
 
 #: Logical axis -> mesh axis for activations (``constrain``).

@@ -32,6 +32,8 @@ def _words_u32(x):
         x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
+    if x.dtype in (jnp.int4, jnp.uint4):  # sub-byte: one value per word
+        return x.astype(jnp.int32 if x.dtype == jnp.int4 else jnp.uint32).astype(jnp.uint32)
     size = jnp.dtype(x.dtype).itemsize
     if size == 4:
         return jax.lax.bitcast_convert_type(x, jnp.uint32)

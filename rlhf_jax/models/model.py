@@ -142,11 +142,15 @@ class Model:
     def apply(self, params: Params, tokens: jax.Array, positions: jax.Array,
               attn_mask: jax.Array, cache: KVCache | None = None,
               cache_index: jax.Array | int = 0, *, compute_logits: bool = True,
-              frozen_hidden: jax.Array | None = None) -> ModelOutput:
+              frozen_hidden: jax.Array | None = None, adapters: bool = True,
+              dropout_rng: jax.Array | None = None) -> ModelOutput:
         """Forward pass (pure; call under ``jax.jit``).
 
         Args:
-          params: parameter tree from ``init`` / a converter.
+          params: parameter tree from ``init`` / a converter; ``params["trunk"]["blocks"]``
+            may also be a tuple of ``L`` per-layer trees (the stacked tree sliced at each
+            layer, as ``rlhf_jax.rollout.sampler`` builds once per call for its decode loop):
+            the blocks then run unrolled (``Transformer.__call__``'s ``layer_params``).
           tokens: ``[B, T] int32``.
           positions: ``[B, T] int32``.
           attn_mask: ``[B, T] bool``; padding on either side.
@@ -156,6 +160,11 @@ class Model:
           frozen_hidden: ``[B, T, D]`` from :meth:`frozen_hidden` of the same tokens: the
             embeddings and frozen blocks are skipped (the result is the same as without it
             when it was computed from parameters whose frozen part equals ``params``').
+          adapters: with ``cfg.lora``, ``False`` computes the frozen base model from the same
+            ``params`` (every LoRA adapter skipped; no copy): the reference policy of DPO / PPO
+            when it is the starting policy (``rlhf_jax.models.lora``). A Python bool.
+          dropout_rng: typed key of LoRA's adapter-input dropout (``LoraConfig.dropout``, train
+            steps only); ``None``: none.
 
         Returns:
           ``ModelOutput``.
@@ -163,9 +172,15 @@ class Model:
         Raises:
           ValueError: ``frozen_hidden`` given with ``cfg.frozen_layers == 0`` or a cache.
         """
+        layers = params.get("trunk", {}).get("blocks")
+        layers = layers if isinstance(layers, tuple) else None
+        if layers is not None:  # per-layer blocks: merge the rest, hand the layers over
+            params = {**params, "trunk": {k: v for k, v in params["trunk"].items()
+                                          if k != "blocks"}}
         net = self._merge(params)
         hidden, cache, aux = net.trunk(tokens, positions, attn_mask, cache, cache_index,
-                                       frozen_hidden=frozen_hidden)
+                                       frozen_hidden=frozen_hidden, adapters=adapters,
+                                       lora_key=dropout_rng, layer_params=layers)
         logits = self.logits(params, hidden) if compute_logits and self.kind != "scalar" else None
         values = None
         if net.value_head is not None:
@@ -191,14 +206,17 @@ class Model:
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         """LM head: ``hidden [..., D] -> logits [..., V]`` float32 (tied: ``hidden @ embed.T``),
         divided by ``cfg.logits_scaling`` when set (Granite), soft-capped ``c tanh(z / c)``
-        when ``cfg.final_softcap`` is set (Gemma 2)."""
+        when ``cfg.final_softcap`` is set (Gemma 2). The matmul takes compute-dtype inputs
+        and accumulates into float32 output (no rounding of the logits to bfloat16; on
+        XLA:CPU a bfloat16-output matmul was also ~2x slower than this form)."""
         dt = jnp.dtype(self.cfg.dtype)
+        f32 = jnp.float32
         if self.cfg.tie_embeddings:
             w = params["trunk"]["embed"].astype(dt)
-            logits = jnp.einsum("...d,vd->...v", hidden.astype(dt), w)
+            logits = jnp.einsum("...d,vd->...v", hidden.astype(dt), w, preferred_element_type=f32)
         else:
             w = params["lm_head"]["kernel"].astype(dt)
-            logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w)
+            logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w, preferred_element_type=f32)
         if logits.ndim == 3:
             logits = constrain(logits, ("batch", "seq", "vocab"))
         logits = logits.astype(jnp.float32)
@@ -206,9 +224,10 @@ class Model:
             logits = logits / self.cfg.logits_scaling
         return softcap(logits, self.cfg.final_softcap)
 
-    def init_cache(self, batch: int, length: int) -> KVCache:
+    def init_cache(self, batch: int, length: int, *, per_layer: bool = False) -> KVCache:
         """Empty ``KVCache`` with ``length`` slots (a masked full cache: sliding layers keep
-        every slot too; see ``rlhf_jax.models.transformer``).
+        every slot too; see ``rlhf_jax.models.transformer``); ``per_layer``: one buffer per
+        layer, for per-layer parameters (see ``apply``).
 
         Raises:
           ValueError: ``length`` beyond ``max_positions`` for a learned position table (GPT-2).
@@ -216,7 +235,7 @@ class Model:
         if self.cfg.family.block.positions == "learned" and length > self.cfg.max_positions:
             raise ValueError(f"cache length {length} exceeds {self.cfg.arch} max_positions "
                              f"{self.cfg.max_positions} (its learned position table)")
-        return KVCache.zeros(self.cfg, batch, length)
+        return KVCache.zeros(self.cfg, batch, length, per_layer=per_layer)
 
 
 def with_head(params: Params, model: Model, rng: jax.Array) -> Params:

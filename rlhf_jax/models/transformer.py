@@ -38,6 +38,10 @@ included, and the window is a mask. Memory is ``2 L B S H_kv K`` values whatever
 (a ring buffer of ``W`` slots would bound sliding layers by ``W``; at RLHF lengths the full
 cache is simpler and the same computation as training).
 
+LoRA (``ModelConfig.lora``): the projections it targets carry low-rank adapters inside
+``Dense`` (stacked like every block parameter), optionally over a quantised frozen kernel;
+``adapters=False`` runs the frozen base from the same parameters (``rlhf_jax.models.lora``).
+
 Every parameter carries logical axis names (``out_sharding`` metadata) that
 ``rlhf_jax.sharding`` maps to the mesh.
 """
@@ -65,30 +69,81 @@ def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
 
 
 class Dense(nnx.Module):
-    """``y = x @ kernel (+ bias)`` with a multi-dimensional kernel ``[*in, *out]``.
+    """``y = x @ kernel (+ bias)`` with a multi-dimensional kernel ``[*in, *out]``, plus a
+    low-rank adapter on the projections ``ModelConfig.lora`` targets.
 
-    Computes in ``dtype`` (the config's compute dtype), stores in ``param_dtype``.
+    Computes in ``dtype`` (the config's compute dtype), stores in ``param_dtype``. ``name`` is
+    the projection's name (``q, k, v, o, gate, up, down``); a targeted one holds ``lora_a
+    [*in, r]`` and ``lora_b [r, *out]`` and adds ``(alpha / r) (drop(x) A) B`` (Hu et al.
+    2021; ``rlhf_jax.models.lora``), and with ``LoraConfig.quantize_base`` stores its frozen
+    kernel as ``kernel_q`` (int8 / int4) and ``kernel_scale`` (float32) instead of ``kernel``
+    (Dettmers et al. 2023), dequantised in the forward.
     """
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                  axes: tuple[str | None, ...], *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs,
-                 std: float = 0.02):
+                 std: float = 0.02, name: str | None = None):
+        from rlhf_jax.models import lora as lora_lib
+
         pdt = _dtype(cfg.param_dtype)
+        n_in = len(in_shape)
         shape = tuple(in_shape) + tuple(out_shape)
-        self.kernel = _param(std * jax.random.normal(rngs.params(), shape, pdt), axes)
-        self.bias = nnx.data(_param(jnp.zeros(out_shape, pdt), axes[len(in_shape):]) if bias else None)
-        self.n_in = len(in_shape)
+        lora = cfg.lora
+        targeted = lora is not None and name in lora.target_names
+        w = std * jax.random.normal(rngs.params(), shape, pdt)
+        self.kernel = self.kernel_q = self.kernel_scale = nnx.data(None)
+        if targeted and lora.quantize_base:
+            q, scale = lora_lib.quantize_kernel(w, 0, n_in, lora.quantize_base, lora.block_size)
+            self.kernel_q = _param(q, axes)
+            self.kernel_scale = _param(scale, (None,) * n_in + tuple(axes[n_in:]))
+        else:
+            self.kernel = _param(w, axes)
+        self.bias = nnx.data(_param(jnp.zeros(out_shape, pdt), axes[n_in:]) if bias else None)
+        self.lora_a = self.lora_b = nnx.data(None)
+        self.lora_scale, self.lora_dropout, self.lora_id = 0.0, 0.0, 0
+        if targeted:
+            self.lora_a = _param(lora_lib.init_lora_a(rngs.params(), tuple(in_shape), lora.rank, pdt),
+                                 tuple(axes[:n_in]) + (lora_lib.RANK_AXIS,))
+            self.lora_b = _param(jnp.zeros((lora.rank, *out_shape), pdt),
+                                 (lora_lib.RANK_AXIS,) + tuple(axes[n_in:]))
+            self.lora_scale, self.lora_dropout = lora.scale, lora.dropout_rate
+            self.lora_id = 1 + lora_lib.LORA_PROJECTION_IDS[name]
+        self.n_in = n_in
         self.dtype = _dtype(cfg.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel[...].astype(self.dtype)
-        n = self.n_in
-        lhs = "abcdefgh"[: x.ndim - n] + "ijkl"[:n]
-        rhs = "ijkl"[:n] + "mnop"[: k.ndim - n]
-        out = "abcdefgh"[: x.ndim - n] + "mnop"[: k.ndim - n]
-        y = jnp.einsum(f"{lhs},{rhs}->{out}", x.astype(self.dtype), k)
+    def _einsum(self, x: jax.Array, k: jax.Array, n_in: int) -> jax.Array:
+        lhs = "abcdefgh"[: x.ndim - n_in] + "ijkl"[:n_in]
+        rhs = "ijkl"[:n_in] + "mnop"[: k.ndim - n_in]
+        out = "abcdefgh"[: x.ndim - n_in] + "mnop"[: k.ndim - n_in]
+        return jnp.einsum(f"{lhs},{rhs}->{out}", x.astype(self.dtype), k.astype(self.dtype))
+
+    def __call__(self, x: jax.Array, *, adapters: bool = True,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """``x [..., *in] -> y [..., *out]`` in the compute dtype.
+
+        Args:
+          adapters: add the adapter's term (``False``: the frozen base alone, as if the
+            adapter did not exist; a Python bool).
+          dropout_key: a typed key: drop the adapter's input with ``LoraConfig.dropout``
+            (training); ``None``: no dropout.
+        """
+        if self.kernel is not None:
+            k = self.kernel[...]
+        else:
+            from rlhf_jax.models.lora import dequantize_kernel
+            k = dequantize_kernel(self.kernel_q[...], self.kernel_scale[...])
+        y = self._einsum(x, k, self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if adapters and self.lora_a is not None:
+            xa = x
+            if dropout_key is not None and self.lora_dropout > 0:
+                keep = 1.0 - self.lora_dropout
+                on = jax.random.bernoulli(jax.random.fold_in(dropout_key, self.lora_id), keep,
+                                          x.shape)
+                xa = jnp.where(on, x / keep, jnp.zeros_like(x)).astype(x.dtype)
+            h = self._einsum(xa, self.lora_a[...], self.n_in)  # [..., r]
+            y = y + self._einsum(h, self.lora_b[...], 1) * jnp.asarray(self.lora_scale, self.dtype)
         return y
 
 
@@ -148,25 +203,57 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 @struct.dataclass
 class KVCache:
-    """Key/value cache for all layers.
+    """Key/value cache for all layers, stacked or one buffer per layer.
+
+    Each layer's keys (values) are ``[B, H_kv, S, K]``: heads before slots, so the attention
+    contractions read a layer's cache in place as a batched ``(B, H_kv)`` matmul (a
+    ``[B, S, H_kv, K]`` layout needs a transposed copy of the layer's cache per call).
+
+    Two forms:
+
+    * stacked: ``k``, ``v`` are ``[L, B, H_kv, S, K]`` arrays, the carry of the layer
+      ``lax.scan`` (each block writes its ``T`` new slots in place);
+    * per layer (``per_layer=True``): ``k``, ``v`` are tuples of ``L`` arrays
+      ``[B, H_kv, S, K]``, for the unrolled layer loop that runs with per-layer parameters
+      (``Model.apply`` with ``params["trunk"]["blocks"]`` a tuple): inside a decode
+      ``while_loop`` every buffer is then updated in place and read without a copy
+      (slicing a layer out of a stacked array inside the loop copies it at every step).
 
     Attributes:
-      k: ``[L, B, S, H_kv, K]`` keys, in compute dtype.
-      v: ``[L, B, S, H_kv, K]`` values.
+      k: keys in the compute dtype, in one of the two forms.
+      v: values, same form and shape as ``k``.
       valid: ``[B, S] bool`` True for slots holding a real (non-padding) token.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-        """An empty cache of ``length`` slots."""
-        shape = (cfg.n_layers, batch, length, cfg.num_kv_heads, cfg.per_head_dim)
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, *,
+              per_layer: bool = False) -> "KVCache":
+        """An empty cache of ``length`` slots, stacked or ``per_layer`` (see the class)."""
+        shape = (batch, cfg.num_kv_heads, length, cfg.per_head_dim)
         dt = _dtype(cfg.dtype)
-        return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
-                   valid=jnp.zeros((batch, length), bool))
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+            v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+        else:
+            k = jnp.zeros((cfg.n_layers, *shape), dt)
+            v = jnp.zeros((cfg.n_layers, *shape), dt)
+        return cls(k=k, v=v, valid=jnp.zeros((batch, length), bool))
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether ``k`` / ``v`` are tuples of per-layer buffers."""
+        return isinstance(self.k, (tuple, list))
+
+    def unstacked(self) -> "KVCache":
+        """The same cache in the per-layer form (one copy of ``k`` and ``v``)."""
+        if self.per_layer:
+            return self
+        return self.replace(k=tuple(self.k[i] for i in range(self.k.shape[0])),
+                            v=tuple(self.v[i] for i in range(self.v.shape[0])))
 
 
 class Attention(nnx.Module):
@@ -177,10 +264,14 @@ class Attention(nnx.Module):
         spec = cfg.family.block
         d, h, hkv, k = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.per_head_dim
         qkv_bias = spec.bias or cfg.qkv_bias
-        self.q = Dense((d,), (h, k), ("embed", "heads", "kv"), bias=qkv_bias, cfg=cfg, rngs=rngs)
-        self.k = Dense((d,), (hkv, k), ("embed", "kv_heads", "kv"), bias=qkv_bias, cfg=cfg, rngs=rngs)
-        self.v = Dense((d,), (hkv, k), ("embed", "kv_heads", "kv"), bias=qkv_bias, cfg=cfg, rngs=rngs)
-        self.o = Dense((h, k), (d,), ("heads", "kv", "embed"), bias=spec.bias, cfg=cfg, rngs=rngs)
+        self.q = Dense((d,), (h, k), ("embed", "heads", "kv"), bias=qkv_bias, cfg=cfg, rngs=rngs,
+                       name="q")
+        self.k = Dense((d,), (hkv, k), ("embed", "kv_heads", "kv"), bias=qkv_bias, cfg=cfg,
+                       rngs=rngs, name="k")
+        self.v = Dense((d,), (hkv, k), ("embed", "kv_heads", "kv"), bias=qkv_bias, cfg=cfg,
+                       rngs=rngs, name="v")
+        self.o = Dense((h, k), (d,), ("heads", "kv", "embed"), bias=spec.bias, cfg=cfg, rngs=rngs,
+                       name="o")
         self.q_norm = self.k_norm = nnx.data(None)
         if spec.qk_norm == "head":
             self.q_norm = Norm(cfg, spec.norm, (k,), ("kv",))
@@ -192,41 +283,55 @@ class Attention(nnx.Module):
         self.n_rep = h // hkv
         self.cfg = cfg
 
-    def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index, layer):
+    def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index, layer, *,
+                 adapters: bool = True, lora_key: jax.Array | None = None):
         """Attend from ``x [B, T, D]`` over the cache after writing this call's keys into it.
 
         Args:
           x: ``[B, T, D]`` normalised hidden states.
           positions: ``[B, T] int32`` RoPE positions.
           q_slots: ``[T] int32`` cache slots of the queries (``cache_index + arange(T)``).
-          k_cache, v_cache: ``[L, B, S, H_kv, K]`` the cache of *all* layers, or ``None``
+          k_cache, v_cache: ``[L, B, H_kv, S, K]`` the stacked cache of *all* layers, or
+            ``[B, H_kv, S, K]`` this layer's own buffer (``KVCache`` per layer), or ``None``
             (then S = T). Only this call's ``T`` slots of layer ``layer`` are written (an
-            in-place update of the layer scan's carry), never a whole layer.
+            in-place update of the layer scan's carry or of the buffer), never a whole layer.
           valid: ``[B, S] bool`` valid slots, already including this call's tokens.
           cache_index: scalar int32, the slot of ``x[:, 0]``.
           layer: scalar int32, this block's index into the cache and per-layer tables.
+          adapters, lora_key: the LoRA adapters on or off, and this layer's adapter-dropout
+            key (``Dense.__call__``).
 
         Returns:
           ``(y [B, T, D], k_cache, v_cache)`` with the cache updated (``None`` if not given).
         """
         cfg = self.cfg
-        q, k, v = self.q(x), self.k(x), self.v(x)  # [B, T, H(kv), K]
+        lora = dict(adapters=adapters, dropout_key=lora_key)
+        q, k, v = self.q(x, **lora), self.k(x, **lora), self.v(x, **lora)  # [B, T, H(kv), K]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         windows = layer_windows(cfg)
         if self.use_rope:  # per-layer base / NoPE tables, dynamic NTK from these positions
             q, k = rope_qk(cfg, q, k, positions, layer)
-        if k_cache is not None:
-            at = (layer, 0, cache_index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
-            k = jax.lax.dynamic_index_in_dim(k_cache, layer, axis=0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v_cache, layer, axis=0, keepdims=False)
+        kv_axes = "bsgk"  # k, v: [B, S, H_kv, K] (no cache: S = T)
+        if k_cache is not None:  # cache layout [(L,) B, H_kv, S, K] (see KVCache)
+            kv_axes = "bgsk"
+            k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)  # [B, H_kv, T, K]
+            v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
+            if k_cache.ndim == 5:  # stacked over layers: write this layer's T slots in place
+                at = (layer, 0, 0, cache_index, 0)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None], at)
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None], at)
+                k = jax.lax.dynamic_index_in_dim(k_cache, layer, axis=0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(v_cache, layer, axis=0, keepdims=False)
+            else:  # this layer's own buffer (KVCache per_layer): updated and read in place
+                at = (0, 0, cache_index, 0)
+                k = k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, at)
+                v = v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, at)
         b, t, h, kd = q.shape
-        s, hkv = k.shape[1], k.shape[2]
+        s, hkv = k.shape[kv_axes.index("s")], k.shape[kv_axes.index("g")]
         q = q.reshape(b, t, hkv, self.n_rep, kd)
         scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(kd)
-        scores = jnp.einsum("btgrk,bsgk->bgrts", q, k).astype(jnp.float32) * scale
+        scores = jnp.einsum(f"btgrk,{kv_axes}->bgrts", q, k).astype(jnp.float32) * scale
         scores = softcap(scores, cfg.attn_softcap)
         k_slots = jnp.arange(s)[None, :]
         allowed = k_slots <= q_slots[:, None]  # [T, S]
@@ -235,8 +340,8 @@ class Attention(nnx.Module):
         allowed = allowed[None] & valid[:, None, :]  # [B, T, S]
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bgrts,bsgk->btgrk", probs, v).reshape(b, t, h, kd)
-        return self.o(out), k_cache, v_cache
+        out = jnp.einsum(f"bgrts,{kv_axes}->btgrk", probs, v).reshape(b, t, h, kd)
+        return self.o(out, **lora), k_cache, v_cache
 
 
 _ACTIVATIONS = {
@@ -253,19 +358,22 @@ class MLP(nnx.Module):
         spec = cfg.family.block
         d, f = cfg.d_model, cfg.mlp_dim
         self.gate = nnx.data(Dense((d,), (f,), ("embed", "mlp"), bias=spec.bias, cfg=cfg,
-                                   rngs=rngs) if spec.mlp == "gated" else None)
-        self.up = Dense((d,), (f,), ("embed", "mlp"), bias=spec.bias, cfg=cfg, rngs=rngs)
-        self.down = Dense((f,), (d,), ("mlp", "embed"), bias=spec.bias, cfg=cfg, rngs=rngs)
+                                   rngs=rngs, name="gate") if spec.mlp == "gated" else None)
+        self.up = Dense((d,), (f,), ("embed", "mlp"), bias=spec.bias, cfg=cfg, rngs=rngs,
+                        name="up")
+        self.down = Dense((f,), (d,), ("mlp", "embed"), bias=spec.bias, cfg=cfg, rngs=rngs,
+                          name="down")
         self.act = cfg.activation or spec.activation
 
-    def __call__(self, x):
+    def __call__(self, x, *, adapters: bool = True, lora_key: jax.Array | None = None):
         act = _ACTIVATIONS[self.act]
+        lora = dict(adapters=adapters, dropout_key=lora_key)
         if self.gate is None:
-            h = act(self.up(x))
+            h = act(self.up(x, **lora))
         else:
-            h = act(self.gate(x)) * self.up(x)
+            h = act(self.gate(x, **lora)) * self.up(x, **lora)
         h = constrain(h, ("batch", "seq", "mlp"))
-        return self.down(h)
+        return self.down(h, **lora)
 
 
 class MoE(nnx.Module):
@@ -384,10 +492,10 @@ class Block(nnx.Module):
         self.post_mlp_norm = nnx.data(Norm(cfg, spec.norm) if post else None)
 
     def __call__(self, x, positions, q_slots, k_cache, v_cache, valid, cache_index, layer,
-                 token_mask):
+                 token_mask, *, adapters: bool = True, lora_key: jax.Array | None = None):
         """Returns ``(x, k_cache, v_cache, router_stats)``; ``router_stats`` is ``MoE``'s
         ``(selected, prob_sum, rows)`` or ``()`` for a dense MLP. ``token_mask [B, T]``:
-        this call's real tokens."""
+        this call's real tokens; ``adapters`` / ``lora_key``: see ``Dense.__call__``."""
         def norm(n, y):
             return y if n is None else n(y)
 
@@ -398,10 +506,11 @@ class Block(nnx.Module):
             if isinstance(self.mlp, MoE):
                 y, stats = self.mlp(y, token_mask)
                 return y
-            return self.mlp(y)
+            return self.mlp(y, adapters=adapters, lora_key=lora_key)
 
         y, k_cache, v_cache = self.attn(norm(self.attn_norm, x), positions, q_slots, k_cache,
-                                        v_cache, valid, cache_index, layer)
+                                        v_cache, valid, cache_index, layer, adapters=adapters,
+                                        lora_key=lora_key)
         res = self.attn.cfg.residual_multiplier  # Granite: x + m f(x); None: m = 1
 
         def scaled(y):
@@ -441,7 +550,9 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
                  cache: KVCache | None = None, cache_index: jax.Array | int = 0, *,
-                 frozen_hidden: jax.Array | None = None, stop_after_frozen: bool = False):
+                 frozen_hidden: jax.Array | None = None, stop_after_frozen: bool = False,
+                 adapters: bool = True, lora_key: jax.Array | None = None,
+                 layer_params: tuple | None = None):
         """Hidden states of the last layer after the final norm.
 
         Args:
@@ -455,6 +566,17 @@ class Transformer(nnx.Module):
             run. Needs ``cache=None``.
           stop_after_frozen: return ``(x [B, T, D], None, None)`` right after the frozen blocks (no
             final norm), under ``stop_gradient``.
+          adapters: ``False`` runs the frozen base without its LoRA adapters (a Python bool).
+          lora_key: typed key of the adapters' input dropout (folded with the layer index and
+            the projection); ``None``: no dropout.
+          layer_params: ``None`` (the blocks' stacked parameters run under one ``lax.scan``)
+            or a tuple of ``L`` per-layer parameter trees (pure dicts, the stacked tree
+            sliced at each layer; ``Model.apply`` passes them when
+            ``params["trunk"]["blocks"]`` is such a tuple): the blocks then run as an unrolled
+            Python loop, each on its own buffers. Inside a decode ``while_loop`` that avoids
+            copying every layer's weights out of the stack at every step (a dynamic or static
+            slice of a loop-invariant stacked array is materialised per iteration on
+            XLA:CPU). Needed for a per-layer ``KVCache``.
 
         Returns:
           ``(hidden [B, T, D], cache, router_aux_loss)``; ``cache`` has this call's
@@ -465,7 +587,8 @@ class Transformer(nnx.Module):
 
         Raises:
           ValueError: ``frozen_hidden`` / ``stop_after_frozen`` with ``cfg.frozen_layers == 0``
-            or with a cache.
+            or with a cache; a per-layer cache without ``layer_params``; ``layer_params`` of
+            another length than ``L``.
         """
         cfg = self.cfg
         dt = _dtype(cfg.dtype)
@@ -506,8 +629,10 @@ class Transformer(nnx.Module):
             x, k_all, v_all, router = carry
             params, index = layer
             block = nnx.merge(graphdef, params)
+            key = None if lora_key is None else jax.random.fold_in(lora_key, index)
             x, k_all, v_all, stats = block(x, positions, q_slots, k_all, v_all, valid,
-                                           cache_index, index, attn_mask)
+                                           cache_index, index, attn_mask, adapters=adapters,
+                                           lora_key=key)
             router = jax.tree.map(jnp.add, router, stats)  # summed over layers
             return (x, k_all, v_all, router), None
 
@@ -517,12 +642,46 @@ class Transformer(nnx.Module):
         xs = (block_state, jnp.arange(cfg.n_layers, dtype=jnp.int32))
         n = cfg.n_layers
 
+        per_layer_cache = cache is not None and cache.per_layer
+        if layer_params is not None and len(layer_params) != n:
+            raise ValueError(f"layer_params has {len(layer_params)} layers; the model has {n}")
+        if per_layer_cache and layer_params is None:
+            raise ValueError("a per-layer KVCache needs per-layer parameters (Model.apply with "
+                             "params['trunk']['blocks'] a tuple of L layer trees)")
+
+        def layer_state(tree):
+            """One layer's ``nnx.State`` from its pure-dict parameters."""
+            state = jax.tree.map(lambda a: a, block_state)
+            nnx.replace_by_pure_dict(state, tree)
+            return state
+
         def run(carry, lo, hi):
-            """Blocks ``lo..hi-1`` under one scan."""
+            """Blocks ``lo..hi-1`` under one scan, or unrolled over ``layer_params``."""
             if lo == hi:
                 return carry
-            part = xs if (lo, hi) == (0, n) else jax.tree.map(lambda a: a[lo:hi], xs)
-            return jax.lax.scan(body, carry, part, unroll=cfg.scan_unroll)[0]
+            if layer_params is None:
+                part = xs if (lo, hi) == (0, n) else jax.tree.map(lambda a: a[lo:hi], xs)
+                return jax.lax.scan(body, carry, part, unroll=cfg.scan_unroll)[0]
+            x, k_all, v_all, router = carry
+            x = jax.lax.optimization_barrier(x)  # see below
+            k_all = list(k_all) if per_layer_cache else k_all
+            v_all = list(v_all) if per_layer_cache else v_all
+            for i in range(lo, hi):
+                layer = (layer_state(layer_params[i]), jnp.int32(i))
+                if per_layer_cache:
+                    (x, k_all[i], v_all[i], router), _ = body((x, k_all[i], v_all[i], router),
+                                                              layer)
+                else:
+                    (x, k_all, v_all, router), _ = body((x, k_all, v_all, router), layer)
+                # Materialise the residual stream before, between and after the blocks, as
+                # the scan's carry is: XLA may otherwise fuse across blocks and skip the
+                # rounding to a bfloat16 compute dtype there (excess precision), and the
+                # unrolled and scanned forwards (the sampler's and the training forward)
+                # would round differently.
+                x = jax.lax.optimization_barrier(x)
+            if per_layer_cache:
+                k_all, v_all = tuple(k_all), tuple(v_all)
+            return x, k_all, v_all, router
 
         e = cfg.num_experts
         router0 = () if e is None else (jnp.zeros((e,), jnp.float32),

@@ -11,6 +11,13 @@
   ``hf/`` for policies (written to ``hf.partial/`` and moved into place when complete), then
   ``final/model.json``, and last ``final/COMPLETE.json`` with the stage's fingerprint. Only ``COMPLETE.json`` means
   "finished": a stage killed before it redoes its outputs from its last checkpoint.
+
+With LoRA (``PolicyConfig.lora``) ``final/params`` holds the trained leaves only (adapters and
+a trained ``value_head``); ``model.json``'s ``lora_base`` names the frozen base (``"from"``:
+``"initial"`` or the stage whose merged output it is, ``"n_layers"`` when truncated) with
+its ``digest`` (``rlhf_jax.models.lora.frozen_digest``). ``load_final`` needs that base
+(``base=``; ``rlhf_jax.pipeline.run.Run.load_final`` rebuilds it) and refuses one whose
+digest differs. ``hf/`` is the merged model (``W + (alpha / r) A B``), an ordinary checkpoint.
 """
 
 from __future__ import annotations
@@ -99,8 +106,8 @@ def _model_config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def load_final(directory: Path, *, frozen_layers: int | None = None, mesh=None
-               ) -> tuple[Model, Params, dict]:
+def load_final(directory: Path, *, frozen_layers: int | None = None, mesh=None,
+               base: Params | None = None) -> tuple[Model, Params, dict]:
     """Read what ``save_final`` wrote: ``(model, params, extras)``.
 
     A reward-model ensemble (``model.json`` with ``"ensemble": K``, written by the ``rm``
@@ -115,11 +122,15 @@ def load_final(directory: Path, *, frozen_layers: int | None = None, mesh=None
       mesh: restore each parameter straight into its shards on this mesh (the model's rule
         table; stacked members: ``ensemble_param_shardings``, the member axis replicated);
         ``None``: the default device.
+      base: for a LoRA stage (``model.json`` has ``lora_base``): the plain parameter tree of
+        its frozen base (the upstream output with its adapters merged, truncated as
+        recorded), on which the saved adapters are put back (quantised again for QLoRA).
 
     Raises:
       FileNotFoundError: the stage has not finished (names the directory).
       ValueError: ``model.json`` declares an ensemble of a non-scalar model, a member count
-        below 1 or an unknown ``ensemble_trunk`` (names the file).
+        below 1 or an unknown ``ensemble_trunk`` (names the file); a LoRA stage without
+        ``base``, or with a base whose digest differs from the recorded one.
     """
     directory = Path(directory)
     meta_path = directory / "model.json"
@@ -130,10 +141,39 @@ def load_final(directory: Path, *, frozen_layers: int | None = None, mesh=None
     if frozen_layers is not None:
         cfg = dataclasses.replace(cfg, frozen_layers=frozen_layers)
     model = Model(cfg, kind=meta["kind"])
+    lora_ref = meta.get("lora_base")
+    if lora_ref is not None and base is None:
+        raise ValueError(f"{meta_path}: the stage saved LoRA adapters over a frozen base from "
+                         f"{lora_ref.get('from')!r}; pass base= (its plain parameters), load it "
+                         "through rlhf_jax.pipeline.run.Run.load_final, or read the merged "
+                         f"model from {directory.parent / 'hf'}")
     abstract = _abstract_final_params(model, meta, mesh, meta_path)
+    if lora_ref is not None:
+        from rlhf_jax.models.lora import partition
+        abstract = partition(abstract)[0]
     with Checkpointer(directory / "params", max_to_keep=1) as ckpt:
         params, _ = ckpt.restore(abstract, expected_fingerprint=model_fingerprint(model))
+    if lora_ref is not None:
+        params = _put_on_base(model, params, base, lora_ref, mesh, meta_path)
     return model, params, meta
+
+
+def _put_on_base(model: Model, trained: Params, base: Params, lora_ref: dict, mesh,
+                 where: Path) -> Params:
+    """The full LoRA tree: ``trained`` (adapters, heads) on ``base`` (quantised as the model
+    says), after checking the base's digest against ``lora_ref["digest"]``."""
+    from rlhf_jax.models import lora
+
+    heads = {k: trained[k] for k in lora.TRAINABLE_HEADS if k in trained}
+    shardings = model.param_shardings(mesh) if mesh is not None else None
+    full = lora.attach(model, {**base, **heads}, jax.random.key(0), shardings=shardings)
+    params = lora.combine(trained, lora.partition(full)[1])
+    digest = lora.frozen_digest(params)
+    if digest != lora_ref.get("digest"):
+        raise ValueError(f"{where}: the frozen base given has digest {digest[:16]}..., the "
+                         f"adapters were trained on {str(lora_ref.get('digest'))[:16]}... (from "
+                         f"{lora_ref.get('from')!r}): not the same base")
+    return params
 
 
 def _abstract_final_params(model: Model, meta: dict, mesh, where: Path):
@@ -182,14 +222,24 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def without_off(x: Any) -> Any:
-    """``x`` with every mapping entry whose value is ``None`` or ``False`` removed (recursively).
+    """``x`` with every mapping entry whose value is ``None`` or ``False`` removed (recursively),
+    and every non-empty mapping all of whose entries were removed (a section of options that
+    are all off, e.g. ``policy.lora`` without a rank).
 
     Options added to the library later default to off (``None`` / ``False``): a record
     written before they existed then compares equal to one that has them switched off, while
     any option that is on (or a value that changed) still differs.
     """
     if isinstance(x, dict):
-        return {k: without_off(v) for k, v in x.items() if v is not None and v is not False}
+        out = {}
+        for k, v in x.items():
+            if v is None or v is False:
+                continue
+            v2 = without_off(v)
+            if isinstance(v, dict) and v and not v2:
+                continue
+            out[k] = v2
+        return out
     return x
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf_jax import sharding
-from rlhf_jax.config import ModelConfig
+from rlhf_jax.config import LoraConfig, ModelConfig
 from rlhf_jax.control import KLController
 from rlhf_jax.losses.ensemble import AGGREGATIONS
 from rlhf_jax.rollout.sampler import SamplingConfig
@@ -41,6 +41,15 @@ class PolicyConfig:
         sentiment, and a shorter trunk makes the RM much cheaper.
       reward_frozen_layers: frozen blocks of the (truncated) reward trunk.
       dtype: compute dtype.
+      remat: rematerialise each block in the backward pass (``ModelConfig.remat``:
+        ``jax.checkpoint`` per block), about one more forward per step for much less
+        activation memory; applies to every model the run builds from this policy.
+      lora: LoRA (and QLoRA) in every training stage (``--policy.lora.rank 16``; see
+        ``rlhf_jax.config.LoraConfig`` and README "LoRA and QLoRA"): each stage starts from its
+        input's weights (upstream adapters merged in) as a frozen base, puts fresh adapters
+        on the policy, the reward model and the value model, and trains only those (and a
+        fresh scalar head); DPO's and RL's reference is the base with the adapters off (no
+        second copy). Off by default (no rank).
     """
 
     source: Literal["smollm2", "hf", "random"] = "smollm2"
@@ -51,6 +60,8 @@ class PolicyConfig:
     reward_layers: int | None = None
     reward_frozen_layers: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         if self.source == "random" and self.random_model is None:

@@ -68,7 +68,8 @@ def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns,
     prompt. ``rm``: a ``RewardModelScorer`` (``stages.reward_model_scorer``: the normalised,
     for an ensemble aggregated, reward-model score fills the ``"rm"`` column) or ``None``.
     ``judge_only``: no KL and reward-model forwards (the mean@k samples); ``gold``: the
-    ``"judge"`` column holds the task's gold reward (``Task.gold_score``)."""
+    ``"judge"`` column holds the task's gold reward (``Task.gold_score``). ``ref = (model,
+    None)``: the KL reference is ``params`` with the LoRA adapters off (the policy's base)."""
     ref_model, ref_params = ref
     e = run.cfg.eval
     rows = _local_row_indices(run.mesh, e.batch_size)
@@ -92,8 +93,12 @@ def _sample_policy(run: Run, model, params, ref, rm, batches, prefixes, columns,
                 continue
             lp = logp_fn(model, params, s.tokens, s.positions, s.attn_mask, prompt_len=p_len,
                          sampling=sampling)[0]
-            lr = logp_fn(ref_model, ref_params, s.tokens, s.positions, s.attn_mask,
-                         prompt_len=p_len, sampling=sampling)[0]
+            if ref_params is None:  # a LoRA policy's frozen base: the adapters switched off
+                lr = logp_fn(model, params, s.tokens, s.positions, s.attn_mask,
+                             prompt_len=p_len, sampling=sampling, adapters=False)[0]
+            else:
+                lr = logp_fn(ref_model, ref_params, s.tokens, s.positions, s.attn_mask,
+                             prompt_len=p_len, sampling=sampling)[0]
             cols["kl"].append(local_rows(sequence_kl(lp, lr, s.response_mask)))
             if rm is not None:
                 cols["rm"].append(local_rows(rm(s.tokens, s.positions, s.attn_mask)["score"]))
@@ -136,7 +141,8 @@ def run_eval(run: Run) -> dict:
         greedy=e.temperature == 0, temperature=e.temperature or 1.0))
     # Response log-probs under the distribution sampled from (temperature, EOS constraint), so
     # the mean of log pi - log ref over samples estimates KL(pi_tau || ref_tau).
-    logp_fn = jax.jit(policy_forward, static_argnames=("model", "prompt_len", "sampling"))
+    logp_fn = jax.jit(policy_forward,
+                      static_argnames=("model", "prompt_len", "sampling", "adapters"))
     sampling_k = run.sampling(SamplingConfig(
         max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
         temperature=e.sample_temperature))

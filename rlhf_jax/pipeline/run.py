@@ -10,6 +10,11 @@ Sharding, end to end: weights load straight into their mesh shardings (``initial
 ``load_final(mesh=)``); train states are born sharded (``train_state``); every jitted step gets
 explicit ``in_shardings`` / ``out_shardings`` and donates its state (``step_shardings``);
 orbax saves and restores the sharded arrays without gathering them on a host.
+
+LoRA (``PolicyConfig.lora``): ``start_lora`` turns a stage's starting weights (an upstream
+LoRA model is merged first) into the frozen base of a LoRA model with fresh adapters, and
+records where that base came from; ``finish`` saves only the trained leaves with that record
+(and the merged HF export), and ``load_final`` rebuilds the base from the record, recursively.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class Run:
     lock: RunLock
     data_stats: dict = dataclasses.field(default_factory=dict)  # source name -> DataStats
     records: dict = dataclasses.field(default_factory=dict)  # stage -> its record
+    lora_bases: dict = dataclasses.field(default_factory=dict)  # stage -> its LoRA base record
     _datasets: dict = dataclasses.field(default_factory=dict, repr=False)  # loaded once
 
     @classmethod
@@ -235,21 +241,86 @@ class Run:
 
     # ---- models ----------------------------------------------------------------------
     def load_final(self, stage: str, *, frozen_layers: int | None = None):
-        """``(model, params, meta)`` of a finished stage, restored into the mesh shardings."""
-        return artifacts.load_final(self.files(stage).final, frozen_layers=frozen_layers,
-                                    mesh=self.mesh)
+        """``(model, params, meta)`` of a finished stage, restored into the mesh shardings.
+
+        A LoRA stage's frozen base is rebuilt from its ``lora_base`` record: the initial
+        policy, or the named stage's output (loaded the same way) with its adapters merged,
+        truncated to ``n_layers`` blocks when recorded."""
+        final = self.files(stage).final
+        meta_path = final / "model.json"
+        ref = None
+        if meta_path.exists():
+            import json
+            ref = json.loads(meta_path.read_text()).get("lora_base")
+        base = None
+        if ref is not None:
+            if ref.get("from") == "initial":
+                _, base = self.initial_policy()
+            else:
+                up_model, up_params, _ = self.load_final(ref["from"])
+                base = self.merged(up_model, up_params)[1]
+            if ref.get("n_layers"):
+                base = truncate_trunk(base, int(ref["n_layers"]))
+        return artifacts.load_final(final, frozen_layers=frozen_layers, mesh=self.mesh,
+                                    base=base)
+
+    @property
+    def lora(self):
+        """The run's ``LoraConfig`` when LoRA is on (``policy.lora.rank``), else ``None``."""
+        lora = self.cfg.policy.lora
+        return lora if lora.enabled else None
+
+    def merged(self, model: Model, params: Params) -> tuple[Model, Params]:
+        """``(plain model, params)`` with every LoRA adapter folded into its kernel
+        (``rlhf_jax.models.lora.merge_adapters``, jitted into the plain model's shardings); a
+        model without LoRA comes back as it is."""
+        from rlhf_jax.models.lora import merged_params, plain_model
+        if model.cfg.lora is None:
+            return model, params
+        plain = plain_model(model)
+        with jax.set_mesh(self.mesh):
+            merged = jax.jit(lambda p: merged_params(model, p),
+                             out_shardings=plain.param_shardings(self.mesh))(params)
+        return plain, merged
+
+    def start_lora(self, stage: str | None, model: Model, params: Params, seed_offset: int, *,
+                   base_from: str, n_layers: int | None = None) -> tuple[Model, Params]:
+        """A stage's model and starting params with LoRA when ``policy.lora`` is on: the frozen
+        base is ``params`` (an upstream LoRA model merged first), quantised for QLoRA, with
+        fresh adapters drawn from ``seed + seed_offset`` (``rlhf_jax.models.lora.attach``);
+        ``model`` and ``params`` unchanged when LoRA is off.
+
+        Args:
+          stage: the stage whose final output this model becomes (its base is recorded for
+            ``finish`` and the checkpoints), or ``None`` (a model that is not saved as a
+            stage output, e.g. PPO's value model).
+          base_from: where the base came from: ``"initial"`` or the input stage's name.
+          n_layers: the base's trunk was truncated to this many blocks (the reward model).
+        """
+        from rlhf_jax.models.lora import attach
+        if self.lora is None:
+            return model, params
+        model, params = self.merged(model, params)
+        lora_model = Model(dataclasses.replace(model.cfg, lora=self.lora), kind=model.kind)
+        with jax.set_mesh(self.mesh):
+            params = attach(lora_model, params, jax.random.key(self.cfg.seed + seed_offset),
+                            shardings=lora_model.param_shardings(self.mesh))
+        if stage is not None:
+            self.lora_bases[stage] = {"from": base_from,
+                                      **({"n_layers": n_layers} if n_layers else {})}
+        return lora_model, params
 
     def initial_policy(self) -> tuple[Model, Params]:
         """The configured initial policy, built or loaded straight into its mesh shardings."""
         p = self.cfg.policy
         if p.source == "random":
             model = Model(dataclasses.replace(p.random_model, frozen_layers=p.frozen_layers,
-                                              dtype=p.dtype))
+                                              dtype=p.dtype, remat=p.remat))
             return model, model.init_sharded(jax.random.key(self.cfg.seed), self.mesh)
         from rlhf_jax.models.convert.hf import load_hf_checkpoint
         path = _smollm2(self.cfg) if p.source == "smollm2" else p.path
         return load_hf_checkpoint(path, shardings=self.mesh, config_overrides={
-            "frozen_layers": p.frozen_layers, "dtype": p.dtype})
+            "frozen_layers": p.frozen_layers, "dtype": p.dtype, "remat": p.remat})
 
     def with_head(self, params: Params, model: Model, rng: jax.Array) -> Params:
         """``params``' trunk (and LM head) in ``model``'s tree, with any missing head
@@ -298,7 +369,9 @@ class Run:
                               place=self.place, out_dir=self.files(stage).dir, cfg=loop_cfg,
                               logger=self.logger, frozen=frozen, loss_key=loss_key,
                               fingerprint=model_fingerprint(model), eval_fn=eval_fn,
-                              meta={"stage_record": self.records.get(stage)})
+                              meta={"stage_record": self.records.get(stage),
+                                    **({"lora_base": self.lora_bases[stage]}
+                                       if stage in self.lora_bases else {})})
         if result.preempted:  # never write final/: the stage is unfinished
             raise StagePreempted(f"{stage}: stopped by SIGTERM at step {result.step} "
                                  f"(checkpoint saved in {self.files(stage).checkpoints})")
@@ -313,11 +386,17 @@ class Run:
         if jax.process_index() == 0:
             for stale in (files.final / artifacts.COMPLETE_FILE, files.final / "model.json"):
                 stale.unlink(missing_ok=True)
-        artifacts.save_params(files.final, model, params)
+        saved = params
+        if model.cfg.lora is not None:  # the trained leaves, and where the frozen base is from
+            from rlhf_jax.models.lora import frozen_digest, partition
+            saved = partition(params)[0]
+            extra = {**(extra or {}), "lora_base": {**self.lora_bases.get(stage, {}),
+                                                    "digest": frozen_digest(params)}}
+        artifacts.save_params(files.final, model, saved)
         if export_hf:
             from rlhf_jax.models.convert.hf import save_hf_checkpoint
             partial = files.dir / "hf.partial"
-            save_hf_checkpoint(model, params, partial, tokenizer=self.tokenizer)
+            save_hf_checkpoint(*self.merged(model, params), partial, tokenizer=self.tokenizer)
             if jax.process_index() == 0:
                 if files.hf.exists():
                     shutil.rmtree(files.hf)
@@ -329,7 +408,7 @@ class Run:
 
     def finish_policy(self, stage: str, model: Model, params: Params, extra=None) -> None:
         """``finish`` for a policy: the LM part only (a value head is dropped), with an HF
-        export."""
+        export (LoRA: the merged model)."""
         lm = Model(model.cfg, kind="lm")
         lm_params = {k: v for k, v in params.items() if k in ("trunk", "lm_head")}
         self.finish(stage, lm, lm_params, extra, export_hf=True)
@@ -337,6 +416,13 @@ class Run:
     def sampling(self, sampling):
         """``sampling`` with unset EOS / pad ids taken from the tokenizer."""
         return sampling.with_token_ids(self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+
+
+def truncate_trunk(params: Params, n_layers: int) -> Params:
+    """``params`` with only the lowest ``n_layers`` stacked blocks of the trunk."""
+    trunk = dict(params["trunk"])
+    trunk["blocks"] = jax.tree.map(lambda x: x[:n_layers], trunk["blocks"])
+    return {**params, "trunk": trunk}
 
 
 def _smollm2(cfg: PipelineConfig) -> Path:

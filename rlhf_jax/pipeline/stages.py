@@ -21,7 +21,7 @@ from rlhf_jax.losses.reward import normalization_gain_bias
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.pipeline.registry import get_stage, register_stage
 from rlhf_jax.pipeline.refresh import Refresher, refresh_params
-from rlhf_jax.pipeline.run import Run, fit_schedule, gather_rows, local_rows
+from rlhf_jax.pipeline.run import Run, fit_schedule, gather_rows, local_rows, truncate_trunk
 from rlhf_jax.rewards import RewardSum, load_reward
 from rlhf_jax.rollout.groups import concat_rounds, informative_groups, select_groups
 from rlhf_jax.rollout.postprocess import decode
@@ -53,10 +53,11 @@ _COMMON = ("seed", "task", "policy", "data")
                 description="supervised fine-tuning of the initial policy on demonstrations")
 def run_sft(run: Run) -> None:
     """Stage 1: supervised fine-tuning on the task's demonstrations (loss on response tokens,
-    every assistant turn, the end-of-turn token included; Ouyang et al. 2022 §3.5)."""
+    every assistant turn, the end-of-turn token included; Ouyang et al. 2022 §3.5). With
+    ``policy.lora``: adapters on the initial policy as the frozen base."""
     c = run.cfg.sft
     run.begin(get_stage("sft"))
-    model, params = run.initial_policy()
+    model, params = run.start_lora("sft", *run.initial_policy(), 101, base_from="initial")
     data = run.sft_dataset()
     tx, state, shardings = run.train_state(model, params, c.optimizer, c.steps, 1)
     step = make_sft_step(model, tx, c.step, state_sharding=shardings,
@@ -68,10 +69,7 @@ def run_sft(run: Run) -> None:
 
 
 # ---- shared helpers -----------------------------------------------------------------------
-def _truncate_trunk(params: Params, n_layers: int) -> Params:
-    trunk = dict(params["trunk"])
-    trunk["blocks"] = jax.tree.map(lambda x: x[:n_layers], trunk["blocks"])
-    return {**params, "trunk": trunk}
+_truncate_trunk = truncate_trunk
 
 
 def eval_pairs(run: Run, metrics_fn, dataset, max_pairs: int, batch_size: int) -> dict[str, float]:
@@ -110,8 +108,10 @@ def _share_frozen(cfg, model: Model):
     """``cfg`` (a ``PPOConfig`` or ``DPOConfig``) with ``reference_shares_frozen_layers`` on
     whenever the policy has frozen layers: the stages' reference is a copy of the policy's
     initial parameters, and the optimizer never moves the frozen part, so the two agree there
-    by construction."""
-    return dataclasses.replace(cfg, reference_shares_frozen_layers=model.cfg.frozen_layers > 0)
+    by construction. With LoRA ``reference_is_base`` is on as well: the reference is the
+    policy's frozen base (the adapters off), never a copy."""
+    return dataclasses.replace(cfg, reference_shares_frozen_layers=model.cfg.frozen_layers > 0,
+                               reference_is_base=model.cfg.lora is not None)
 
 
 # ---- reward model -------------------------------------------------------------------------
@@ -122,10 +122,16 @@ def run_rm(run: Run) -> None:
     task's comparisons (Bradley-Terry / K-way ranking, Ouyang et al. 2022 §3.5), evaluated on
     held-out comparisons, and normalised to mean 0, std 1 on SFT samples (Ziegler et al. 2019
     §2.2; sampled with the PPO rollout's settings). With ``rm.ensemble = K``: K reward models
-    trained together on the same batches (``_run_rm_ensemble``)."""
+    trained together on the same batches (``_run_rm_ensemble``). With ``policy.lora``: the
+    SFT model (its adapters merged, truncated) is the frozen base; fresh adapters and the
+    scalar head train."""
     c, p = run.cfg.rm, run.cfg.policy
     run.begin(get_stage("rm"))
-    sft_model, sft_params, _ = run.load_final("sft")
+    if c.ensemble and run.lora is not None:
+        raise ValueError(f"rm.ensemble={c.ensemble} with policy.lora (rank "
+                         f"{run.lora.rank}) is not supported: train one LoRA reward model, or "
+                         "an ensemble without LoRA")
+    sft_model, sft_params = run.merged(*run.load_final("sft")[:2])
     n_layers = p.reward_layers or sft_model.cfg.n_layers
     rm = Model(dataclasses.replace(sft_model.cfg, n_layers=n_layers,
                                    frozen_layers=p.reward_frozen_layers), kind="scalar")
@@ -139,6 +145,7 @@ def run_rm(run: Run) -> None:
         _run_rm_ensemble(run, sft_model, sft_params, rm, trunk_params, data, eval_data, bcfg)
         return
     params = run.with_head(trunk_params, rm, jax.random.key(run.cfg.seed + 2))
+    rm, params = run.start_lora("rm", rm, params, 102, base_from="sft", n_layers=n_layers)
     tx, state, shardings = run.train_state(rm, params, c.optimizer, c.steps, 2)
     evaluate = make_reward_eval(rm, c.step)
     eval_fn = None
@@ -469,6 +476,7 @@ def run_ppo(run: Run) -> None:
     frozen_layers = run.cfg.policy.frozen_layers
     if c.init == "sft":
         start_model, start_params, _ = run.load_final("sft", frozen_layers=frozen_layers)
+        start_model, start_params = run.merged(start_model, start_params)
     else:
         start_model, start_params = run.initial_policy()
     reward = rl_reward(run)
@@ -486,7 +494,11 @@ def run_ppo(run: Run) -> None:
     separate = critic and c.ppo.value_model == "separate"
     policy = Model(start_model.cfg, kind="lm_value" if critic and not separate else "lm")
     params = run.with_head(start_params, policy, jax.random.key(run.cfg.seed + 3))
-    ref_params = jax.tree.map(jnp.copy, params) if c.ppo.uses_reference else None
+    policy, params = run.start_lora("ppo", policy, params, 103,
+                                    base_from="sft" if c.init == "sft" else "initial")
+    # With LoRA the reference is the policy's frozen base (adapters off): no copy.
+    ref_params = (jax.tree.map(jnp.copy, params) if c.ppo.uses_reference and run.lora is None
+                  else None)
     gain, bias = (scorer.gain, scorer.bias) if scorer is not None and not ensemble else (1.0, 0.0)
     staged = bool(reward.functions) or c.dynamic_sampling or ensemble
     w = reward.model_weight
@@ -505,8 +517,10 @@ def run_ppo(run: Run) -> None:
                              "value_model='shared')")
         value_model = rm
         value_init = ensemble_member_params(rm_params, rm_meta, 0) if ensemble else rm_params
+        value_model, value_init = run.start_lora(None, value_model, value_init, 105,
+                                                 base_from="rm")
         value_tx, value_state, value_shardings = run.train_state(
-            rm, value_init, c.value_optimizer, updates, 5)
+            value_model, value_init, c.value_optimizer, updates, 5)
     state_shardings = ppo_state_shardings(policy_shardings, run.mesh, value_shardings)
     # Built under jit with out_shardings: the controller scalars and the key are born
     # replicated on the (possibly multi-process) mesh, the trained states are moved, not copied.
@@ -542,7 +556,9 @@ def run_ppo(run: Run) -> None:
         rm_params = None  # read from the state at every iteration
     probe = None
     if c.probe_every:
-        probe_ref = ref_params if ref_params is not None else jax.tree.map(jnp.copy, params)
+        # LoRA: None, the KL is to the policy's own base (adapters off)
+        probe_ref = (ref_params if ref_params is not None or run.lora is not None
+                     else jax.tree.map(jnp.copy, params))
         probe = gold_proxy_probe(run, policy, probe_ref, scorer)
         ckpts = run.files("ppo").checkpoints
         if not (ckpts.exists() and any(ckpts.iterdir())):  # a fresh start: the step-0 point
@@ -567,7 +583,8 @@ def gold_proxy_probe(run: Run, policy: Model, ref_params, rm):
     ``probe/sqrt_kl``. Gao et al. 2023 plot gold and proxy against ``sqrt(KL)``.
 
     Args:
-      ref_params: the starting policy's parameters (KL is measured to it).
+      ref_params: the starting policy's parameters (KL is measured to it); ``None``: the
+        LoRA policy's own frozen base (its parameters with the adapters off).
       rm: the stage's ``RewardModelScorer`` (``reward_model_scorer``) or ``None``.
     """
     from rlhf_jax.pipeline.evaluate import _sample_policy
@@ -579,7 +596,8 @@ def gold_proxy_probe(run: Run, policy: Model, ref_params, rm):
     columns = run.prompt_dataset(role).columns
     sampling = run.sampling(c.ppo.sampling)
     sampler = make_sampler(policy, sampling)
-    logp_fn = jax.jit(policy_forward, static_argnames=("model", "prompt_len", "sampling"))
+    logp_fn = jax.jit(policy_forward,
+                      static_argnames=("model", "prompt_len", "sampling", "adapters"))
 
     def probe(state, step):
         current = rm
@@ -704,8 +722,11 @@ def run_dpo(run: Run) -> None:
     c = run.cfg.dpo
     run.begin(get_stage("dpo"))
     model, sft_params, _ = run.load_final("sft", frozen_layers=run.cfg.policy.frozen_layers)
-    # SimPO / ORPO use no reference: no second copy of the model then.
-    ref_params = jax.tree.map(jnp.copy, sft_params) if c.dpo.needs_reference else None
+    model, sft_params = run.start_lora("dpo", model, sft_params, 104, base_from="sft")
+    # SimPO / ORPO use no reference, and with LoRA the reference is the policy's frozen base
+    # (adapters off): no second copy of the model then.
+    ref_params = (jax.tree.map(jnp.copy, sft_params)
+                  if c.dpo.needs_reference and run.lora is None else None)
     data = _dpo_training_data(run, c.dpo)
     tx, state, shardings = run.train_state(model, sft_params, c.optimizer, c.steps, 4)
     dpo_cfg = _share_frozen(c.dpo, model)

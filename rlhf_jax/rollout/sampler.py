@@ -5,7 +5,8 @@ prompt is prefilled in one call, then each new token is fed at its own cache slo
 ``jax.lax.while_loop`` (static shapes, no Python loop over tokens, one compile per
 ``(B, P, R)`` bucket). Because cached attention over slots ``<= t`` is the same computation as
 causal attention over tokens ``<= t``, rollout log-probs equal training log-probs up to float
-rounding (a test holds that to 1e-5 in float32).
+rounding (tests hold that to 1e-5 in float32, and to 1e-3 at a bfloat16 ``SamplingConfig.dtype``
+against the training forward at bfloat16).
 
 Layout of a sampled batch (``P`` prompt slots, ``R = max_new_tokens``)::
 
@@ -30,19 +31,31 @@ or ``jax.jit(sample, static_argnames=("model", "cfg"))`` inside a larger jitted 
 
 Each token is drawn by ``rlhf_jax.rollout.filters.select_tokens`` (``suppress_eos``, temperature,
 top-k, top-p); those filters are importable from here too.
+
+Decode-step cost (one token per row per step is a matrix-vector product per weight matrix, so
+a step is bound by reading the weights once): the sampler casts the parameters to
+``SamplingConfig.dtype`` once per call; the prefill runs the stacked blocks under the layer
+scan; then, with ``unroll_layers``, the blocks and the cache are split into per-layer trees
+and buffers *once*, outside the decode loop, whose step runs the blocks unrolled, each
+updating its own ``[B, H_kv, S, K]`` cache buffer in place. Found in the compiled HLO on
+XLA:CPU (``bench/README.md``, "Sampler"): slicing a layer out of the stacked weights inside
+the loop materialised a copy of every layer's weights at every step, and the former
+``[B, S, H_kv, K]`` cache layout a transposed copy of every layer's cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from rlhf_jax.data.batching import choose_bucket
+from rlhf_jax.losses.kl import kl_estimate
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.rollout.filters import select_tokens, suppress_eos, top_k_mask, top_p_mask
 from rlhf_jax.types import positions_from_mask
@@ -90,6 +103,24 @@ class SamplingConfig:
         gives fixed-length responses, the setting of Ziegler et al. 2019 (§3.1, 24-token
         continuations), which leaves a policy no way to game a reward model through length.
         ``0`` (default) disables.
+      dtype: compute dtype of the sampling forward: ``None`` (default) keeps the model's
+        ``cfg.dtype``; ``"bfloat16"`` / ``"float32"`` cast the floating parameters to it once
+        per ``sample`` call and run the model with that compute dtype (the caller's
+        parameters, e.g. a trainer's float32 masters, are not changed). Reported log-probs
+        are then those of the model at this dtype: ``rollout_model`` / ``cast_params`` give
+        the training forward at the same dtype, and ``logprob_mismatch`` measures the gap to
+        the training dtype. bfloat16 halves the bytes a decode step reads (the bound on an
+        accelerator); on XLA:CPU its matmuls were slower than float32 here (``bench/README.md``).
+      unroll_layers: run the decode step with per-layer parameters and a per-layer cache
+        (the blocks unrolled; ``Model.apply`` with ``params["trunk"]["blocks"]`` a tuple)
+        instead of one ``lax.scan`` over the stacked blocks. ``None`` / False (default):
+        scanned. True is faster on XLA:CPU, where slicing a layer out of the stacked weights
+        inside the decode loop copies it at every step (``bench/README.md``, "Sampler"); it
+        stays opt-in until measured on GPU/TPU, and because under FSDP it keeps every layer's
+        gathered weights alive for the whole decode (``rlhf-jax plan`` samples scanned). The
+        split costs one copy of the block weights per call (in ``dtype``, alive during the
+        decode loop) and a decode step compiled per layer.
+        Same outputs either way up to float32 accumulation order.
     """
 
     max_new_tokens: int
@@ -101,6 +132,8 @@ class SamplingConfig:
     pad_token_id: int | None = None
     stop_early: bool = True
     min_new_tokens: int = 0
+    dtype: str | None = None
+    unroll_layers: bool | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -138,6 +171,12 @@ class SamplingConfig:
                                               or self.pad_token_id < 0):
             raise ValueError(f"SamplingConfig.pad_token_id must be an int >= 0, "
                              f"got {self.pad_token_id!r}")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"SamplingConfig.dtype must be None, 'float32' or 'bfloat16', "
+                             f"got {self.dtype!r}")
+        if not (self.unroll_layers is None or isinstance(self.unroll_layers, bool)):
+            raise ValueError(f"SamplingConfig.unroll_layers must be None or a bool, "
+                             f"got {self.unroll_layers!r}")
 
     def with_token_ids(self, eos_token_id, pad_token_id) -> "SamplingConfig":
         """This config with the ids that are ``None`` set to the given ones (a tokenizer's);
@@ -234,6 +273,71 @@ def is_eos(tokens: jax.Array, eos_token_id: int | tuple[int, ...]) -> jax.Array:
     return out
 
 
+# ---- the sampling forward: dtype and per-layer parameters -------------------------------------
+
+def rollout_model(model: Model, dtype: str | None) -> Model:
+    """``model`` with compute dtype ``dtype`` (``None``: ``model`` itself): the model the
+    sampler runs for ``SamplingConfig.dtype``. Its training forward (``Model.apply`` on
+    ``cast_params(params, dtype)``) is the computation the sampler's log-probs equal."""
+    if dtype is None or dtype == model.cfg.dtype:
+        return model
+    return Model(dataclasses.replace(model.cfg, dtype=dtype), model.kind)
+
+
+def cast_params(params: Params, dtype: str | None) -> Params:
+    """Floating leaves of ``params`` cast to ``dtype`` (``None``, or leaves already in it:
+    unchanged, no copy); integer leaves (e.g. quantised kernels) are kept."""
+    if dtype is None:
+        return params
+    dt = jnp.dtype(dtype)
+    return jax.tree.map(
+        lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def per_layer_params(params: Params, n_layers: int) -> Params:
+    """``params`` with ``trunk.blocks`` (each leaf ``[L, ...]``) split into a tuple of ``L``
+    per-layer trees (leaves ``[...]``), the form ``Model.apply`` runs as an unrolled layer
+    loop. One copy of the block weights; meant to be done once, outside a decode loop."""
+    blocks = params["trunk"]["blocks"]
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n_layers))
+    return {**params, "trunk": {**params["trunk"], "blocks": layers}}
+
+
+def _unroll(cfg: SamplingConfig) -> bool:
+    return bool(cfg.unroll_layers)
+
+
+def logprob_mismatch(sampler_logprobs: jax.Array, train_logprobs: jax.Array,
+                     mask: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """How far the sampler's log-probs are from the training forward's on the same tokens
+    (a sampling dtype other than the training dtype, e.g. bfloat16 vs float32 masters, or
+    any other numerical difference between the two paths), as ``(sum, count)`` metrics over
+    the response tokens:
+
+    * ``rollout/logprob_mismatch``: token mean of ``|logp_sampler - logp_train|`` (nats);
+    * ``rollout/logprob_mismatch_k3``: token mean of the k3 estimator
+      ``exp(-d) - 1 + d``, ``d = logp_sampler - logp_train``, an unbiased, non-negative
+      estimate of ``KL(pi_sampler || pi_train)`` per token from the sampler's own draws
+      (``rlhf_jax.losses.kl.kl_estimate``; Schulman 2020, "Approximating KL divergence").
+
+    Args:
+      sampler_logprobs: ``[B, R] float32`` ``SampleOutput.logprobs``.
+      train_logprobs: ``[B, R] float32`` the training forward's log-probs of the same
+        responses at the same temperature (e.g. PPO's rollout log-probs).
+      mask: ``[B, R] bool`` the response tokens (``SampleOutput.response_mask``).
+
+    Returns:
+      ``{name: (sum, count)}`` float32 scalars (count = number of response tokens).
+    """
+    m = mask.astype(jnp.float32)
+    s, t = sampler_logprobs.astype(jnp.float32), train_logprobs.astype(jnp.float32)
+    d = jnp.where(mask, s - t, 0.0)
+    k3 = kl_estimate(d, jnp.zeros_like(d), "k3")
+    n = jnp.sum(m)
+    return {"rollout/logprob_mismatch": (jnp.sum(jnp.abs(d) * m), n),
+            "rollout/logprob_mismatch_k3": (jnp.sum(k3 * m), n)}
+
+
 # ---- the sampler ----------------------------------------------------------------------------
 
 def _check_inputs(model: Model, prompt_tokens, prompt_mask, rng, cfg: SamplingConfig) -> None:
@@ -272,6 +376,10 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
     ``fold_in(rng, r)``. Response slots after a row's EOS are fed as padding (masked in the
     cache) and hold ``pad_token_id``.
 
+    The model runs at ``cfg.dtype`` (``rollout_model``, ``cast_params``: one cast per call)
+    and, with ``cfg.unroll_layers``, on per-layer parameters and a per-layer cache
+    (``per_layer_params``; see the module docstring for why).
+
     With ``num_samples = k > 1`` each prompt is prefilled once and its cache (and first-token
     logits) repeated ``k`` times: rows ``g k .. g k + k - 1`` of the output continue prompt
     ``g``, each with its own noise (the draw of step ``r`` is over all ``B k`` rows). The
@@ -306,7 +414,14 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
     b, p = prompt_tokens.shape
     r_max = cfg.max_new_tokens
 
-    # Prefill: slots 0..P-1. Only the last column's logits are needed (left padding).
+    # The sampling forward: cast once (outside the decode loop).
+    model = rollout_model(model, cfg.dtype)
+    params = cast_params(params, cfg.dtype)
+    unrolled = _unroll(cfg)
+
+    # Prefill: slots 0..P-1, the stacked blocks under the layer scan (one compiled block: the
+    # prefill reads each weight once whatever the form). Only the last column's logits are
+    # needed (left padding).
     cache = model.init_cache(b, p + r_max - 1)
     prompt_pos = positions_from_mask(prompt_mask)
     out = model.apply(params, prompt_tokens, prompt_pos, prompt_mask, cache=cache, cache_index=0,
@@ -314,10 +429,16 @@ def sample(model: Model, params: Params, prompt_tokens: jax.Array, prompt_mask: 
     logits0 = model.logits(params, out.hidden[:, -1])  # [B, V]
     n_prompt = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)  # [B]
     cache = out.cache
+    if unrolled:  # the decode loop's form: split the blocks and the cache once
+        params = per_layer_params(params, model.cfg.n_layers)
+        cache = cache.unstacked()
     if num_samples > 1:  # share the prefill: repeat each row's cache k times
         def rep(x, axis=0):
             return jnp.repeat(x, num_samples, axis=axis)
-        cache = cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid))
+        b_axis = 0 if unrolled else 1  # per-layer [B, H, S, K] or stacked [L, B, H, S, K]
+        cache = cache.replace(k=jax.tree.map(lambda x: rep(x, b_axis), cache.k),
+                              v=jax.tree.map(lambda x: rep(x, b_axis), cache.v),
+                              valid=rep(cache.valid))
         logits0, n_prompt = rep(logits0), rep(n_prompt)
         prompt_tokens, prompt_mask = rep(prompt_tokens), rep(prompt_mask)
         b *= num_samples
@@ -387,10 +508,42 @@ def check_prompt_mask(prompt_mask) -> None:
                          "real token (the sampler continues from the last column)")
 
 
+def pad_prompts_to_bucket(prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                          buckets: Sequence[int], pad_token_id: int
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Left-pad ``[B, P]`` prompts to ``[B, P']``, ``P'`` the smallest bucket ``>= P``
+    (``rlhf_jax.data.batching.choose_bucket``), so a jitted sampler compiles once per bucket
+    rather than once per prompt width. New columns hold ``pad_token_id`` with mask False;
+    the continuation is the same (positions come from the mask, padded slots are never
+    attended to).
+
+    Args:
+      prompt_tokens: ``[B, P]`` int, left-padded.
+      prompt_mask: ``[B, P]`` bool.
+      buckets: increasing prompt widths.
+      pad_token_id: id written into the new columns.
+
+    Returns:
+      ``(tokens [B, P'] int32, mask [B, P'] bool)`` (the inputs unchanged when ``P`` is a
+      bucket).
+
+    Raises:
+      ValueError: ``P`` exceeds the largest bucket (names both numbers).
+    """
+    p = prompt_tokens.shape[-1]
+    width = choose_bucket(p, buckets)
+    if width == p:
+        return prompt_tokens, prompt_mask
+    pad = ((0, 0), (width - p, 0))
+    return (jnp.pad(jnp.asarray(prompt_tokens, jnp.int32), pad, constant_values=pad_token_id),
+            jnp.pad(jnp.asarray(prompt_mask, bool), pad, constant_values=False))
+
+
 def make_sampler(model: Model, cfg: SamplingConfig, *, validate: bool = True,
-                 num_samples: int = 1
+                 num_samples: int = 1, prompt_buckets: Sequence[int] | None = None
                  ) -> Callable[[Params, jax.Array, jax.Array, jax.Array], SampleOutput]:
-    """``sample`` jitted with ``model`` and ``cfg`` bound (one compile per ``(B, P)`` shape).
+    """``sample`` jitted with ``model`` and ``cfg`` bound (one compile per ``(B, P)`` shape,
+    or per ``(B, bucket)`` with ``prompt_buckets``).
 
     Args:
       model: an ``lm`` / ``lm_value`` ``Model``.
@@ -398,16 +551,27 @@ def make_sampler(model: Model, cfg: SamplingConfig, *, validate: bool = True,
       num_samples: responses per prompt (``sample``'s ``num_samples``: one shared prefill).
       validate: run ``check_prompt_mask`` on the host before each call when the mask is a
         concrete, fully addressable array (a small device-to-host copy).
+      prompt_buckets: increasing prompt widths: each call's prompts are first left-padded to
+        the smallest bucket that fits (``pad_prompts_to_bucket``), so prompts of any width
+        up to the largest bucket compile ``len(prompt_buckets)`` times at most (per batch
+        size). The output's prompt columns are then the bucket's. ``None``: no padding.
 
     Returns:
       ``fn(params, prompt_tokens [B,P], prompt_mask [B,P], rng) -> SampleOutput``.
 
     Raises:
-      ValueError / TypeError: as ``SamplingConfig``, ``sample`` and ``check_prompt_mask``.
+      ValueError / TypeError: as ``SamplingConfig``, ``sample``, ``check_prompt_mask`` and
+        ``pad_prompts_to_bucket``; unsorted or non-positive ``prompt_buckets``.
     """
     if not isinstance(cfg, SamplingConfig):
         raise TypeError(f"cfg must be a SamplingConfig, got {type(cfg).__name__}")
     cfg.check_vocab(model.cfg.vocab_size)
+    if prompt_buckets is not None:
+        prompt_buckets = tuple(int(b) for b in prompt_buckets)
+        if not prompt_buckets or prompt_buckets[0] < 1 or list(prompt_buckets) != sorted(
+                set(prompt_buckets)):
+            raise ValueError(f"prompt_buckets must be increasing positive widths, got "
+                             f"{prompt_buckets}")
 
     @jax.jit
     def jitted(params, prompt_tokens, prompt_mask, rng):
@@ -417,11 +581,16 @@ def make_sampler(model: Model, cfg: SamplingConfig, *, validate: bool = True,
         if validate and not isinstance(prompt_mask, jax.core.Tracer) and getattr(
                 prompt_mask, "is_fully_addressable", True):
             check_prompt_mask(prompt_mask)
+        if prompt_buckets is not None:
+            prompt_tokens, prompt_mask = pad_prompts_to_bucket(
+                prompt_tokens, prompt_mask, prompt_buckets, cfg.pad_token_id)
         return jitted(params, prompt_tokens, prompt_mask, rng)
 
     sampler.jitted = jitted  # exposed for trace/lowering inspection
     return sampler
 
 
-__all__ = ["SampleOutput", "SamplingConfig", "check_prompt_mask", "is_eos", "make_sampler",
-           "sample", "select_tokens", "suppress_eos", "top_k_mask", "top_p_mask"]
+__all__ = ["SampleOutput", "SamplingConfig", "cast_params", "check_prompt_mask", "is_eos",
+           "logprob_mismatch", "make_sampler", "pad_prompts_to_bucket", "per_layer_params",
+           "rollout_model", "sample",
+           "select_tokens", "suppress_eos", "top_k_mask", "top_p_mask"]

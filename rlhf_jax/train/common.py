@@ -45,29 +45,35 @@ def _token_logprobs(out: ModelOutput, tokens: jax.Array, temperature: float) -> 
 
 def token_logprobs(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
                    attn_mask: jax.Array, temperature: float = 1.0, *,
-                   frozen_hidden: jax.Array | None = None, with_router_aux: bool = False):
+                   frozen_hidden: jax.Array | None = None, with_router_aux: bool = False,
+                   adapters: bool = True, dropout_rng: jax.Array | None = None):
     """``logp[b, t] = log π(tokens[b, t] | tokens[b, <t])`` ``[B, T]`` float32 (0 at t = 0).
 
     One forward (from ``frozen_hidden [B, T, D]`` when given: ``Model.frozen_hidden``); logits
     are divided by ``temperature`` (the sampler's distribution). ``with_router_aux``: return
-    ``(logp, ModelOutput.router_aux_loss)`` (``None`` for a dense model).
+    ``(logp, ModelOutput.router_aux_loss)`` (``None`` for a dense model). ``adapters`` /
+    ``dropout_rng``: LoRA's switch and adapter dropout (``Model.apply``).
     """
-    out = model.apply(params, tokens, positions, attn_mask, frozen_hidden=frozen_hidden)
+    out = model.apply(params, tokens, positions, attn_mask, frozen_hidden=frozen_hidden,
+                      adapters=adapters, dropout_rng=dropout_rng)
     logp = _token_logprobs(out, tokens, temperature)
     return (logp, out.router_aux_loss) if with_router_aux else logp
 
 
 def sequence_logps(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
                    attn_mask: jax.Array, loss_mask: jax.Array, *,
-                   frozen_hidden: jax.Array | None = None, with_router_aux: bool = False):
+                   frozen_hidden: jax.Array | None = None, with_router_aux: bool = False,
+                   adapters: bool = True, dropout_rng: jax.Array | None = None):
     """Summed response log-probs ``[B]`` (nats) and response lengths ``[B]`` (tokens).
 
     ``sum_t loss_mask[b, t] * log π(tokens[b, t] | tokens[b, <t])`` - the quantity the DPO
-    family is defined on (Rafailov et al. 2023 eq. 7). ``frozen_hidden``: see
-    ``token_logprobs``; ``with_router_aux``: a third result, ``ModelOutput.router_aux_loss``.
+    family is defined on (Rafailov et al. 2023 eq. 7). ``frozen_hidden``, ``adapters``,
+    ``dropout_rng``: see ``token_logprobs``; ``with_router_aux``: a third result,
+    ``ModelOutput.router_aux_loss``.
     """
     logp, aux = token_logprobs(model, params, tokens, positions, attn_mask,
-                               frozen_hidden=frozen_hidden, with_router_aux=True)
+                               frozen_hidden=frozen_hidden, with_router_aux=True,
+                               adapters=adapters, dropout_rng=dropout_rng)
     mask = loss_mask.astype(jnp.float32)
     sums = (jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1))
     return (*sums, aux) if with_router_aux else sums
@@ -80,14 +86,16 @@ def last_token_index(attn_mask: jax.Array) -> jax.Array:
 
 
 def sequence_scores(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
-                    attn_mask: jax.Array, *, with_router_aux: bool = False):
+                    attn_mask: jax.Array, *, with_router_aux: bool = False,
+                    dropout_rng: jax.Array | None = None):
     """Scalar-head output at the last real token ``[B]`` float32: the reward of a sequence.
 
     Ouyang et al. 2022 §3.5 / Stiennon et al. 2020: the reward model reads the final token's
     hidden state (the end-of-turn token of the response). ``with_router_aux``: return
-    ``(scores, ModelOutput.router_aux_loss)``.
+    ``(scores, ModelOutput.router_aux_loss)``. ``dropout_rng``: LoRA's adapter dropout.
     """
-    out = model.apply(params, tokens, positions, attn_mask, compute_logits=False)
+    out = model.apply(params, tokens, positions, attn_mask, compute_logits=False,
+                      dropout_rng=dropout_rng)
     idx = last_token_index(attn_mask)
     scores = jnp.take_along_axis(out.values, idx[:, None], axis=-1)[:, 0]
     return (scores, out.router_aux_loss) if with_router_aux else scores

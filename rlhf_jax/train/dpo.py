@@ -16,6 +16,11 @@ policy there (it is the policy's initialisation: ``DPOConfig.reference_shares_fr
 the embeddings and frozen blocks run once per batch and feed both the policy's and the
 reference's upper blocks (``Model.frozen_hidden``); the losses are unchanged.
 
+With LoRA (``ModelConfig.lora``) and a reference that is the starting policy
+(``DPOConfig.reference_is_base``), the reference is the policy's own parameters with the
+adapters switched off (``Model.apply(..., adapters=False)``; Hu et al. 2021): no second copy
+of the model exists, and the step's reference argument is unused (pass ``None``).
+
 The loss is a mean over the valid pairs (``PreferenceBatch.valid``; filler rows of
 ``DataConfig.remainder="pad"`` carry no loss and do not dilute it), with the count of the
 *whole* batch as denominator, so microbatching changes nothing. A loss that reads a statistic
@@ -43,7 +48,8 @@ from rlhf_jax.losses.kto import kto_reference_point
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.train.common import (add_router_aux_loss, flatten_candidates, rowwise_mean,
                                    sequence_logps)
-from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
+from rlhf_jax.train.state import (TrainState, accumulate_gradients, apply_gradients, jit_step,
+                                  lora_dropout_rng)
 from rlhf_jax.types import PreferenceBatch, UnpairedBatch
 
 
@@ -77,6 +83,10 @@ class DPOConfig:
         lowest ``model.cfg.frozen_layers`` blocks (check once with
         ``rlhf_jax.train.state.frozen_part_equal``): run that part of the forward once for
         both. The step cannot check it; a wrong True gives wrong reference log-probs.
+      reference_is_base: the reference is the policy's frozen base: its own parameters with
+        the LoRA adapters switched off (the policy started from fresh, zero-product adapters
+        on the reference's weights). The reference argument of the steps is then ignored (pass
+        ``None``) and no reference copy is held; the model must have ``cfg.lora``.
     """
 
     beta: float = 0.1
@@ -89,6 +99,7 @@ class DPOConfig:
     nll_coef: float = 0.0
     num_microbatches: int = 1
     reference_shares_frozen_layers: bool = False
+    reference_is_base: bool = False
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -129,16 +140,18 @@ class DPOConfig:
 
 
 def pair_logps(model: Model, params: Params, batch: PreferenceBatch,
-               frozen_hidden: jax.Array | None = None, *, with_router_aux: bool = False):
+               frozen_hidden: jax.Array | None = None, *, with_router_aux: bool = False,
+               adapters: bool = True, dropout_rng: jax.Array | None = None):
     """Summed response log-probs ``[B, 2]`` and lengths ``[B, 2]`` in one forward over ``2B``
     (from ``frozen_hidden [B, 2, T, D]`` of ``pair_frozen_hidden`` when given);
-    ``with_router_aux``: a third result, ``ModelOutput.router_aux_loss``."""
+    ``with_router_aux``: a third result, ``ModelOutput.router_aux_loss``; ``adapters`` /
+    ``dropout_rng``: LoRA's switch and adapter dropout (``Model.apply``)."""
     b, n = batch.tokens.shape[:2]
     hidden = None if frozen_hidden is None else flatten_candidates(frozen_hidden)
     logps, lengths, aux = sequence_logps(
         model, params, flatten_candidates(batch.tokens), flatten_candidates(batch.positions),
         flatten_candidates(batch.attn_mask), flatten_candidates(batch.loss_mask),
-        frozen_hidden=hidden, with_router_aux=True)
+        frozen_hidden=hidden, with_router_aux=True, adapters=adapters, dropout_rng=dropout_rng)
     out = logps.reshape(b, n), lengths.reshape(b, n)
     return (*out, aux) if with_router_aux else out
 
@@ -158,16 +171,25 @@ def _shared_hidden(model: Model, params: Params, batch: PreferenceBatch, cfg: DP
     return None
 
 
+def reference_params(params: Params, ref_params: Params | None, cfg) -> Params | None:
+    """The parameters the reference forward runs on: the policy's own ``params`` when
+    ``cfg.reference_is_base`` (with the adapters off), else ``ref_params``."""
+    return params if cfg.reference_is_base else ref_params
+
+
 def _reference_logps(model: Model, ref_params: Params, batch: PreferenceBatch, hidden,
                      cfg: DPOConfig) -> jax.Array:
     """``[B, 2]`` reference log-probs, no gradient. A reference-free loss (``needs_reference``
-    False) runs no forward: zeros, which its loss never reads; ``ref_params`` may be None."""
+    False) runs no forward: zeros, which its loss never reads; ``ref_params`` may be None.
+    With ``cfg.reference_is_base`` ``ref_params`` are the policy's (``reference_params``) and
+    the forward skips the adapters."""
     if not cfg.needs_reference:
         return jnp.zeros(batch.tokens.shape[:2], jnp.float32)
     if ref_params is None:
         raise ValueError(f"DPO loss_type {cfg.loss_type!r} needs the reference parameters, "
                          f"got None")
-    return jax.lax.stop_gradient(pair_logps(model, ref_params, batch, hidden)[0])
+    return jax.lax.stop_gradient(pair_logps(model, ref_params, batch, hidden,
+                                            adapters=not cfg.reference_is_base)[0])
 
 
 def _loss(policy_logps, lengths, ref_logps, cfg: DPOConfig, stats=None):
@@ -222,14 +244,15 @@ def masked_dpo_loss(policy_logps, lengths, ref_logps, valid, total_pairs, cfg: D
 
 def dpo_loss_fn(params: Params, batch: PreferenceBatch, ref_logps: jax.Array, total_pairs,
                 frozen_hidden: jax.Array | None = None, stats=None, *, model: Model,
-                cfg: DPOConfig):
+                cfg: DPOConfig, dropout_rng: jax.Array | None = None):
     """Loss of one (micro)batch given reference log-probs ``[B, 2]``: summed over its valid
     pairs, divided by the full batch's valid pairs. ``frozen_hidden``: the policy's
     ``[B, 2, T, D]`` from ``pair_frozen_hidden``, or ``None``; ``stats``: the full batch's
     ``pair_statistics``. A mixture-of-experts policy adds its load-balancing loss, weighted
-    by this microbatch's share of the valid pairs (``add_router_aux_loss``)."""
+    by this microbatch's share of the valid pairs (``add_router_aux_loss``). ``dropout_rng``:
+    LoRA's adapter dropout."""
     policy_logps, lengths, aux = pair_logps(model, params, batch, frozen_hidden,
-                                            with_router_aux=True)
+                                            with_router_aux=True, dropout_rng=dropout_rng)
     loss, metrics = masked_dpo_loss(policy_logps, lengths, ref_logps, batch.valid, total_pairs,
                                     cfg, stats)
     share = jnp.sum(valid_pairs(batch.valid)) / total_pairs
@@ -245,9 +268,10 @@ def _update(state, batch, ref_logps, hidden=None, *, model, tx, cfg):
     loss_fn = functools.partial(dpo_loss_fn, model=model, cfg=cfg)
     # Reference log-probs and frozen hidden states travel with the batch so that microbatches
     # split them alike.
-    fn = lambda p, joint, t, s: loss_fn(p, *joint[:2], t, joint[2], s)
+    fn = lambda p, joint, t, s, **kw: loss_fn(p, *joint[:2], t, joint[2], s, **kw)
     _, grads, metrics = accumulate_gradients(fn, state.params, (batch, ref_logps, hidden),
-                                             cfg.num_microbatches, total, stats)
+                                             cfg.num_microbatches, total, stats,
+                                             dropout_rng=lora_dropout_rng(state, model))
     metrics = dict(metrics)
     metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
     return apply_gradients(state, grads, tx), metrics
@@ -261,10 +285,12 @@ def dpo_step(state: TrainState, batch: PreferenceBatch, ref_params: Params, *, m
       state: policy ``TrainState``.
       batch: ``PreferenceBatch`` with ``N = 2`` (chosen, rejected).
       ref_params: frozen reference parameters (same architecture as the policy); unused, and
-        may be ``None``, for a reference-free loss (no reference forward runs).
+        may be ``None``, for a reference-free loss (no reference forward runs) and with
+        ``cfg.reference_is_base`` (the policy's parameters with the adapters off are used).
     """
     hidden = _shared_hidden(model, state.params, batch, cfg)
-    ref_logps = _reference_logps(model, ref_params, batch, hidden, cfg)
+    ref_logps = _reference_logps(model, reference_params(state.params, ref_params, cfg), batch,
+                                 hidden, cfg)
     return _update(state, batch, ref_logps, hidden, model=model, tx=tx, cfg=cfg)
 
 
@@ -280,11 +306,13 @@ def dpo_step_precomputed(state: TrainState, batch: PreferenceBatch, ref_logps: j
 
 
 # ---- unpaired losses (KTO) ------------------------------------------------------------------
-def _logps(model: Model, params: Params, batch: UnpairedBatch, kl: bool, hidden=None):
+def _logps(model: Model, params: Params, batch: UnpairedBatch, kl: bool, hidden=None, *,
+           adapters: bool = True, dropout_rng: jax.Array | None = None):
     """Summed completion log-probs ``[B]`` of the examples, or of the KL pairs (``kl``)."""
     f = ("kl_tokens", "kl_positions", "kl_attn_mask", "kl_loss_mask") if kl else \
         ("tokens", "positions", "attn_mask", "loss_mask")
-    return sequence_logps(model, params, *(getattr(batch, k) for k in f), frozen_hidden=hidden)[0]
+    return sequence_logps(model, params, *(getattr(batch, k) for k in f), frozen_hidden=hidden,
+                          adapters=adapters, dropout_rng=dropout_rng)[0]
 
 
 def _unpaired_hidden(model: Model, params: Params, batch: UnpairedBatch, cfg: DPOConfig):
@@ -303,15 +331,20 @@ def unpaired_reference(model: Model, params: Params, ref_params: Params, batch: 
     the reference point ``z0 = max(0, mean over valid rows of log π_θ - log π_ref)`` on the
     mismatched pairs (``rlhf_jax.losses.kto.kto_reference_point``; Ethayarajh et al. 2024 §4).
 
+    With ``cfg.reference_is_base`` the reference is ``params`` with the adapters off and
+    ``ref_params`` is ignored.
+
     Raises:
-      ValueError: ``ref_params`` is None.
+      ValueError: ``ref_params`` is None (and the reference is not the base).
     """
+    ref_params = reference_params(params, ref_params, cfg)
     if ref_params is None:
         raise ValueError(f"DPO loss_type {cfg.loss_type!r} needs the reference parameters, "
                          "got None")
-    ref = _logps(model, ref_params, batch, False, hidden[0])
+    base = not cfg.reference_is_base
+    ref = _logps(model, ref_params, batch, False, hidden[0], adapters=base)
     kl_policy = _logps(model, params, batch, True, hidden[1])
-    kl_ref = _logps(model, ref_params, batch, True, hidden[1])
+    kl_ref = _logps(model, ref_params, batch, True, hidden[1], adapters=base)
     z0 = kto_reference_point(*jax.lax.stop_gradient((kl_policy, kl_ref)), weights=batch.valid)
     return jax.lax.stop_gradient(ref), z0
 
@@ -335,10 +368,11 @@ def masked_unpaired_loss(policy_logps, ref_logps, label, valid, total_rows, refe
 
 
 def unpaired_loss_fn(params: Params, batch: UnpairedBatch, ref_logps: jax.Array, total_rows,
-                     hidden, reference_point, *, model: Model, cfg: DPOConfig):
+                     hidden, reference_point, *, model: Model, cfg: DPOConfig,
+                     dropout_rng: jax.Array | None = None):
     """Loss of one (micro)batch of an ``UnpairedBatch`` given its reference log-probs ``[B]``,
     the full batch's valid-row count and reference point ``z0``."""
-    policy = _logps(model, params, batch, False, hidden)
+    policy = _logps(model, params, batch, False, hidden, dropout_rng=dropout_rng)
     return masked_unpaired_loss(policy, ref_logps, batch.label, batch.valid, total_rows,
                                 reference_point, cfg)
 
@@ -352,9 +386,10 @@ def unpaired_step(state: TrainState, batch: UnpairedBatch, ref_params: Params, *
     ref, z0 = unpaired_reference(model, state.params, ref_params, batch, cfg, (hidden, kl_hidden))
     total = num_valid_rows(batch.valid)
     loss_fn = functools.partial(unpaired_loss_fn, model=model, cfg=cfg)
-    fn = lambda p, joint, t, z: loss_fn(p, joint[0], joint[1], t, joint[2], z)
+    fn = lambda p, joint, t, z, **kw: loss_fn(p, joint[0], joint[1], t, joint[2], z, **kw)
     _, grads, metrics = accumulate_gradients(fn, state.params, (batch, ref, hidden),
-                                             cfg.num_microbatches, total, z0)
+                                             cfg.num_microbatches, total, z0,
+                                             dropout_rng=lora_dropout_rng(state, model))
     metrics = dict(metrics)
     metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
     return apply_gradients(state, grads, tx), metrics
@@ -368,8 +403,10 @@ def make_dpo_step(model: Model, tx: optax.GradientTransformation, cfg: DPOConfig
 
     Raises:
       ValueError: ``precomputed`` with an unpaired loss (its reference point needs the
-        current policy on the mismatched pairs, every step).
+        current policy on the mismatched pairs, every step); ``cfg.reference_is_base`` with a
+        model without LoRA.
     """
+    check_reference_is_base(cfg, model)
     if cfg.unpaired and precomputed:
         raise ValueError(f"DPO loss_type {cfg.loss_type!r} is unpaired: it has no "
                          "precomputed-reference step; use precomputed=False")
@@ -378,9 +415,21 @@ def make_dpo_step(model: Model, tx: optax.GradientTransformation, cfg: DPOConfig
                     batch_sharding=batch_sharding, frozen_shardings=(frozen_sharding,))
 
 
-def make_reference_logps(model: Model):
-    """Jitted ``(ref_params, batch) -> [B, 2]`` summed reference log-probs (for precomputation)."""
-    return jax.jit(lambda ref_params, batch: pair_logps(model, ref_params, batch)[0])
+def make_reference_logps(model: Model, *, adapters: bool = True):
+    """Jitted ``(ref_params, batch) -> [B, 2]`` summed reference log-probs (for precomputation).
+    ``adapters=False``: the reference is the LoRA policy's frozen base, so pass the policy's
+    own parameters (no copy; ``DPOConfig.reference_is_base``)."""
+    return jax.jit(lambda ref_params, batch: pair_logps(model, ref_params, batch,
+                                                        adapters=adapters)[0])
+
+
+def check_reference_is_base(cfg, model: Model) -> None:
+    """Raise ``ValueError`` when ``cfg.reference_is_base`` (a ``DPOConfig`` or ``PPOConfig``)
+    is set for a model without LoRA (whose adapters-off forward would be the policy itself)."""
+    if cfg.reference_is_base and model.cfg.lora is None:
+        raise ValueError(f"{type(cfg).__name__}.reference_is_base needs a model with LoRA "
+                         "adapters (ModelConfig.lora); without them the policy's base is the "
+                         "policy itself")
 
 
 def make_dpo_eval(model: Model, cfg: DPOConfig = DPOConfig()):
@@ -390,7 +439,9 @@ def make_dpo_eval(model: Model, cfg: DPOConfig = DPOConfig()):
     An unpaired loss (KTO) has no loss on pairs: held-out pairs then give the implicit-reward
     metrics ``β (log π_θ - log π_ref)`` of the chosen and rejected responses (margins,
     accuracies, ...), the same quantities every reference-based member of the family reports,
-    and no ``dpo/loss``."""
+    and no ``dpo/loss``. With ``cfg.reference_is_base`` ``ref_params`` is ignored (``None``):
+    the reference is ``params`` with the adapters off."""
+    check_reference_is_base(cfg, model)
     pair_cfg = cfg
     if cfg.unpaired:
         pair_cfg = dataclasses.replace(cfg, loss_type="sigmoid", label_smoothing=0.0,
@@ -398,7 +449,8 @@ def make_dpo_eval(model: Model, cfg: DPOConfig = DPOConfig()):
 
     def evaluate(params, ref_params, batch):
         hidden = _shared_hidden(model, params, batch, pair_cfg)
-        ref = _reference_logps(model, ref_params, batch, hidden, pair_cfg)
+        ref = _reference_logps(model, reference_params(params, ref_params, pair_cfg), batch,
+                               hidden, pair_cfg)
         policy, lengths = pair_logps(model, params, batch, hidden)
         metrics = masked_dpo_loss(policy, lengths, ref, batch.valid,
                                   num_valid_pairs(batch.valid), pair_cfg)[1]

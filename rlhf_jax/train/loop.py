@@ -15,6 +15,12 @@
 * checkpoints every ``checkpoint_every`` steps and at the end; SIGTERM (preemption on TPU VMs)
   saves a checkpoint and returns ``LoopResult(preempted=True)``; the caller raises
   ``TrainingPreempted`` and the process exits with ``EXIT_PREEMPTED`` (see ``exit_code``);
+* LoRA: a state whose ``TrainState`` s hold LoRA adapters (``rlhf_jax.models.lora``) is saved
+  without its frozen base (``rlhf_jax.train.state.checkpoint_view``: the adapters, trained
+  heads, optimizer state, step and key), with each base's ``frozen_digest`` and the
+  caller's ``meta["lora_base"]`` (where the base came from) in ``meta``; on resume the base
+  comes from the state the caller built, and a base whose digest differs from the saved one
+  is refused (``ValueError`` naming both);
 * health: a NaN/Inf loss or gradient norm stops the run with ``NonFiniteLossError`` naming
   the step and the metric. Before every save the metrics of the step that produced the state
   are read and checked, and ``Checkpointer.save`` checks every floating-point leaf of the state
@@ -51,6 +57,7 @@ from rlhf_jax.checkpoint import Checkpointer, NonFiniteStateError, abstract_like
 from rlhf_jax.metrics import DeferredMetrics, MetricsLogger, progress
 from rlhf_jax.train.guards import (NonFiniteLossError, PreemptionGuard, StallDetector,
                                    TrainingStalledError, check_finite)
+from rlhf_jax.train.state import checkpoint_view, frozen_digests, restore_checkpoint_view
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +215,21 @@ def run_loop(*, stage: str, step_fn: Callable, state: Any, batches: Iterator,
         ``name`` is then ``"state/<leaf path>"``); names the step. Nothing non-finite is saved.
       TrainingStalledError: ``cfg.stall_steps`` consecutive stalled steps.
       CheckpointError: resuming found no usable checkpoint (each step's problem is named).
-      ValueError: the checkpoint is of another model (a leaf or fingerprint field named).
+      ValueError: the checkpoint is of another model (a leaf or fingerprint field named), or
+        its LoRA adapters were trained on another frozen base (both digests named).
     """
     ckpt = Checkpointer(Path(out_dir) / "checkpoints", max_to_keep=cfg.max_to_keep)
+    digests = frozen_digests(state)  # the frozen LoRA bases never change: hashed once
+    base_meta = {"frozen_base": {"digests": digests,
+                                 "source": (meta or {}).get("lora_base")}} if digests else {}
     start = 0
     if cfg.resume and ckpt.latest_step() is not None:
-        state, saved = ckpt.restore(abstract_like(state), expected_fingerprint=fingerprint)
+        live = state
+        stored, saved = ckpt.restore(abstract_like(checkpoint_view(live)),
+                                     expected_fingerprint=fingerprint)
+        if digests:
+            _check_frozen_base(saved, digests, ckpt.directory)
+        state = restore_checkpoint_view(stored, live)
         start = int(saved["step"])
         ckpt.set_aside_after(start)  # unusable newer steps: the run saves them again
         if hasattr(batches, "load_state_dict") and "data" in saved:
@@ -246,8 +262,9 @@ def run_loop(*, stage: str, step_fn: Callable, state: Any, batches: Iterator,
         emit(deferred.flush())  # never save a state whose step's metrics were not checked
         data = batches.state_dict() if hasattr(batches, "state_dict") else None
         try:
-            ckpt.save(step, state, {"step": step, "stage": stage, "data": data, **(meta or {}),
-                                    **({"fingerprint": dict(fingerprint)} if fingerprint else {})},
+            ckpt.save(step, checkpoint_view(state),
+                      {"step": step, "stage": stage, "data": data, **(meta or {}), **base_meta,
+                       **({"fingerprint": dict(fingerprint)} if fingerprint else {})},
                       force=True)
         except NonFiniteStateError as e:
             raise NonFiniteLossError(step, f"state/{e.path}", e.value) from e
@@ -291,6 +308,18 @@ def run_loop(*, stage: str, step_fn: Callable, state: Any, batches: Iterator,
         ckpt.close()
         logger.flush()
     return LoopResult(state=state, step=step, preempted=preempted, records=records)
+
+
+def _check_frozen_base(saved: Mapping, digests: dict, where: str) -> None:
+    """Refuse a checkpoint whose LoRA adapters were trained on another frozen base."""
+    found = (saved.get("frozen_base") or {}).get("digests")
+    if found != digests:
+        source = (saved.get("frozen_base") or {}).get("source")
+        raise ValueError(
+            f"checkpoint {where}: its LoRA adapters were trained on another frozen base "
+            f"(saved base digests {found}, this run's {digests}; the saved base came from "
+            f"{source!r}): restore it with the base it was trained on, or start the stage "
+            "again")
 
 
 __all__ = [

@@ -70,7 +70,7 @@ from rlhf_jax.train.ppo_phases import (
     uses_separate_value,
     value_forward,
 )
-from rlhf_jax.train.state import apply_gradients
+from rlhf_jax.train.state import apply_gradients, lora_dropout_rng, value_and_grad_trainable
 
 __all__ = [
     "Experience", "PPOConfig", "PPOStages", "PPOState", "check_models", "context_batch_shards",
@@ -174,15 +174,18 @@ def ppo_update(state: PPOState, exp: Experience, *, policy_model: Model, value_m
     shards = context_batch_shards() if batch_shards is None else batch_shards
     loss_fn = functools.partial(minibatch_loss, policy_model=policy_model,
                                 value_model=value_model, cfg=cfg)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = value_and_grad_trainable(loss_fn, has_aux=True)  # LoRA: the adapters only
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.policy.step), 1)
     kl_coef = state.kl.kl_coef
+    dropout = policy_model.cfg.lora is not None and policy_model.cfg.lora.dropout_rate > 0
 
     def minibatch_step(carry, idx_SxK):
         policy, value = carry
         mb = take_minibatch(exp, idx_SxK)
         value_params = None if value is None else value.params
-        (_, metrics), (g_policy, g_value) = grad_fn((policy.params, value_params), mb, kl_coef)
+        extra = {"dropout_rng": lora_dropout_rng(policy, policy_model)} if dropout else {}
+        (_, metrics), (g_policy, g_value) = grad_fn((policy.params, value_params), mb, kl_coef,
+                                                    **extra)
         policy = apply_gradients(policy, g_policy, policy_tx)
         if value is not None:
             value = apply_gradients(value, g_value, value_tx)

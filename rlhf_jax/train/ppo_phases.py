@@ -41,7 +41,7 @@ from rlhf_jax.losses.policy_gradient import get_policy_loss
 from rlhf_jax.losses.ppo import kl_shaped_rewards, overlong_penalty, ppo_loss
 from rlhf_jax.sharding import constrain
 from rlhf_jax.models.model import Model, Params
-from rlhf_jax.rollout.sampler import SamplingConfig, sample, suppress_eos
+from rlhf_jax.rollout.sampler import SamplingConfig, logprob_mismatch, sample, suppress_eos
 from rlhf_jax.train.common import add_router_aux_loss
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.types import positions_from_mask
@@ -110,6 +110,11 @@ class PPOConfig:
         ``rlhf_jax.train.state.frozen_part_equal``): its forward starts from the policy's
         frozen hidden states. Unchecked inside the step; a wrong True gives wrong reference
         log-probs.
+      reference_is_base: the reference is the policy's frozen base: its own parameters with
+        the LoRA adapters switched off (``Model.apply(..., adapters=False)``; the policy
+        started from fresh, zero-product adapters on the reference's weights, Hu et al. 2021).
+        No reference copy exists: pass ``ref_params=None``. Needs a policy with
+        ``cfg.lora``.
     """
 
     sampling: SamplingConfig
@@ -140,6 +145,7 @@ class PPOConfig:
     reward_bias: float = 0.0
     value_model: Literal["shared", "separate"] = "shared"
     reference_shares_frozen_layers: bool = False
+    reference_is_base: bool = False
 
     def __post_init__(self):
         if self.num_ppo_epochs < 1 or self.num_minibatches < 1:
@@ -259,9 +265,13 @@ def check_models(cfg: PPOConfig, policy_model: Model, value_model: Model | None,
     never a ``"scalar"`` model; with a critic (``advantage="gae"``), ``value_model="shared"``
     needs an ``"lm_value"`` policy and ``"separate"`` a ``"scalar"`` value model and
     ``state.value``. Critic-free estimators take any ``"lm"`` / ``"lm_value"`` policy (a value
-    head is then unused)."""
+    head is then unused). ``cfg.reference_is_base`` needs a policy with LoRA."""
     if policy_model.kind == "scalar":
         raise ValueError("PPO: the policy must be an 'lm' or 'lm_value' model, got kind 'scalar'")
+    if cfg.reference_is_base and policy_model.cfg.lora is None:
+        raise ValueError("PPOConfig.reference_is_base needs a policy with LoRA adapters "
+                         "(ModelConfig.lora); without them the policy's base is the policy "
+                         "itself")
     if not cfg.needs_critic:
         return
     if cfg.value_model == "shared":
@@ -293,7 +303,8 @@ def _values_before(values: jax.Array, prompt_len: int) -> jax.Array:
 
 def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, prompt_len: int,
                    sampling: SamplingConfig, *, frozen_hidden: jax.Array | None = None,
-                   with_router_aux: bool = False):
+                   with_router_aux: bool = False, adapters: bool = True,
+                   dropout_rng: jax.Array | None = None):
     """Response log-probs ``[B, R]``, per-token entropy ``[B, R]`` and values ``[B, R]`` (or
     ``None`` for an ``"lm"`` model), from one forward, under the policy the sampler draws from:
     logits divided by ``sampling.temperature`` and EOS suppressed before
@@ -305,10 +316,12 @@ def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, p
     that window do the one-token shift as everywhere else (its first column, which nothing
     predicts, is dropped). ``frozen_hidden``: ``[B, T, D]`` from ``Model.frozen_hidden`` of
     the same tokens, to skip the frozen layers. Log-probs and entropies are in nats.
-    ``with_router_aux``: a fourth result, ``ModelOutput.router_aux_loss``.
+    ``with_router_aux``: a fourth result, ``ModelOutput.router_aux_loss``. ``adapters`` /
+    ``dropout_rng``: LoRA's switch (``False``: the frozen base, the reference of
+    ``PPOConfig.reference_is_base``) and adapter dropout (``Model.apply``).
     """
     out = model.apply(params, tokens, positions, attn_mask, compute_logits=False,
-                      frozen_hidden=frozen_hidden)
+                      frozen_hidden=frozen_hidden, adapters=adapters, dropout_rng=dropout_rng)
     window = slice(prompt_len - 1, None)
     logits = model.logits(params, out.hidden[:, window]) / sampling.temperature  # [B, R + 1, V]
     # window row r predicts response slot r (the last row predicts nothing and is dropped)
@@ -321,10 +334,12 @@ def policy_forward(model: Model, params: Params, tokens, positions, attn_mask, p
 
 
 def value_forward(model: Model, params: Params, tokens, positions, attn_mask, prompt_len: int,
-                  *, with_router_aux: bool = False):
+                  *, with_router_aux: bool = False, dropout_rng: jax.Array | None = None):
     """Values ``[B, R]`` of a separate scalar value model (``V(x, y_<r)``, reward units);
-    ``with_router_aux``: ``(values, ModelOutput.router_aux_loss)``."""
-    out = model.apply(params, tokens, positions, attn_mask, compute_logits=False)
+    ``with_router_aux``: ``(values, ModelOutput.router_aux_loss)``; ``dropout_rng``: LoRA's
+    adapter dropout."""
+    out = model.apply(params, tokens, positions, attn_mask, compute_logits=False,
+                      dropout_rng=dropout_rng)
     values = _values_before(out.values, prompt_len)
     return (values, out.router_aux_loss) if with_router_aux else values
 
@@ -359,7 +374,8 @@ def _group_metrics(scores: jax.Array, k: int) -> dict:
 
 def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask, ended, scores,
                     ref_params: Params | None, *, policy_model: Model, value_model: Model | None,
-                    cfg: PPOConfig) -> tuple[Experience, dict]:
+                    cfg: PPOConfig, sampler_logprobs: jax.Array | None = None
+                    ) -> tuple[Experience, dict]:
     """Phases 2-3: score the rollout and compute rewards and advantages.
 
     With ``cfg.kl_penalty == "reward"`` the per-token reward is ``-β KL_k + score`` on the last
@@ -374,7 +390,12 @@ def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask
       scores: ``[B]`` raw reward (reward model or host function), before normalisation.
       ref_params: frozen reference policy parameters in the policy's tree (a copy of the
         initial policy; its value head, if any, is unused); ``None`` with
-        ``kl_penalty="none"``.
+        ``kl_penalty="none"`` or ``cfg.reference_is_base`` (the policy's own parameters
+        with the LoRA adapters off are the reference).
+      sampler_logprobs: ``[B, R]`` ``SampleOutput.logprobs`` of this rollout, or ``None``:
+        adds ``rollout/logprob_mismatch`` and ``rollout/logprob_mismatch_k3``
+        (``rollout.sampler.logprob_mismatch``: sampler vs training-forward log-probs, e.g. a
+        bfloat16 ``sampling.dtype`` against float32 masters).
 
     Returns:
       ``(Experience, metrics)``; ``objective/kl_coef`` is ``state.kl.kl_coef``, the β this
@@ -385,6 +406,8 @@ def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask
         reference with a KL penalty.
     """
     check_models(cfg, policy_model, value_model, state)
+    if cfg.reference_is_base:
+        ref_params = state.policy.params
     if cfg.uses_reference and ref_params is None:
         raise ValueError(f"PPOConfig.kl_penalty={cfg.kl_penalty!r} needs ref_params (the "
                          "reference policy); pass kl_penalty='none' to train without one")
@@ -404,7 +427,8 @@ def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask
     if cfg.uses_reference:
         ref_logp, _, _ = policy_forward(
             policy_model, ref_params, tokens, positions, attn_mask, prompt_len, cfg.sampling,
-            frozen_hidden=hidden if cfg.reference_shares_frozen_layers else None)
+            frozen_hidden=hidden if cfg.reference_shares_frozen_layers else None,
+            adapters=not cfg.reference_is_base)
     old_logp, values, ref_logp = (None if x is None else
                                   jax.lax.stop_gradient(jnp.where(mask, x, 0.0))
                                   for x in (old_logp, values, ref_logp))
@@ -414,6 +438,8 @@ def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask
     lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
     one = jnp.ones((), jnp.float32)
     metrics = {}
+    if sampler_logprobs is not None:
+        metrics.update(logprob_mismatch(sampler_logprobs, old_logp, mask))
     if cfg.overlong_buffer:
         penalty = overlong_penalty(lengths, mask.shape[1], cfg.overlong_buffer,
                                    cfg.overlong_penalty)
@@ -447,7 +473,8 @@ def make_experience(state: PPOState, tokens, attn_mask, positions, response_mask
 
 
 def minibatch_loss(trainable, mb: Experience, kl_coef: jax.Array, *, policy_model: Model,
-                   value_model: Model | None, cfg: PPOConfig):
+                   value_model: Model | None, cfg: PPOConfig,
+                   dropout_rng: jax.Array | None = None):
     """The loss of one minibatch: :func:`rlhf_jax.losses.ppo.ppo_loss` on a forward.
 
     ``L = L_policy + vf_coef L_V - entropy_coef H [+ β KL_k(π || π_ref)]``, reduced by
@@ -464,6 +491,8 @@ def minibatch_loss(trainable, mb: Experience, kl_coef: jax.Array, *, policy_mode
       mb: ``Experience`` rows of the minibatch (``[b, T]`` / ``[b, R]``).
       kl_coef: ``[] float32`` β, the KL controller's current coefficient (an array: changing
         it never recompiles).
+      dropout_rng: LoRA's adapter dropout key (the policy's; the value model's is folded
+        from it), or ``None``.
 
     Returns:
       ``(loss, metrics)`` with ``ppo_loss``'s ``(sum, count)`` metrics (``ppo/loss/total`` ...).
@@ -472,13 +501,16 @@ def minibatch_loss(trainable, mb: Experience, kl_coef: jax.Array, *, policy_mode
     prompt_len = mb.tokens.shape[1] - mb.response_mask.shape[1]
     logp, entropy, values, aux = policy_forward(
         policy_model, policy_params, mb.tokens, mb.positions, mb.attn_mask, prompt_len,
-        cfg.sampling, frozen_hidden=mb.frozen_hidden, with_router_aux=True)
+        cfg.sampling, frozen_hidden=mb.frozen_hidden, with_router_aux=True,
+        dropout_rng=dropout_rng)
     critic = {}
     value_aux = None
     if cfg.needs_critic:
         if cfg.value_model == "separate":
+            value_key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
             values, value_aux = value_forward(value_model, value_params, mb.tokens, mb.positions,
-                                              mb.attn_mask, prompt_len, with_router_aux=True)
+                                              mb.attn_mask, prompt_len, with_router_aux=True,
+                                              dropout_rng=value_key)
         critic = dict(values=values, old_values=mb.old_values, returns=mb.returns,
                       clip_eps_value=cfg.clip_eps_value, vf_coef=cfg.vf_coef)
     kl = {}

@@ -30,7 +30,8 @@ from rlhf_jax.losses.reward import best_of_n_loss, bradley_terry_loss, ranking_l
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.train.common import (add_router_aux_loss, flatten_candidates, rowwise_mean,
                                    sequence_scores)
-from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
+from rlhf_jax.train.state import (TrainState, accumulate_gradients, apply_gradients, jit_step,
+                                  lora_dropout_rng)
 from rlhf_jax.types import PreferenceBatch
 
 
@@ -50,13 +51,15 @@ class RewardConfig:
 
 
 def candidate_scores(model: Model, params: Params, batch: PreferenceBatch, *,
-                     with_router_aux: bool = False):
+                     with_router_aux: bool = False, dropout_rng: jax.Array | None = None):
     """Scores ``[B, N]`` float32 of every candidate, one forward over ``B * N`` sequences;
-    ``with_router_aux``: ``(scores, ModelOutput.router_aux_loss)``."""
+    ``with_router_aux``: ``(scores, ModelOutput.router_aux_loss)``; ``dropout_rng``: LoRA's
+    adapter dropout."""
     b, n = batch.tokens.shape[:2]
     scores, aux = sequence_scores(model, params, flatten_candidates(batch.tokens),
                                   flatten_candidates(batch.positions),
-                                  flatten_candidates(batch.attn_mask), with_router_aux=True)
+                                  flatten_candidates(batch.attn_mask), with_router_aux=True,
+                                  dropout_rng=dropout_rng)
     return (scores.reshape(b, n), aux) if with_router_aux else scores.reshape(b, n)
 
 
@@ -97,11 +100,12 @@ def masked_preference_loss(scores: jax.Array, valid: jax.Array, total_prompts: j
 
 
 def reward_loss_fn(params: Params, batch: PreferenceBatch, total_prompts: jax.Array, *,
-                   model: Model, cfg: RewardConfig):
+                   model: Model, cfg: RewardConfig, dropout_rng: jax.Array | None = None):
     """Loss of one (micro)batch: summed over its counted prompts, divided by the full batch's
     (plus a mixture-of-experts trunk's load-balancing loss, weighted by this microbatch's
     share of the counted prompts: ``add_router_aux_loss``)."""
-    scores, aux = candidate_scores(model, params, batch, with_router_aux=True)
+    scores, aux = candidate_scores(model, params, batch, with_router_aux=True,
+                                   dropout_rng=dropout_rng)
     loss, metrics = masked_preference_loss(scores, batch.valid, total_prompts, cfg)
     share = jnp.sum(counted_prompts(batch.valid, cfg)) / total_prompts
     return add_router_aux_loss(loss, metrics, model, aux, share)
@@ -112,7 +116,8 @@ def reward_step(state: TrainState, batch: PreferenceBatch, *, model: Model,
     """One reward-model update ``(state, batch) -> (state, metrics)`` (pure)."""
     total = num_counted_prompts(batch.valid, cfg)
     loss_fn = functools.partial(reward_loss_fn, model=model, cfg=cfg)
-    _, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.num_microbatches, total)
+    _, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.num_microbatches,
+                                             total, dropout_rng=lora_dropout_rng(state, model))
     metrics = dict(metrics)
     metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
     return apply_gradients(state, grads, tx), metrics

@@ -18,7 +18,8 @@ import optax
 from rlhf_jax.losses.sft import sft_loss
 from rlhf_jax.models.model import Model, Params
 from rlhf_jax.train.common import add_router_aux_loss
-from rlhf_jax.train.state import TrainState, accumulate_gradients, apply_gradients, jit_step
+from rlhf_jax.train.state import (TrainState, accumulate_gradients, apply_gradients, jit_step,
+                                  lora_dropout_rng)
 from rlhf_jax.types import SFTBatch
 
 
@@ -41,11 +42,12 @@ class SFTConfig:
 
 
 def sft_loss_fn(params: Params, batch: SFTBatch, num_targets: jax.Array, num_sequences: jax.Array,
-                *, model: Model, cfg: SFTConfig):
+                *, model: Model, cfg: SFTConfig, dropout_rng: jax.Array | None = None):
     """``(loss, metrics)`` of one (micro)batch with global denominators (plus a
     mixture-of-experts model's load-balancing loss, weighted by this microbatch's share of
-    the denominator: ``add_router_aux_loss``)."""
-    out = model.apply(params, batch.tokens, batch.positions, batch.attn_mask)
+    the denominator: ``add_router_aux_loss``). ``dropout_rng``: LoRA's adapter dropout."""
+    out = model.apply(params, batch.tokens, batch.positions, batch.attn_mask,
+                      dropout_rng=dropout_rng)
     targets = batch.loss_mask.at[:, 0].set(False)
     if cfg.reduction == "token":
         loss, metrics = sft_loss(out.logits, batch.tokens, batch.loss_mask, reduction="token",
@@ -75,7 +77,8 @@ def sft_step(state: TrainState, batch: SFTBatch, *, model: Model, tx: optax.Grad
     num_sequences = jnp.maximum(jnp.sum(jnp.any(target_mask, axis=-1)), 1).astype(jnp.float32)
     loss_fn = functools.partial(sft_loss_fn, model=model, cfg=cfg)
     _, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.num_microbatches,
-                                             num_targets, num_sequences)
+                                             num_targets, num_sequences,
+                                             dropout_rng=lora_dropout_rng(state, model))
     metrics = dict(metrics)
     metrics["train/grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
     return apply_gradients(state, grads, tx), metrics

@@ -346,6 +346,10 @@ def save_hf_checkpoint(model: Model, params: Params, path: str | os.PathLike, *,
     ``AutoModelForSequenceClassification`` loads ``kind="scalar"`` ones (see module docstring
     for the ``score.*`` head). Existing ``model*.safetensors`` files in ``path`` are removed.
 
+    A LoRA model (``cfg.lora``) is written merged: every adapter folded into its kernel,
+    ``W + (alpha / r) A B`` (``rlhf_jax.models.lora.merge_adapters``), a quantised base
+    dequantised first; the result is an ordinary checkpoint of the architecture.
+
     Args:
       model: the ``Model`` whose tree ``params`` is.
       params: parameter tree (host or device arrays, sharded or not, even spanning
@@ -370,6 +374,9 @@ def save_hf_checkpoint(model: Model, params: Params, path: str | os.PathLike, *,
     """
     from safetensors.numpy import save_file
 
+    if model.cfg.lora is not None:
+        from rlhf_jax.models.lora import merge_adapters
+        model, params = merge_adapters(model, params)
     cfg = model.cfg
     out = Path(path)
     dtype = _dtype_name(dtype or cfg.param_dtype)
