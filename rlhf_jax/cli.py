@@ -11,6 +11,9 @@ Commands:
             ``rlhf-jax sweep --preset tiny --grid ppo.ppo.kl.init_kl_coef=0.05,0.2 --seeds 3``.
   chat      Fetch SmolLM2-135M-Instruct (or load ``--model-dir``), apply its chat template to
             a prompt and sample an answer with the jitted KV-cache sampler.
+  plan      Per-device memory of each stage's compiled step for a model and a mesh, without
+            weights, on fake CPU devices when the machine has too few (``rlhf_jax.plan``):
+            ``rlhf-jax plan --policy.path llama3-8b --mesh.fsdp 32 --hbm-gib 95``.
 
 Exit codes (``rlhf_jax.train.loop``): 0 done; 75 preempted (SIGTERM, checkpoint saved: run the
 same command again); 76 a non-finite loss or gradient norm stopped training; 77 training
@@ -89,6 +92,8 @@ commands:
 {stages}
   sweep      the pipeline over a grid x seeds, shared stages (`rlhf-jax sweep --help`)
   chat       sample an answer from a chat model (default SmolLM2-135M-Instruct)
+  plan       per-device memory of each stage on a mesh, compiled without weights
+             (`rlhf-jax plan --help`)
 
 presets: {presets} (default smollm2-sentiment); `rlhf-jax pipeline --help` lists every field.
 `pipeline` runs the preset's stages; `--reward module:function[=weight]` (repeatable) adds a
@@ -318,6 +323,80 @@ def sweep_command(argv: list[str]) -> int:
     return result.exit_code
 
 
+PLAN_DESCRIPTION = """Per-device memory of each stage's jitted step (sft, rm, dpo, ppo) for a model
+and a device mesh, before renting the devices. The model is a named architecture
+(--policy.path {names}) or an HF checkpoint directory (only its config.json is read); its
+parameters, optimizer state and batches are abstract (jax.eval_shape: no weight is
+allocated). Each step is built with the trainers' own code and shardings, lowered and
+compiled for the mesh, and XLA's memory analysis of the compiled program gives arguments,
+outputs and temporaries per device; shard arithmetic splits them into params, optimizer
+state, frozen models (reference, reward), inputs and the PPO sampler's KV cache.
+
+Fake devices: a mesh needs --devices N devices (default: the product of the mesh axes).
+When this process has fewer, the command runs itself again in a subprocess with
+JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=N: N fake CPU
+devices, compiled by XLA's CPU compiler (arguments and outputs are exact, temporaries an
+estimate of what a TPU or GPU compiler allocates). Compiling an 8B model's PPO iteration
+takes tens of seconds on a laptop CPU.
+
+--hbm-gib G marks what fits in G GiB per device (TPU v5p: 95, v4: 32, v5e: 16, H100: 80)
+and searches each stage's largest batch that fits, compiling a few batch sizes.
+Cloud TPU slice names count TensorCores: v5p-64 is 32 chips and v4-32 is 16 chips, and JAX
+sees one device per chip (megacore), so plan them with --devices 32 and --devices 16.
+"""
+
+
+def parse_plan_args(argv: list[str]):
+    """``PlanConfig`` from ``rlhf-jax plan ARGS`` (tyro; pure Python, no JAX backend)."""
+    from rlhf_jax.models.architectures import architecture_names
+    from rlhf_jax.plan import PlanConfig
+
+    return tyro.cli(PlanConfig, args=list(argv), prog="rlhf-jax plan",
+                    description=PLAN_DESCRIPTION.format(names=" | ".join(architecture_names())))
+
+
+def plan_command(argv: list[str]) -> int:
+    """Run ``rlhf-jax plan ARGS``: print the table (or ``--json``) and return 0; re-executed
+    on fake CPU devices when this process has fewer devices than the mesh (``PLAN_DESCRIPTION``).
+
+    Raises:
+      SystemExit: bad arguments, an unknown architecture, a mesh that does not divide the
+        model or the batch (the message names them).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from rlhf_jax import plan as planner
+
+    from rlhf_jax.models.architectures import resolve_architecture
+
+    try:
+        cfg = parse_plan_args(argv)
+        resolve_architecture(cfg.policy.path)  # an unknown name fails before any re-execution
+    except ValueError as e:
+        raise SystemExit(f"rlhf-jax plan: {e}") from None
+    import jax
+    n = cfg.num_devices
+    if jax.device_count() < n:
+        if os.environ.get(planner.CHILD_ENV):
+            raise SystemExit(f"rlhf-jax plan: {n} fake devices were asked for, this process has "
+                             f"{jax.device_count()} (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
+        print(f"rlhf-jax plan: {jax.device_count()} device(s) here, the mesh needs {n}: "
+              f"compiling on {n} fake CPU devices in a subprocess", file=sys.stderr, flush=True)
+        return subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "plan", *argv],
+                              env=planner.fake_device_env(n)).returncode
+    log = None if cfg.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        result = planner.make_plan(cfg, log=log)
+    except ValueError as e:
+        raise SystemExit(str(e) if str(e).startswith("plan:") else f"rlhf-jax plan: {e}") from None
+    print(json.dumps(planner.plan_to_dict(result), indent=1) if cfg.json
+          else planner.format_plan(result))
+    return 0
+
+
 def run_command(cfg) -> int:
     """Run the pipeline for ``cfg`` and return the process exit code (module docstring): a
     preemption, a non-finite or a stalled stage are expected outcomes with their own codes,
@@ -353,6 +432,10 @@ def main(argv: list[str] | None = None) -> None:
         chat(tyro.cli(ChatArgs, args=rest, prog="rlhf-jax chat"))
     elif command == "sweep":
         code = sweep_command(rest)
+        if code:
+            raise SystemExit(code)
+    elif command == "plan":
+        code = plan_command(rest)
         if code:
             raise SystemExit(code)
     elif command == "pipeline" or command in stage_names():
