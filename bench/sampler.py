@@ -16,7 +16,8 @@ Sampling settings of ``workload.json`` (``temperature 1, top_k 0, top_p 1``) and
 emits; HF ``generate`` gets ``do_sample=True`` with the same settings and
 ``min_new_tokens = max_new_tokens = R`` (EOS suppressed), i.e. the same number of decode
 steps. ``--dtypes`` lists the ``SamplingConfig.dtype`` values to time (float32 weights in
-both cases: bfloat16 is cast once per call); HF runs in float32 with
+both cases: bfloat16 is cast once per call) and ``--unroll`` the decode-loop forms
+(``SamplingConfig.unroll_layers``: ``off`` scanned, the default; ``on`` unrolled); HF runs in float32 with
 ``torch.set_num_threads(workload["torch_threads"])`` (2).
 
 Per rlhf_jax line: ``call_s`` (median ``sample`` call, prefill included), ``prefill_s`` (a
@@ -200,7 +201,7 @@ def _timed(fn, is_host: bool = False) -> tuple[float, float]:
 
 def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_tokens: int,
                 dtypes: list[str | None], warmup: int, iters: int, hf: bool,
-                hf_threads: int) -> list[dict]:
+                hf_threads: int, unrolls: tuple[bool, ...] = (False,)) -> list[dict]:
     from rlhf_jax.rollout.sampler import SamplingConfig, make_sampler
 
     t0 = time.perf_counter()
@@ -220,23 +221,24 @@ def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_t
     calls = iter(range(1, 1 << 30))
 
     fns, compile_s, first = {}, {}, {}
-    for dt in dtypes:
+    variants = [(dt, u) for dt in dtypes for u in unrolls]
+    for dt, u in variants:
         for kind, r in (("call", new_tokens), ("prefill", 1)):
-            cfg = dataclasses.replace(base, max_new_tokens=r, dtype=dt)
+            cfg = dataclasses.replace(base, max_new_tokens=r, dtype=dt, unroll_layers=u)
             sampler = make_sampler(model, cfg, validate=False)
-            key = (kind, dt)
+            key = (kind, dt, u)
             t0 = time.perf_counter()
             first[key] = jax.block_until_ready(sampler(params, tokens, mask, rng))
             compile_s[key] = time.perf_counter() - t0
             fns[key] = (lambda sampler=sampler: sampler(params, tokens, mask,
                                                         jax.random.fold_in(rng, next(calls))))
     copy_fn, copy_bytes = make_copy()
-    fns[("copy", None)] = copy_fn
+    fns[("copy", None, None)] = copy_fn
     hf_fn = None
     if hf:
         hf_fn, hf_dir = hf_generate_fn(model, params, hf_dir, tokens, mask, new_tokens, s, pad,
                                        hf_threads)
-        fns[("hf", None)] = hf_fn
+        fns[("hf", None, None)] = hf_fn
 
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
@@ -247,15 +249,15 @@ def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_t
                 wall[k].append(w)
                 cpu[k].append(c)
     med = {k: statistics.median(v) for k, v in wall.items()}
-    copy_gb_s = copy_bytes / min(wall[("copy", None)]) / 1e9
-    copy_gb_s_median = copy_bytes / med[("copy", None)] / 1e9
+    copy_gb_s = copy_bytes / min(wall[("copy", None, None)]) / 1e9
+    copy_gb_s_median = copy_bytes / med[("copy", None, None)] / 1e9
     common = dict(bench="sampler", model=name, num_params=model.num_params(params), batch=batch,
                   prompt_len=prompt_len, new_tokens=new_tokens,
                   cache_slots=prompt_len + new_tokens - 1, load_s=round(load_s, 2), iters=iters)
     lines = []
-    hf_s = med.get(("hf", None))
-    for dt in dtypes:
-        call, pre = ("call", dt), ("prefill", dt)
+    hf_s = med.get(("hf", None, None))
+    for dt, u in variants:
+        call, pre = ("call", dt, u), ("prefill", dt, u)
         sec = med[call]
         decode_ms = 1e3 * (sec - med[pre]) / max(new_tokens - 1, 1)
         nbytes = decode_step_bytes(model, params, batch, prompt_len + new_tokens - 1, dt)
@@ -270,7 +272,7 @@ def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_t
             extra["speedup_vs_hf"] = hf_s / sec
         flops = sample_flops(model.cfg, batch, prompt_len, new_tokens)
         lines.append(emit(
-            **common, impl="rlhf_jax", dtype=dt or model.cfg.dtype,
+            **common, impl="rlhf_jax", dtype=dt or model.cfg.dtype, unroll_layers=u,
             compile_s=round(compile_s[call], 2), call_s=sec, call_s_min=min(wall[call]),
             cpu_s=statistics.median(cpu[call]), new_tokens_per_s=batch * new_tokens / sec,
             ms_per_new_token_step=1e3 * sec / new_tokens, prefill_s=med[pre],
@@ -282,8 +284,8 @@ def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_t
         import torch
         lines.append(emit(**common, impl="hf_generate", dtype="float32",
                           torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
-                          call_s=hf_s, call_s_min=min(wall[("hf", None)]),
-                          cpu_s=statistics.median(cpu[("hf", None)]),
+                          call_s=hf_s, call_s_min=min(wall[("hf", None, None)]),
+                          cpu_s=statistics.median(cpu[("hf", None, None)]),
                           new_tokens_per_s=batch * new_tokens / hf_s,
                           ms_per_new_token_step=1e3 * hf_s / new_tokens))
     return lines
@@ -300,6 +302,8 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--dtypes", default="float32,bfloat16",
                     help="SamplingConfig.dtype values to time, comma-separated ('model' = None)")
+    ap.add_argument("--unroll", default="off,on",
+                    help="decode-loop forms to time: off (scanned layers) and/or on (unrolled)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds after the compile call")
     ap.add_argument("--iters", type=int, default=3, help="timed interleaved rounds")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
@@ -313,11 +317,16 @@ def main(argv=None) -> None:
     names = ["medium", "smollm2"] if args.model == "all" else args.model.split(",")
     dtypes = [None if d == "model" else d for d in args.dtypes.split(",")]
     threads = args.hf_threads or int(workload.get("torch_threads", 2))
+    forms = {"off": False, "on": True}
+    try:
+        unrolls = tuple(forms[u] for u in args.unroll.split(","))
+    except KeyError as e:
+        raise SystemExit(f"--unroll: expected a comma list of off / on, got {args.unroll!r}") from e
     for n in names:
         b, p, r = SHAPES.get(n, (8, 64, 64))
         bench_model(n, workload, batch=args.batch or b, prompt_len=args.prompt_len or p,
                     new_tokens=args.new_tokens or r, dtypes=dtypes, warmup=args.warmup,
-                    iters=args.iters, hf=not args.no_hf, hf_threads=threads)
+                    iters=args.iters, hf=not args.no_hf, hf_threads=threads, unrolls=unrolls)
 
 
 if __name__ == "__main__":
