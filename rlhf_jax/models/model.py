@@ -208,15 +208,15 @@ class Model:
         divided by ``cfg.logits_scaling`` when set (Granite), soft-capped ``c tanh(z / c)``
         when ``cfg.final_softcap`` is set (Gemma 2). The matmul takes compute-dtype inputs
         and accumulates into float32 output (no rounding of the logits to bfloat16; on
-        XLA:CPU a bfloat16-output matmul was also ~2x slower than this form)."""
+        XLA:CPU a bfloat16-output matmul was also ~2x slower than this form); its backward
+        runs in the compute dtype too (``lm_head_matmul``)."""
         dt = jnp.dtype(self.cfg.dtype)
-        f32 = jnp.float32
         if self.cfg.tie_embeddings:
-            w = params["trunk"]["embed"].astype(dt)
-            logits = jnp.einsum("...d,vd->...v", hidden.astype(dt), w, preferred_element_type=f32)
+            logits = lm_head_matmul(hidden.astype(dt), params["trunk"]["embed"].astype(dt),
+                                    "vd")
         else:
-            w = params["lm_head"]["kernel"].astype(dt)
-            logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w, preferred_element_type=f32)
+            logits = lm_head_matmul(hidden.astype(dt), params["lm_head"]["kernel"].astype(dt),
+                                    "dv")
         if logits.ndim == 3:
             logits = constrain(logits, ("batch", "seq", "vocab"))
         logits = logits.astype(jnp.float32)
@@ -236,6 +236,65 @@ class Model:
             raise ValueError(f"cache length {length} exceeds {self.cfg.arch} max_positions "
                              f"{self.cfg.max_positions} (its learned position table)")
         return KVCache.zeros(self.cfg, batch, length, per_layer=per_layer)
+
+
+@jax.custom_vjp
+def _head_matmul_vd(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _head_matmul_dv(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_fwd(matmul):
+    def fwd(x, w):
+        return matmul(x, w), (x, w)
+    return fwd
+
+
+def _head_bwd(w_axes: str):
+    def bwd(res, g):
+        x, w = res
+        g = g.astype(x.dtype)  # the logits' cotangent in the compute dtype
+        f32 = jnp.float32
+        dx = jnp.einsum(f"...v,{w_axes}->...d", g, w, preferred_element_type=f32)
+        lead = "".join(chr(ord("a") + i) for i in range(x.ndim - 1))  # batch axes, summed
+        dw = jnp.einsum(f"{lead}d,{lead}v->{w_axes}", x, g, preferred_element_type=f32)
+        return dx.astype(x.dtype), dw.astype(w.dtype)
+    return bwd
+
+
+_head_matmul_vd.defvjp(_head_fwd(_head_matmul_vd), _head_bwd("vd"))
+_head_matmul_dv.defvjp(_head_fwd(_head_matmul_dv), _head_bwd("dv"))
+
+
+def lm_head_matmul(x: jax.Array, w: jax.Array, w_axes: Literal["vd", "dv"]) -> jax.Array:
+    """The LM head's matmul ``x [..., D] @ w -> [..., V]`` float32, for ``w`` as ``[V, D]``
+    (``"vd"``: a tied embedding) or ``[D, V]`` (``"dv"``: an untied head).
+
+    Inputs in the compute dtype, accumulation and output in float32 (the log-softmax over the
+    vocabulary reads unrounded logits). When the compute dtype is lower than float32, the
+    backward casts the logits' float32 cotangent to it before its two matmuls (``dx`` and
+    ``dw``, float32 accumulation), as mixed-precision training does for every other matmul
+    (Micikevicius et al. 2018, "Mixed Precision Training", §3): otherwise the two largest
+    matmuls of a step run in float32, several times slower on a GPU or TPU (the
+    ``[tokens, V]`` cotangent promotes the bfloat16 weight). In float32 the result and the
+    gradients are those of the plain einsum.
+
+    Args:
+      x: ``[..., D]`` hidden states in the compute dtype.
+      w: the head weight in the compute dtype, ``[V, D]`` or ``[D, V]`` per ``w_axes``.
+      w_axes: the layout of ``w``.
+
+    Returns:
+      ``[..., V]`` float32 logits.
+    """
+    if x.dtype == jnp.float32:  # nothing to round: the plain einsum and its own gradient
+        spec = "...d,vd->...v" if w_axes == "vd" else "...d,dv->...v"
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    return (_head_matmul_vd if w_axes == "vd" else _head_matmul_dv)(x, w)
 
 
 def with_head(params: Params, model: Model, rng: jax.Array) -> Params:
