@@ -154,15 +154,24 @@ def timeit_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 2, iters
     return wall
 
 
-def make_matmul(n: int = 2048, dtype: str = "float32") -> tuple[Callable[[], jax.Array], int]:
+def make_matmul(n: int = 2048, dtype: str = "float32",
+                precision: jax.lax.Precision = jax.lax.Precision.HIGHEST, repeat: int = 1
+                ) -> tuple[Callable[[], jax.Array], int]:
     """``(fn, flops)``: ``fn()`` runs a jitted ``n x n`` by ``n x n`` ``jnp.dot`` (``2 n^3``
-    FLOPs) at ``precision=HIGHEST`` (true float32 on every backend; on GPU/TPU the default
-    may use TF32/bf16 passes, on CPU it makes no difference)."""
+    FLOPs) in ``dtype`` at ``precision`` (default ``HIGHEST``: true float32 on every backend;
+    on GPU/TPU the default may use TF32/bf16 passes, on CPU it makes no difference; the
+    bfloat16 reference of ``bench.train_steps --dtype bfloat16`` uses ``DEFAULT``).
+
+    ``repeat``: ``fn()`` dispatches that many products back to back and returns the last
+    (``flops`` counts them all): on an accelerator one ~1 ms product timed alone also times
+    the host's dispatch and wait, which ``repeat`` spreads out."""
     k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), dtype)
-    b = jax.random.normal(k2, (n, n), dtype)
-    f = jax.jit(functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST))
-    return (lambda: f(a, b)), 2 * n ** 3
+    a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(functools.partial(jnp.dot, precision=precision))
+    if repeat == 1:
+        return (lambda: f(a, b)), 2 * n ** 3
+    return (lambda: [f(a, b) for _ in range(repeat)][-1]), 2 * n ** 3 * repeat
 
 
 def matmul_gflops(n: int = 2048, dtype: str = "float32", warmup: int = 3, iters: int = 10

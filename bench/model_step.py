@@ -32,15 +32,37 @@ from rlhf_jax.config import ModelConfig, gpt2_config
 from rlhf_jax.models.model import Model
 
 
-def model_config(variant: dict, dtype: str, **overrides) -> ModelConfig:
-    """GPT-2 config of a workload variant (raises on a non-zero dropout: the model has none).
+def model_config(variant: dict, dtype: str, *, param_dtype: str | None = None,
+                 **overrides) -> ModelConfig:
+    """The ``ModelConfig`` of a workload variant (raises on a non-zero dropout: the model has
+    none). The variant's ``model`` dict is one of:
 
-    ``overrides``: other ``ModelConfig`` fields (``scan_unroll``, ``remat``)."""
+    * GPT-2 hyper-parameters (``n_layer``, ``n_embd``, ``n_head``, ``n_positions``,
+      ``vocab_size``): ``rlhf_jax.config.gpt2_config`` (the ``workload.json`` variants);
+    * ``{"architecture": NAME, ...}``: a named shape of
+      ``rlhf_jax.models.architectures.ARCHITECTURES`` (e.g. ``"llama3.2-1b"``), the other keys
+      ``ModelConfig`` fields set on top (``resolve_architecture``);
+    * ``{"arch": FAMILY, ...}``: ``ModelConfig`` fields as they are (e.g. a Llama's
+      ``d_model``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``mlp_dim``, ``vocab_size``).
+
+    Args:
+      dtype: the compute dtype (``ModelConfig.dtype``).
+      param_dtype: the storage dtype of the parameters; ``None``: ``dtype`` (the float32
+        workloads store and compute in float32).
+      overrides: other ``ModelConfig`` fields (``scan_unroll``, ``remat``).
+    """
     m = dict(variant["model"])
     dropout = m.pop("dropout", 0.0)
     if dropout:
         raise ValueError(f"workload dropout={dropout}: rlhf_jax models have no dropout")
-    return gpt2_config(**m, dtype=dtype, param_dtype=dtype, **overrides)
+    pdt = dtype if param_dtype is None else param_dtype
+    if "architecture" in m:
+        from rlhf_jax.models.architectures import resolve_architecture
+        name = m.pop("architecture")
+        return resolve_architecture(name, **{**m, **overrides}, dtype=dtype, param_dtype=pdt)
+    if "arch" in m:
+        return ModelConfig(**{**m, **overrides}, dtype=dtype, param_dtype=pdt)
+    return gpt2_config(**m, dtype=dtype, param_dtype=pdt, **overrides)
 
 
 def make_optimizer(opt: dict) -> optax.GradientTransformation:
@@ -153,8 +175,8 @@ def main(argv=None) -> None:
     emit(bench="matmul", workload_file=str(path), **matmul_gflops(args.matmul_n))
     for n in names:
         variant = workload["variants"][n]
-        unroll = (variant["model"]["n_layer"] if args.scan_unroll == "layers"
-                  else int(args.scan_unroll))
+        unroll = (model_config(variant, workload.get("dtype", "float32")).n_layers
+                  if args.scan_unroll == "layers" else int(args.scan_unroll))
         bench_variant(n, variant, workload, matmul, forward_only=not args.no_forward,
                       scan_unroll=unroll, remat=args.remat)
 

@@ -29,6 +29,23 @@ time, best of the interleaved repeats: the memory bandwidth this process gets), 
 bytes / bandwidth, ``frac_of_bound`` = ``bound_ms_per_step / decode_ms_per_step``, and
 ``speedup_vs_hf`` (median over median of the interleaved HF calls).
 
+A workload file may carry a ``sampler`` section, ``{model: {"batch_size", "prompt_len",
+"new_tokens"}}``, the default shapes of its variants (``workload_device.json``: the
+Llama-3.2-1B-shaped model at batch 64, prompt 128, 128 new tokens); ``--model all`` then means
+that section's models.
+
+On an accelerator (``bench/device.sh``: ``--dtypes bfloat16 --no-hf``), when the chip's memory
+bandwidth is known (``bench.devices.PEAKS`` by ``device_kind``, or ``--hbm-gbs``), every
+rlhf_jax line also gets ``hbm_bound_ms_per_step`` = ``bytes_per_decode_step`` / that bandwidth
+and ``frac_of_hbm_bound`` = ``hbm_bound_ms_per_step / decode_ms_per_step`` (1 = the decode
+step streams its bytes at the data-sheet bandwidth) with the ``peak_*`` fields; off the CPU it
+also gets ``device_copy_gb_s`` (a jitted ``x + 1`` over 2 GiB on the device, read + write
+bytes, 10 calls dispatched back to back after the timed rounds: ``bench.devices.measure_copy``'s
+``copy_gb_s_pipelined``) and
+``frac_of_device_copy_bound`` (the same ratio against that measured bandwidth). The host
+``copy_gb_s`` / ``frac_of_bound`` fields stay (on an accelerator they describe host memory,
+not the chip's). On CPU, without ``--hbm-gbs``, the lines are unchanged.
+
 Run: ``.venv/bin/python -m bench.sampler --model all`` (see ``bench/README.md``).
 """
 
@@ -46,6 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import emit, load_workload
+from bench.devices import (add_peak_args, describe_peak, measure_copy, on_accelerator,
+                           peak_fields)
 from bench.model_step import model_config
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models.model import Model
@@ -157,7 +176,7 @@ def load_model(name: str, workload: dict):
         eos = tokenizer.eos_token_id if tokenizer is not None else 2
         pad = tokenizer.pad_token_id if tokenizer is not None else 2
         return model, params, eos, pad, tokenizer, str(path)
-    raise SystemExit(f"unknown model {name!r}: small | medium | smollm2")
+    raise SystemExit(f"unknown model {name!r}: {' | '.join(workload['variants'])} | smollm2")
 
 
 def hf_generate_fn(model: Model, params, hf_dir: str | None, tokens, mask, new_tokens: int,
@@ -201,7 +220,12 @@ def _timed(fn, is_host: bool = False) -> tuple[float, float]:
 
 def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_tokens: int,
                 dtypes: list[str | None], warmup: int, iters: int, hf: bool,
-                hf_threads: int, unrolls: tuple[bool, ...] = (False,)) -> list[dict]:
+                hf_threads: int, unrolls: tuple[bool, ...] = (False,),
+                peak: dict | None = None) -> list[dict]:
+    """Time the sampler (and HF ``generate``) on one model; emit one line per variant.
+
+    ``peak``: ``bench.devices.peak_fields`` (adds the ``frac_of_hbm_bound`` fields when it
+    holds a memory bandwidth)."""
     from rlhf_jax.rollout.sampler import SamplingConfig, make_sampler
 
     t0 = time.perf_counter()
@@ -251,6 +275,10 @@ def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_t
     med = {k: statistics.median(v) for k, v in wall.items()}
     copy_gb_s = copy_bytes / min(wall[("copy", None, None)]) / 1e9
     copy_gb_s_median = copy_bytes / med[("copy", None, None)] / 1e9
+    dev_gb_s = None
+    if on_accelerator():  # the chip's own bandwidth, 2 GiB, 10 copies back to back
+        dev_gb_s = measure_copy(2**31, warmup=2, iters=10)["copy_gb_s_pipelined"]
+    hbm_gb_s = (peak or {}).get("peak_hbm_gb_s")
     common = dict(bench="sampler", model=name, num_params=model.num_params(params), batch=batch,
                   prompt_len=prompt_len, new_tokens=new_tokens,
                   cache_slots=prompt_len + new_tokens - 1, load_s=round(load_s, 2), iters=iters)
@@ -270,6 +298,13 @@ def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_t
                                                          skip_special_tokens=False)[:300]
         if hf_s is not None:
             extra["speedup_vs_hf"] = hf_s / sec
+        if dev_gb_s is not None:
+            extra["device_copy_gb_s"] = dev_gb_s
+            extra["frac_of_device_copy_bound"] = (1e3 * nbytes / (dev_gb_s * 1e9)) / decode_ms
+        if hbm_gb_s:
+            hbm_ms = 1e3 * nbytes / (hbm_gb_s * 1e9)
+            extra.update(hbm_bound_ms_per_step=hbm_ms, frac_of_hbm_bound=hbm_ms / decode_ms,
+                         **peak)
         flops = sample_flops(model.cfg, batch, prompt_len, new_tokens)
         lines.append(emit(
             **common, impl="rlhf_jax", dtype=dt or model.cfg.dtype, unroll_layers=u,
@@ -294,7 +329,8 @@ def bench_model(name: str, workload: dict, *, batch: int, prompt_len: int, new_t
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="all",
-                    help="medium | small | smollm2 | all (= medium,smollm2); comma lists ok")
+                    help="medium | small | smollm2 | a variant of --workload-file | all (= the "
+                         "workload's 'sampler' models, else medium,smollm2); comma lists ok")
     ap.add_argument("--workload-file", default=None,
                     help="default: <repo>/../shared/bench/workload.json, else bench/workload.json")
     ap.add_argument("--batch", type=int, default=None, help="default: per model (SHAPES)")
@@ -309,12 +345,21 @@ def main(argv=None) -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     ap.add_argument("--hf-threads", type=int, default=None,
                     help="torch threads (default: the workload's torch_threads, 2)")
-    ap.add_argument("--matmul-precision", default="highest")
+    ap.add_argument("--matmul-precision", default="highest",
+                    help="jax_default_matmul_precision (bench/device.sh: default)")
+    add_peak_args(ap)
     args = ap.parse_args(argv)
 
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     workload, _ = load_workload(args.workload_file)
-    names = ["medium", "smollm2"] if args.model == "all" else args.model.split(",")
+    shapes = {k: (v["batch_size"], v["prompt_len"], v["new_tokens"])
+              for k, v in workload.get("sampler", {}).items() if not k.startswith("_")}
+    if args.model == "all":
+        names = list(shapes) or ["medium", "smollm2"]
+    else:
+        names = args.model.split(",")
+    peak = peak_fields(args.peak_tflops, args.hbm_gbs)
+    print(f"bench.sampler: {describe_peak(peak)}", file=sys.stderr, flush=True)
     dtypes = [None if d == "model" else d for d in args.dtypes.split(",")]
     threads = args.hf_threads or int(workload.get("torch_threads", 2))
     forms = {"off": False, "on": True}
@@ -323,10 +368,11 @@ def main(argv=None) -> None:
     except KeyError as e:
         raise SystemExit(f"--unroll: expected a comma list of off / on, got {args.unroll!r}") from e
     for n in names:
-        b, p, r = SHAPES.get(n, (8, 64, 64))
+        b, p, r = shapes.get(n) or SHAPES.get(n, (8, 64, 64))
         bench_model(n, workload, batch=args.batch or b, prompt_len=args.prompt_len or p,
                     new_tokens=args.new_tokens or r, dtypes=dtypes, warmup=args.warmup,
-                    iters=args.iters, hf=not args.no_hf, hf_threads=threads, unrolls=unrolls)
+                    iters=args.iters, hf=not args.no_hf, hf_threads=threads, unrolls=unrolls,
+                    peak=peak)
 
 
 if __name__ == "__main__":

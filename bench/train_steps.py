@@ -48,12 +48,27 @@ compares FLOPs per CPU-second of this process (steadier on a shared machine). Me
 ``grpo`` section). The fields are those of ``bench.model_step`` (see ``bench/README.md``),
 plus ``dpo_over_sft`` and, on the PPO and GRPO iteration lines, ``sum_of_staged_phases_s``.
 
+On an accelerator (``bench/device.sh``): ``--dtype bfloat16`` sets the compute dtype
+(``ModelConfig.dtype``; the parameters and AdamW state stay float32, the workload's
+``dtype``, as in training), the interleaved reference matmul then runs in bfloat16 at default
+precision (``--matmul-n 8192`` there), and the matmul precision defaults to ``default``
+instead of ``highest`` (on an accelerator each timed reference call is 8 products dispatched
+back to back, see ``bench.common.make_matmul``). When the chip's peak is known (``bench.devices.PEAKS`` by
+``device_kind``, or ``--peak-tflops``), every step line also gets ``achieved_tflops`` (the
+FLOPs counted above per median step), ``mfu`` = ``achieved_tflops / peak_bf16_tflops`` (model
+FLOPs utilisation against the data-sheet dense bf16 peak; ``mfu_best`` from the fastest step)
+and the ``peak_*`` fields; on a backend that reports it, ``device_peak_mem_gb`` (this
+process's peak device memory so far). A variant's optional ``step_batch_size`` (e.g.
+``{"dpo_step": 2}``) overrides ``batch_size`` for one step (``workload_device.json``). Without
+these options and on CPU the lines are those described above.
+
 Run: ``.venv/bin/python -m bench.train_steps --workload all`` (see ``bench/README.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -63,6 +78,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import add_workload_args, emit, load_workload, make_matmul, timeit_interleaved
+from bench.devices import (add_peak_args, describe_peak, memory_peak_gb, on_accelerator,
+                           peak_fields)
 from bench.model_step import model_config
 from bench.sampler import sample_flops
 from rlhf_jax.config import ModelConfig
@@ -75,6 +92,41 @@ from rlhf_jax.train import dpo, ppo, reward, sft
 from rlhf_jax.train.common import sequence_scores
 from rlhf_jax.train.state import OptimizerConfig, create_train_state, make_optimizer
 from rlhf_jax.types import PreferenceBatch, SFTBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Command-line options that change the steps or add fields (defaults: neither).
+
+    Attributes:
+      dtype: compute dtype (``ModelConfig.dtype``); ``None``: the workload's ``dtype``. The
+        parameters are stored in the workload's ``dtype`` either way.
+      remat: ``ModelConfig.remat``.
+      peak: ``bench.devices.peak_fields`` of the chip (``{}``: unknown, no ``mfu``).
+    """
+
+    dtype: str | None = None
+    remat: bool = False
+    peak: dict = dataclasses.field(default_factory=dict)
+
+    def config(self, variant: dict, workload: dict) -> ModelConfig:
+        """The variant's ``ModelConfig`` under these options."""
+        stored = workload.get("dtype", "float32")
+        extra = {"remat": True} if self.remat else {}
+        return model_config(variant, self.dtype or stored, param_dtype=stored, **extra)
+
+    def common(self, workload: dict) -> dict:
+        """Fields added to every line when an option is set (none by default): ``param_dtype``
+        with ``dtype`` (the ``dtype`` field is the compute dtype), ``remat``."""
+        out = {}
+        if self.dtype is not None:
+            out["param_dtype"] = workload.get("dtype", "float32")
+        if self.remat:
+            out["remat"] = True
+        return out
+
+
+DEFAULT_OPTIONS = RunOptions()
 
 
 def optimizer_config(opt: dict) -> OptimizerConfig:
@@ -132,8 +184,11 @@ class _Runner:
 
 
 def _measure(runners: dict, flops: dict, matmul, warmup: int, iters: int, common: dict,
-             extra: dict | None = None) -> dict[str, dict]:
-    """Time ``runners`` interleaved with the matmul; emit one line each."""
+             extra: dict | None = None, device: dict | None = None) -> dict[str, dict]:
+    """Time ``runners`` interleaved with the matmul; the lines to emit, one per runner.
+
+    ``device``: ``bench.devices.peak_fields`` (adds ``achieved_tflops``, ``mfu``, ``mfu_best``
+    and the ``peak_*`` fields when it holds a FLOP/s peak)."""
     mm_fn, mm_flops = matmul
     cpu: dict[str, list[float]] = {}
     times = timeit_interleaved({**runners, "matmul": mm_fn}, warmup, iters, cpu_out=cpu)
@@ -145,7 +200,7 @@ def _measure(runners: dict, flops: dict, matmul, warmup: int, iters: int, common
         sec = statistics.median(times[name])
         gflops = flops[name] / sec / 1e9
         step_cpu = statistics.median(cpu[name])
-        out[name] = dict(bench=name, **common, compile_s=round(r.compile_s, 2), step_s=sec,
+        out[name] = line = dict(bench=name, **common, compile_s=round(r.compile_s, 2), step_s=sec,
                          step_s_min=min(times[name]), iters=iters,
                          gflop_per_step=flops[name] / 1e9, gflops=gflops,
                          matmul_peak_gflops=peak, matmul_peak_gflops_best=peak_best,
@@ -153,14 +208,25 @@ def _measure(runners: dict, flops: dict, matmul, warmup: int, iters: int, common
                          best_frac_of_peak=flops[name] / min(times[name]) / 1e9 / peak_best,
                          step_cpu_s=step_cpu, matmul_cpu_s=mm_cpu,
                          cpu_frac_of_peak=(flops[name] / step_cpu) / (mm_flops / mm_cpu),
-                         **({} if r.first_loss is None else {"first_loss": r.first_loss}),
-                         **(extra or {}).get(name, {}))
+                         **({} if r.first_loss is None else {"first_loss": r.first_loss}))
+        line.update((extra or {}).get(name, {}))  # may replace "batch" (step_batch_size)
+        if device and device.get("peak_bf16_tflops"):
+            tflops = flops[name] / sec / 1e12
+            line.update(achieved_tflops=tflops, mfu=tflops / device["peak_bf16_tflops"],
+                        mfu_best=flops[name] / min(times[name]) / 1e12
+                        / device["peak_bf16_tflops"], **device)
+    mem = memory_peak_gb()
+    if mem is not None:
+        for line in out.values():
+            line["device_peak_mem_gb"] = mem
     return out
 
 
-def bench_steps(name: str, variant: dict, workload: dict, matmul, *, which: list[str]) -> list:
-    cfg = model_config(variant, workload.get("dtype", "float32"))
+def bench_steps(name: str, variant: dict, workload: dict, matmul, *, which: list[str],
+                opts: RunOptions = DEFAULT_OPTIONS) -> list:
+    cfg = opts.config(variant, workload)
     b, p, r = variant["batch_size"], variant["prompt_len"], variant["response_len"]
+    step_b = variant.get("step_batch_size", {})
     t = p + r
     warmup, iters = variant["warmup_steps"], variant["timed_steps"]
     seed = workload["seed"]
@@ -169,16 +235,19 @@ def bench_steps(name: str, variant: dict, workload: dict, matmul, *, which: list
     opt = optimizer_config(workload["optimizer"])
     f_lm, f_sc = cfg.flops_per_token(t), cfg.flops_per_token(t) - head_flops(cfg)
     common = dict(workload=name, batch=b, seq=t, num_params=lm.num_params(params),
-                  dtype=cfg.dtype, matmul_precision=jax.config.jax_default_matmul_precision)
+                  dtype=cfg.dtype, matmul_precision=jax.config.jax_default_matmul_precision,
+                  **opts.common(workload))
     d = workload.get("dpo", {})
     dpo_cfg = dpo.DPOConfig(beta=d.get("beta", 0.1), loss_type=d.get("loss_type", "sigmoid"))
 
     def build(kind: str) -> tuple[_Runner, int, dict]:
+        b = step_b.get(kind, variant["batch_size"])
         if kind == "sft_step":
             tx = make_optimizer(opt, params)
             state = create_train_state(params, tx, jax.random.key(1))
             return (_Runner(sft.make_sft_step(lm, tx), state, sft_batch(cfg, b, p, r, seed),
-                            loss_key="sft/loss"), 3 * f_lm * b * t, {"sequences": b})
+                            loss_key="sft/loss"), 3 * f_lm * b * t,
+                    {"sequences": b, **({"batch": b} if b != variant["batch_size"] else {})})
         if kind == "rm_step":
             rparams = {"trunk": params["trunk"],
                        "value_head": jax.jit(scalar.init)(jax.random.key(seed + 1))["value_head"]}
@@ -186,21 +255,24 @@ def bench_steps(name: str, variant: dict, workload: dict, matmul, *, which: list
             state = create_train_state(rparams, tx, jax.random.key(1))
             return (_Runner(reward.make_reward_step(scalar, tx), state,
                             pref_batch(cfg, b // 2, p, r, seed), loss_key="rm/loss"),
-                    3 * f_sc * b * t, {"pairs": b // 2, "sequences": b})
+                    3 * f_sc * b * t, {"pairs": b // 2, "sequences": b,
+                                       **({"batch": b} if b != variant["batch_size"] else {})})
         if kind == "dpo_step":
             tx = make_optimizer(opt, params)
             state = create_train_state(params, tx, jax.random.key(1))
             return (_Runner(dpo.make_dpo_step(lm, tx, dpo_cfg), state,
                             pref_batch(cfg, b, p, r, seed), params, loss_key="dpo/loss"),
                     4 * f_lm * 2 * b * t, {"pairs": b, "sequences": 2 * b,
-                                           "loss_type": dpo_cfg.loss_type})
+                                           "loss_type": dpo_cfg.loss_type,
+                                           **({"batch": b} if b != variant["batch_size"] else {})})
         raise ValueError(kind)
 
     runners, flops, extra = {}, {}, {}
     for kind in which:
         runners[kind], flops[kind], extra[kind] = build(kind)
-    lines = _measure(runners, flops, matmul, warmup, iters, common, extra)
-    if "sft_step" in lines and "dpo_step" in lines:
+    lines = _measure(runners, flops, matmul, warmup, iters, common, extra, opts.peak)
+    if ("sft_step" in lines and "dpo_step" in lines
+            and lines["sft_step"]["batch"] == lines["dpo_step"]["batch"]):
         dpo_line = lines["dpo_step"]
         dpo_line["dpo_over_sft"] = dpo_line["step_s"] / lines["sft_step"]["step_s"]
     return [emit(**line) for line in lines.values()]
@@ -239,8 +311,9 @@ def fused_iteration(cfg, policy, scalar, tx, pcfg, params, reward_params, prompt
     return fresh, Fused(it, fresh(), loss_key=""), f_sc, f_pol, sample_flops(cfg, b, p, r)
 
 
-def bench_ppo(name: str, variant: dict, workload: dict, matmul) -> list:
-    cfg = model_config(variant, workload.get("dtype", "float32"))
+def bench_ppo(name: str, variant: dict, workload: dict, matmul,
+              opts: RunOptions = DEFAULT_OPTIONS) -> list:
+    cfg = opts.config(variant, workload)
     b, p, r = variant["batch_size"], variant["prompt_len"], variant["response_len"]
     t = p + r
     w = workload["ppo"]
@@ -297,16 +370,18 @@ def bench_ppo(name: str, variant: dict, workload: dict, matmul) -> list:
                   num_params=policy.num_params(params), dtype=cfg.dtype,
                   matmul_precision=jax.config.jax_default_matmul_precision,
                   stop_early=False, epochs=pcfg.num_ppo_epochs,
-                  minibatches=pcfg.num_minibatches)
-    lines = _measure(runners, flops, matmul, w["warmup_iterations"], w["timed_iterations"], common)
+                  minibatches=pcfg.num_minibatches, **opts.common(workload))
+    lines = _measure(runners, flops, matmul, w["warmup_iterations"], w["timed_iterations"], common,
+                     device=opts.peak)
     phases = sum(lines[k]["step_s"] for k in lines if k.startswith("ppo_phase"))
     lines["ppo_iteration"]["sum_of_staged_phases_s"] = phases
     return [emit(**line) for line in lines.values()]
 
 
-def bench_grpo(name: str, variant: dict, workload: dict, matmul) -> list:
+def bench_grpo(name: str, variant: dict, workload: dict, matmul,
+               opts: RunOptions = DEFAULT_OPTIONS) -> list:
     """One GRPO iteration (fused) and its staged phases on the ``grpo`` section's shapes."""
-    cfg = model_config(variant, workload.get("dtype", "float32"))
+    cfg = opts.config(variant, workload)
     p, r = variant["prompt_len"], variant["response_len"]
     t = p + r
     g = workload["grpo"]
@@ -386,8 +461,10 @@ def bench_grpo(name: str, variant: dict, workload: dict, matmul) -> list:
                   stop_early=False, epochs=pcfg.num_ppo_epochs,
                   minibatches=pcfg.num_minibatches, advantage=pcfg.advantage,
                   kl_penalty=pcfg.kl_penalty, kl_estimator=pcfg.kl_estimator,
-                  kl_coef=pcfg.kl.init_kl_coef, loss_aggregation=pcfg.loss_aggregation)
-    lines = _measure(runners, flops, matmul, g["warmup_iterations"], g["timed_iterations"], common)
+                  kl_coef=pcfg.kl.init_kl_coef, loss_aggregation=pcfg.loss_aggregation,
+                  **opts.common(workload))
+    lines = _measure(runners, flops, matmul, g["warmup_iterations"], g["timed_iterations"], common,
+                     device=opts.peak)
     phases = sum(lines[n]["step_s"] for n in lines if n.startswith("grpo_phase"))
     lines["grpo_iteration"]["sum_of_staged_phases_s"] = phases
     return [emit(**line) for line in lines.values()]
@@ -401,22 +478,52 @@ def main(argv=None) -> None:
     ap.add_argument("--separate", action="store_true",
                     help="time the steps of a variant one after another (less memory) instead "
                          "of interleaved with each other")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                    help="compute dtype (ModelConfig.dtype); parameters and AdamW state stay in "
+                         "the workload's dtype (float32). Default: the workload's dtype")
+    ap.add_argument("--remat", action="store_true", help="ModelConfig.remat=True")
+    ap.add_argument("--warmup-steps", type=int, default=None,
+                    help="replace the variants' warmup_steps (SFT/RM/DPO)")
+    ap.add_argument("--timed-steps", type=int, default=None,
+                    help="replace the variants' timed_steps (SFT/RM/DPO)")
+    add_peak_args(ap)
+    # default: highest (true fp32) for float32 compute, default for bfloat16 (see below)
+    ap.set_defaults(matmul_precision=None)
     args = ap.parse_args(argv)
     unknown = set(args.steps.split(",")) - {"sft", "rm", "dpo", "ppo", "grpo"}
     if unknown:
         raise SystemExit(f"unknown --steps {sorted(unknown)}; have sft, rm, dpo, ppo, grpo")
 
-    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    low = args.dtype not in (None, "float32")
+    precision = args.matmul_precision or ("default" if low else "highest")
+    jax.config.update("jax_default_matmul_precision", precision)
     workload, path = load_workload(args.workload_file)
     names = list(workload["variants"]) if args.workload == "all" else args.workload.split(",")
     steps = args.steps.split(",")
-    matmul = make_matmul(args.matmul_n)
+    peak = peak_fields(args.peak_tflops, args.hbm_gbs)
+    opts = RunOptions(dtype=args.dtype, remat=args.remat, peak=peak)
+    if low:  # the reference matmul in the compute dtype, one bf16 pass (fp32 accumulation);
+        # on an accelerator 8 products per timed call, so the host's wait is not timed 8 times
+        matmul = make_matmul(args.matmul_n, args.dtype, precision=jax.lax.Precision.DEFAULT,
+                             repeat=8 if on_accelerator() else 1)
+    else:
+        matmul = make_matmul(args.matmul_n)
+    extra = {}
+    if args.dtype is not None or peak:
+        extra = dict(compute_dtype=args.dtype or workload.get("dtype", "float32"),
+                     param_dtype=workload.get("dtype", "float32"),
+                     matmul_dtype=args.dtype or "float32", matmul_precision=precision, **peak)
+    print(f"bench.train_steps: {describe_peak(peak)}", file=sys.stderr, flush=True)
     emit(bench="train_steps_config", workload_file=str(path), workloads=names, steps=steps,
-         matmul_n=args.matmul_n)
+         matmul_n=args.matmul_n, **extra)
     for n in names:
         if n not in workload["variants"]:
             raise SystemExit(f"unknown workload {n!r} in {path}; have {list(workload['variants'])}")
-        variant = workload["variants"][n]
+        variant = dict(workload["variants"][n])
+        if args.warmup_steps is not None:
+            variant["warmup_steps"] = args.warmup_steps
+        if args.timed_steps is not None:
+            variant["timed_steps"] = args.timed_steps
         which = [f"{k}_step" for k in ("sft", "rm", "dpo") if k in steps]
         groups = [[k] for k in which] if args.separate else ([which] if which else [])
         if not args.separate and "sft_step" in which and "dpo_step" in which and n != "small":
@@ -424,14 +531,14 @@ def main(argv=None) -> None:
             groups = [[k for k in which if k != "rm_step"]]
             groups += [["rm_step"]] if "rm_step" in which else []
         for g in groups:
-            bench_steps(n, variant, workload, matmul, which=g)
+            bench_steps(n, variant, workload, matmul, which=g, opts=opts)
         if "ppo" in steps and n == "small":
-            bench_ppo(n, variant, workload, matmul)
+            bench_ppo(n, variant, workload, matmul, opts)
         if "grpo" in steps and n == "small":
             if "grpo" not in workload:
                 print(f"train_steps: no 'grpo' section in {path}; GRPO skipped", file=sys.stderr)
             else:
-                bench_grpo(n, variant, workload, matmul)
+                bench_grpo(n, variant, workload, matmul, opts)
 
 
 if __name__ == "__main__":
