@@ -20,20 +20,16 @@ from rlhf_jax.models.tokenizer import eos_token_ids, load_tokenizer  # noqa: E40
 from rlhf_jax.sharding import MeshConfig, make_mesh  # noqa: E402
 from rlhf_jax.types import positions_from_mask  # noqa: E402
 
+from ._hf import randomize_  # noqa: E402
+
 TOL = 1e-4
 VOCAB = 96
 
 
 def _randomize(model, seed: int):
-    """Every weight ~ N(0, 0.2) (norm scales 1 + N(0, 0.2)) so biases, norms and all paths
-    matter and logits are O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            p.copy_(1.0 + noise if ("norm" in name or "ln_" in name) and p.ndim == 1
-                    and not name.endswith("bias") else noise)
-    return model.eval()
+    """``randomize_`` with the 1-D norm weights (GPT-2's ``ln_*`` too, not biases) as scales."""
+    return randomize_(model, seed, lambda name, p: ("norm" in name or "ln_" in name)
+                      and p.ndim == 1 and not name.endswith("bias"))
 
 
 def _hf_model(kind: str, tmp_path):

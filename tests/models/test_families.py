@@ -35,6 +35,8 @@ from rlhf_jax.models.convert import config_from_hf, load_hf_checkpoint, save_hf_
 from rlhf_jax.models.model import Model  # noqa: E402
 from rlhf_jax.rollout.sampler import SamplingConfig, make_sampler  # noqa: E402
 
+from ._hf import randomize_  # noqa: E402
+
 TOL = 1e-4
 V = 128
 B, P, R = 4, 8, 16
@@ -132,14 +134,8 @@ def _run(jitted, *args):
 
 
 def _randomize(model, seed):
-    """Weights ~ N(0, 0.2), norm scales 1 + N(0, 0.2): every path matters, logits O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            is_scale = ("norm" in name or "layernorm" in name) and not name.endswith("bias")
-            p.copy_(1.0 + noise if is_scale else noise)
-    return model.eval()
+    """``randomize_`` with the norm weights (not their biases) as the scales."""
+    return randomize_(model, seed, lambda name, p: "norm" in name and not name.endswith("bias"))
 
 
 def _torch(x):

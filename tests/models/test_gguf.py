@@ -13,6 +13,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
+from ._hf import randomize_  # noqa: E402
+
 from rlhf_jax.models.convert.gguf import load_gguf, tokenizer_from_gguf, unpermute_qk  # noqa: E402
 from rlhf_jax.models.model import Model  # noqa: E402
 from rlhf_jax.types import positions_from_mask  # noqa: E402
@@ -97,13 +99,7 @@ def _tiny_llama(tied: bool):
         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
         intermediate_size=96, vocab_size=len(_vocab()), max_position_embeddings=256,
         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=tied)
-    m = transformers.LlamaForCausalLM(c)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            p.copy_(1.0 + noise if "norm" in name else noise)
-    return m.eval()
+    return randomize_(transformers.LlamaForCausalLM(c), seed=1)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -209,6 +209,8 @@ def test_qlora_base_is_smaller_and_close_to_the_float_base(qtype, tol):
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from ._hf import randomize_  # noqa: E402
+
 
 def _hf_llama(tmp_path):
     c = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -216,12 +218,7 @@ def _hf_llama(tmp_path):
                                  max_position_embeddings=128, tie_word_embeddings=False,
                                  rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(c)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            p.copy_(1.0 + noise if "norm" in name else noise)
+    m = randomize_(transformers.LlamaForCausalLM(c), seed=1)
     m.save_pretrained(tmp_path / "base")
     return tmp_path / "base"
 
