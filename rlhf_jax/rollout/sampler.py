@@ -114,12 +114,15 @@ class SamplingConfig:
       unroll_layers: run the decode step with per-layer parameters and a per-layer cache
         (the blocks unrolled; ``Model.apply`` with ``params["trunk"]["blocks"]`` a tuple)
         instead of one ``lax.scan`` over the stacked blocks. ``None`` / False (default):
-        scanned. True is faster on XLA:CPU, where slicing a layer out of the stacked weights
-        inside the decode loop copies it at every step (``bench/README.md``, "Sampler"); it
-        stays opt-in until measured on GPU/TPU, and because under FSDP it keeps every layer's
-        gathered weights alive for the whole decode (``rlhf-jax plan`` samples scanned). The
-        split costs one copy of the block weights per call (in ``dtype``, alive during the
-        decode loop) and a decode step compiled per layer.
+        scanned. True is faster wherever measured (``bench/README.md``): 1.2 to 1.4x per
+        decode step on XLA:CPU, where slicing a layer out of the stacked weights inside the
+        decode loop copies it at every step, and 2x on an H200 (1B Llama, bfloat16, batch
+        64). It is opt-in because under FSDP it keeps every layer's gathered weights alive for
+        the whole decode (``rlhf-jax plan`` samples scanned), and because a different float
+        accumulation order would change the sampled streams of runs already recorded; turn
+        it on for a model that fits one device. The split costs one copy of the block weights
+        per call (in ``dtype``, alive during the decode loop) and a decode step compiled per
+        layer.
         Same outputs either way up to float32 accumulation order.
     """
 
