@@ -657,7 +657,8 @@ def _staged_rl_step(run: Run, policy: Model, tx, ppo_cfg, value_model, value_tx,
             metrics["reward/reward_model/member_std"] = (float(member_spread.sum()),
                                                          float(member_spread.size))
         rows = {"tokens": local_tokens, "attn_mask": local_attn, "response_mask": response_mask,
-                "ended": local_rows(out.ended), "scores": total.astype(np.float32)}
+                "ended": local_rows(out.ended), "scores": total.astype(np.float32),
+                "logprobs": local_rows(out.logprobs)}
         return rows, metrics
 
     def step(state, batch: PromptBatch, ref, reward_params):
@@ -688,7 +689,8 @@ def _staged_rl_step(run: Run, policy: Model, tx, ppo_cfg, value_model, value_tx,
         placed = run.place(rows)
         state, learn_metrics = stages.learn(state, placed["tokens"], placed["attn_mask"],
                                             placed["positions"], placed["response_mask"],
-                                            placed["ended"], placed["scores"], ref)
+                                            placed["ended"], placed["scores"], ref,
+                                            placed["logprobs"])
         return state, {**learn_metrics, **metrics}
 
     return step

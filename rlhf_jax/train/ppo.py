@@ -207,7 +207,8 @@ def ppo_update(state: PPOState, exp: Experience, *, policy_model: Model, value_m
 # ---- composed iteration ------------------------------------------------------------------
 def ppo_learn(state: PPOState, tokens, attn_mask, positions, response_mask, ended, scores,
               ref_params: Params, *, policy_model: Model, value_model: Model | None, policy_tx,
-              value_tx, cfg: PPOConfig, batch_shards: int | None = None):
+              value_tx, cfg: PPOConfig, batch_shards: int | None = None,
+              sampler_logprobs: jax.Array | None = None):
     """Phases 2-5 on a sampled, scored rollout: ``make_experience`` -> ``ppo_update`` ->
     ``update_kl``.
 
@@ -216,13 +217,17 @@ def ppo_learn(state: PPOState, tokens, attn_mask, positions, response_mask, ende
       tokens, attn_mask, positions: ``[B, P + R]``; response_mask: ``[B, R]``; ended: ``[B]``.
       scores: ``[B]`` raw rewards; ref_params: frozen reference policy.
       batch_shards: see ``ppo_update``.
+      sampler_logprobs: ``[B, R]`` the sampler's log-probs of the rollout
+        (``SampleOutput.logprobs``): adds the ``rollout/logprob_mismatch`` metrics
+        (``make_experience``); ``None``: not measured.
 
     Returns:
       ``(new_state, metrics)``: every phase's ``(sum, count)`` metrics.
     """
     exp, metrics = make_experience(state, tokens, attn_mask, positions, response_mask, ended,
                                    scores, ref_params, policy_model=policy_model,
-                                   value_model=value_model, cfg=cfg)
+                                   value_model=value_model, cfg=cfg,
+                                   sampler_logprobs=sampler_logprobs)
     new_state, upd_metrics = ppo_update(state, exp, policy_model=policy_model,
                                         value_model=value_model, policy_tx=policy_tx,
                                         value_tx=value_tx, cfg=cfg, batch_shards=batch_shards)
@@ -251,7 +256,8 @@ def ppo_iteration(state: PPOState, prompt_tokens, prompt_mask, ref_params: Param
     scores = sequence_scores(reward_model, reward_params, tokens, positions, attn_mask)
     return ppo_learn(state, tokens, attn_mask, positions, out.response_mask, out.ended, scores,
                      ref_params, policy_model=policy_model, value_model=value_model,
-                     policy_tx=policy_tx, value_tx=value_tx, cfg=cfg, batch_shards=batch_shards)
+                     policy_tx=policy_tx, value_tx=value_tx, cfg=cfg, batch_shards=batch_shards,
+                     sampler_logprobs=out.logprobs)
 
 
 def _batch_shards_of(sharding) -> int | None:
@@ -342,26 +348,40 @@ class PPOStages:
                                   value_model=self.value_model, policy_tx=self.policy_tx,
                                   value_tx=self.value_tx, cfg=self.cfg,
                                   batch_shards=_batch_shards_of(self.row_sharding))
+        def learn_measured(state, tokens, attn_mask, positions, response_mask, ended, scores,
+                           ref_params, sampler_logprobs):
+            return learn(state, tokens, attn_mask, positions, response_mask, ended, scores,
+                         ref_params, sampler_logprobs=sampler_logprobs)
+
         rows = self.row_sharding
         if self.state_sharding is None and rows is None:
             gen_jit, learn_jit = jax.jit(gen), jax.jit(learn, donate_argnums=(0,))
+            measured_jit = jax.jit(learn_measured, donate_argnums=(0,))
         else:
             gen_jit = jax.jit(gen, in_shardings=(self.state_sharding, rows, rows))
-            learn_jit = jax.jit(learn, in_shardings=(self.state_sharding, *(rows,) * 6,
-                                                     self.ref_sharding),
-                                out_shardings=(self.state_sharding, None), donate_argnums=(0,))
+            ins = (self.state_sharding, *(rows,) * 6, self.ref_sharding)
+            learn_jit = jax.jit(learn, in_shardings=ins, out_shardings=(self.state_sharding, None),
+                                donate_argnums=(0,))
+            measured_jit = jax.jit(learn_measured, in_shardings=(*ins, rows),
+                                   out_shardings=(self.state_sharding, None), donate_argnums=(0,))
         object.__setattr__(self, "_generate", gen_jit)
         object.__setattr__(self, "_learn", learn_jit)
+        object.__setattr__(self, "_learn_measured", measured_jit)
 
     def generate(self, state: PPOState, prompt_tokens, prompt_mask):
         """Jitted ``generate``: ``(SampleOutput, tokens [B k, P + R], attn_mask, positions)``."""
         return self._generate(state, prompt_tokens, prompt_mask)
 
     def learn(self, state: PPOState, tokens, attn_mask, positions, response_mask, ended, scores,
-              ref_params: Params | None):
-        """Jitted ``ppo_learn`` (state donated) on a sampled, scored rollout."""
-        return self._learn(state, tokens, attn_mask, positions, response_mask, ended, scores,
-                           ref_params)
+              ref_params: Params | None, sampler_logprobs=None):
+        """Jitted ``ppo_learn`` (state donated) on a sampled, scored rollout;
+        ``sampler_logprobs`` (``[B, R]``, the rollout's ``SampleOutput.logprobs``) adds the
+        ``rollout/logprob_mismatch`` metrics."""
+        if sampler_logprobs is None:
+            return self._learn(state, tokens, attn_mask, positions, response_mask, ended, scores,
+                               ref_params)
+        return self._learn_measured(state, tokens, attn_mask, positions, response_mask, ended,
+                                    scores, ref_params, sampler_logprobs)
 
     def iteration(self, state: PPOState, prompt_tokens, prompt_mask, ref_params: Params | None,
                   reward_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]):
@@ -378,4 +398,4 @@ class PPOStages:
         if scores.shape != (tokens.shape[0],):
             raise ValueError(f"reward_fn returned shape {scores.shape}, expected ({tokens.shape[0]},)")
         return self.learn(state, tokens, attn_mask, positions, out.response_mask, out.ended,
-                          jnp.asarray(scores), ref_params)
+                          jnp.asarray(scores), ref_params, out.logprobs)
